@@ -1,0 +1,197 @@
+"""Typed configuration: the run config (``[tool.flwr.app.config]``) becomes these frozen dataclasses once.
+
+Profiles are named sets of overrides (``quick`` for a 2-core CPU, ``standard`` for the CPU figures we quote,
+``paper`` for the paper's settings on a GPU, §2.1.2 and §2.1.4). In the run config, a profile-dependent key left at
+``0`` means "the profile's value"; any other value overrides the profile. ``tests/test_config.py`` checks that the
+defaults here and the ones in ``pyproject.toml`` agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from braintumnet.data.contract import TASKS
+
+GATE_REGIONS = ("tumor", "edema", "whole")
+MODEL_MODES = ("multitask", "two-stage")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing (§2.1.2) and the classification task.
+
+    Args:
+        img_size: slices are resampled to ``fov_mm / img_size`` mm per pixel and cropped/padded to this size.
+        slices_per_case: representative axial slices per case (the paper uses 20).
+        fov_mm: in-plane field of view kept around the brain's centre, in mm.
+        task: ``3class`` (glioma/metastasis/meningioma) or ``binary`` (glioma/metastasis).
+    """
+
+    img_size: int = 256
+    slices_per_case: int = 20
+    fov_mm: float = 240.0
+    task: str = "3class"
+
+    def __post_init__(self) -> None:
+        if self.img_size < 32 or self.img_size % 16:
+            raise ValueError(f"img_size={self.img_size}: use a multiple of 16, at least 32")
+        if self.slices_per_case < 1:
+            raise ValueError(f"slices_per_case={self.slices_per_case}: use at least 1")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}: use one of {sorted(TASKS)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """BrainTumNet's width and switches (§2.2). Keyword names match ``BrainTumNet``'s constructor."""
+
+    feature_size: int = 32
+    num_heads: int = 4
+    window_size: int = 4
+    topk_ratio: float = 0.5
+    gate_region: str = "tumor"
+    mode: str = "multitask"
+    dropout_rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.gate_region not in GATE_REGIONS:
+            raise ValueError(f"gate_region={self.gate_region!r}: use one of {GATE_REGIONS}")
+        if self.mode not in MODEL_MODES:
+            raise ValueError(f"mode={self.mode!r}: use one of {MODEL_MODES}")
+        if not 0.0 < self.topk_ratio <= 1.0:
+            raise ValueError(f"topk_ratio={self.topk_ratio}: use a value in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (§2.1.4): Adam, lr 1e-4 with cosine decay, batch 16, loss weights 1.0 / 0.7."""
+
+    epochs: int = 250
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_seg: float = 1.0
+    weight_cls: float = 0.7
+    rotation_deg: float = 30.0
+    flip_prob: float = 0.5
+    seed: int = 0
+    amp: bool = True  # mixed precision, CUDA only
+    num_workers: int = 0
+    fedprox_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and FedAvg node counts. The defaults work for one, two or three sites."""
+
+    num_rounds: int = 10
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 1
+    min_evaluate_nodes: int = 1
+    min_available_nodes: int = 1
+    wait_for_nodes_s: float = 600.0
+    round_timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    federation: FederationConfig
+
+
+PROFILES: dict[str, Profile] = {
+    # A 2-core CPU runs the whole simulation study in about 15 minutes.
+    "quick": Profile(
+        DataConfig(img_size=64, slices_per_case=8),
+        ModelConfig(feature_size=8, num_heads=2),
+        TrainConfig(epochs=12, batch_size=16, learning_rate=1e-3),
+        FederationConfig(num_rounds=6, local_epochs=2),
+    ),
+    # One to two hours on a CPU: the figures we quote for CPU.
+    "standard": Profile(
+        DataConfig(img_size=96, slices_per_case=12),
+        ModelConfig(feature_size=16, num_heads=4),
+        TrainConfig(epochs=40, batch_size=16, learning_rate=5e-4),
+        FederationConfig(num_rounds=20, local_epochs=2),
+    ),
+    # The paper's settings: 256x256, 20 slices per case, 250 epochs, lr 1e-4, batch 16 (§2.1.2, §2.1.4).
+    "paper": Profile(DataConfig(), ModelConfig(), TrainConfig(), FederationConfig(num_rounds=125, local_epochs=2)),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}: use one of {sorted(PROFILES)}") from None
+
+
+# Run-config key (pyproject [tool.flwr.app.config]) -> (section, field). Values of 0 or "" mean "the profile's".
+RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
+    "data.img-size": ("data", "img_size"),
+    "data.slices-per-case": ("data", "slices_per_case"),
+    "task": ("data", "task"),
+    "model.feature-size": ("model", "feature_size"),
+    "model.gate-region": ("model", "gate_region"),
+    "model.mode": ("model", "mode"),
+    "train.local-epochs": ("federation", "local_epochs"),
+    "train.batch-size": ("train", "batch_size"),
+    "train.learning-rate": ("train", "learning_rate"),
+    "train.seed": ("train", "seed"),
+    "train.fedprox-mu": ("train", "fedprox_mu"),
+    "num-server-rounds": ("federation", "num_rounds"),
+    "fraction-train": ("federation", "fraction_train"),
+    "fraction-evaluate": ("federation", "fraction_evaluate"),
+    "min-train-nodes": ("federation", "min_train_nodes"),
+    "min-evaluate-nodes": ("federation", "min_evaluate_nodes"),
+    "min-available-nodes": ("federation", "min_available_nodes"),
+    "wait-for-nodes-s": ("federation", "wait_for_nodes_s"),
+    "round-timeout-s": ("federation", "round_timeout_s"),
+}
+
+
+def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = None) -> Profile:
+    """Type a run config: start from its profile and apply every key that is not left at 0 / "".
+
+    Raises:
+        ValueError: naming an unknown profile or a value the dataclasses reject.
+    """
+    run_config = dict(run_config or {})
+    base = get_profile(profile or str(run_config.get("profile", "quick")))
+    sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Profile)}
+    for key, value in run_config.items():
+        if key not in RUN_CONFIG_KEYS or value in (0, 0.0, "") and not isinstance(value, bool):
+            continue
+        section, name = RUN_CONFIG_KEYS[key]
+        sections[section][name] = _cast(getattr(base, section), name, value)
+    return Profile(**{s: replace(getattr(base, s), **v) for s, v in sections.items()})
+
+
+def _cast(obj: Any, name: str, value: Any) -> Any:
+    kind = type(getattr(obj, name))
+    if kind is bool:
+        return bool(value)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: expected a {kind.__name__}") from None
+
+
+def to_dict(profile: Profile) -> dict[str, Any]:
+    """A flat ``section.field`` dict, for checkpoints and MLflow params."""
+    return {f"{s}.{k}": v for s, d in dataclasses.asdict(profile).items() for k, v in d.items()}
+
+
+def from_dict(flat: Mapping[str, Any]) -> Profile:
+    """Inverse of ``to_dict`` (a checkpoint describes itself)."""
+    sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Profile)}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    types = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig}
+    return Profile(**{s: types[s](**v) for s, v in sections.items()})

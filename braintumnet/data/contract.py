@@ -25,3 +25,12 @@ def class_names(task: str) -> tuple[str, ...]:
         return TASKS[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(TASKS)}") from None
+
+# --- File layout of a site folder (docs/data.md, "The site folder") ---
+DATASET_JSON = "dataset.json"
+CASES_CSV = "cases.csv"
+TUMOUR_LABEL = 1  # a usable case has at least one voxel of it
+EDEMA_LABEL = 2
+# The one orientation every volume is turned into on reading: array axes (X, Y, Z) run towards the patient's Right,
+# Anterior and Superior (nibabel's "closest canonical"), so axial slices are ``volume[:, :, z]``.
+CANONICAL_AXES = ("R", "A", "S")

@@ -1,0 +1,132 @@
+"""Centralized training on the pooled sites (the paper's setting), with optional five-fold cross-validation.
+
+``braintumnet train`` is a thin wrapper over ``train_centralized``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import KFold, StratifiedKFold
+
+from braintumnet.checkpoint import save_checkpoint
+from braintumnet.config import Profile, to_dict
+from braintumnet.data.cache import PreparedSite
+from braintumnet.data.contract import class_names as task_classes
+from braintumnet.data.dataset import select_slices
+from braintumnet.engine import build_model, evaluate_model, pick_device, train_model
+
+log = logging.getLogger("braintumnet.train")
+
+SYNTHETIC_NOTE = ("Figures computed on the synthetic phantom cohort are NOT clinical results; "
+                  "they show that the pipeline works, not how the model does on patients.")
+
+
+def case_folds(sites: Sequence[PreparedSite], classes: Sequence[str], k: int, seed: int) -> list[list[str]]:
+    """Split the pooled training cases into ``k`` folds stratified by tumour type (case level, never slice level,
+    so no case has slices on both sides)."""
+    cases = select_slices(sites, "train", classes).drop_duplicates("case_id")[["case_id", "label"]]
+    if len(cases) < k:
+        raise ValueError(f"--folds {k} needs at least {k} training cases; the data has {len(cases)}")
+    labels = cases["label"].to_numpy()
+    # Stratify when every class has at least k cases; tiny test cohorts fall back to plain folds.
+    if np.bincount(labels).min() >= k:
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed).split(cases, labels)
+    else:
+        splitter = KFold(k, shuffle=True, random_state=seed).split(cases)
+    return [cases["case_id"].iloc[held].tolist() for _, held in splitter]
+
+
+def train_centralized(
+    sites: Sequence[PreparedSite],
+    profile: Profile,
+    out: Path,
+    *,
+    external: Sequence[PreparedSite] = (),
+    folds: int = 1,
+    epochs: int | None = None,
+    device: str = "auto",
+    synthetic: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train on the pooled train splits; evaluate on the pooled and per-site test splits and on ``external``.
+
+    Writes ``out/model.pt`` (self-describing checkpoint), ``out/metrics.json`` and, with ``folds > 1``, one
+    model per fold and the cross-validation figures (mean ± sd over folds).
+    """
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    classes = task_classes(profile.data.task)
+    epochs = epochs or profile.train.epochs
+    started = time.perf_counter()
+
+    def fit_and_score(name: str, case_ids=None) -> dict:
+        model = build_model(profile, len(classes))
+        t0 = time.perf_counter()
+        train_metrics = train_model(model, sites, profile, dev, epochs=epochs, case_ids=case_ids, progress=progress)
+        train_s = time.perf_counter() - t0
+        result = {
+            "train": {**train_metrics, "epochs": epochs, "wall_s": round(train_s, 2)},
+            "internal_test": evaluate_model(model, sites, "test", profile, dev, progress=progress),
+            "per_site": {s.site: evaluate_model(model, [s], "test", profile, dev, progress=progress)
+                         for s in sites if _has_split(s, "test", classes)},
+        }
+        if external:
+            result["external"] = evaluate_model(model, external, None, profile, dev, progress=progress)
+        save_checkpoint(out / f"{name}.pt", model.state_dict(), profile, classes,
+                        {"arm": "centralized", "sites": [s.site for s in sites], "epochs": epochs, **(
+                            {"fold_held_out": len(case_ids)} if case_ids is not None else {})})
+        log.info("%s: internal dice_tumor %.3f acc %.3f (%.0f s)", name,
+                 result["internal_test"]["dice_tumor"], result["internal_test"]["acc"], train_s)
+        return result
+
+    report: dict = {
+        "arm": "centralized",
+        "synthetic": synthetic,
+        "note": SYNTHETIC_NOTE if synthetic else "",
+        "config": to_dict(profile),
+        "device": str(dev),
+        "sites": [s.site for s in sites],
+        "external_sites": [s.site for s in external],
+    }
+    if folds > 1:
+        fold_results = []
+        for i, held in enumerate(case_folds(sites, classes, folds, profile.train.seed)):
+            train_ids = sorted(set(select_slices(sites, "train", classes)["case_id"]) - set(held))
+            res = fit_and_score(f"fold{i + 1}", train_ids)
+            res["validation"] = evaluate_model(
+                _load_last(out, f"fold{i + 1}", profile, len(classes), dev), sites, "train", profile, dev,
+                case_ids=held, progress=progress)
+            fold_results.append(res)
+        report["folds"] = fold_results
+        report["cross_validation"] = _mean_sd([r["validation"] for r in fold_results])
+        report["internal_test_mean_sd"] = _mean_sd([r["internal_test"] for r in fold_results])
+    report.update(fit_and_score("model"))
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def _has_split(site: PreparedSite, split: str, classes) -> bool:
+    return bool(((site.slices["split"] == split) & site.slices["tumor_type"].isin(classes)).any())
+
+
+def _load_last(out: Path, name: str, profile: Profile, k: int, dev):
+    from braintumnet.checkpoint import load_checkpoint
+
+    model = build_model(profile, k)
+    model.load_state_dict(load_checkpoint(out / f"{name}.pt").state_dict)
+    return model.to(dev)
+
+
+def _mean_sd(rows: list[dict]) -> dict:
+    frame = pd.DataFrame(rows).select_dtypes("number")
+    return {k: {"mean": float(frame[k].mean()), "sd": float(frame[k].std(ddof=1)) if len(frame) > 1 else 0.0}
+            for k in frame.columns}

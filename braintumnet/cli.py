@@ -1,0 +1,165 @@
+"""``braintumnet`` command line: thin argparse wrappers over importable functions.
+
+A user's mistake prints one line (what, which file, the fix) and exits non-zero; never a traceback.
+Exit codes: 0 ok, 2 usage or user error, 3 some cases quarantined, 4 nothing usable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from braintumnet.errors import EXIT_USER_ERROR, BrainTumNetError
+
+log = logging.getLogger("braintumnet")
+
+
+def _profile(args):
+    from braintumnet.config import resolve
+
+    overrides = {"profile": args.profile}
+    for key, attr in (("data.img-size", "img_size"), ("data.slices-per-case", "slices_per_case"),
+                      ("task", "task"), ("model.gate-region", "gate_region"), ("model.mode", "mode"),
+                      ("train.seed", "seed")):
+        if getattr(args, attr, None) is not None:
+            overrides[key] = getattr(args, attr)
+    return resolve(overrides)
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="quick", help="quick | standard | paper (default: quick)")
+    p.add_argument("--img-size", type=int, help="override the profile's slice size in pixels")
+    p.add_argument("--slices-per-case", type=int, help="override the profile's slices per case")
+    p.add_argument("--task", choices=["3class", "binary"], help="classification task (default 3class)")
+    p.add_argument("--cache", type=Path, help="prepared-slice cache root (default $BRAINTUMNET_CACHE or "
+                                               "./.cache/braintumnet)")
+
+
+def cmd_phantom(args) -> int:
+    from braintumnet.data.phantom import generate_cohort
+
+    summary = generate_cohort(args.out, scale=args.scale, seed=args.seed, fmt=args.format, preview=args.preview,
+                              workers=args.workers)
+    print(summary.summary())
+    return 0
+
+
+def cmd_check(args) -> int:
+    from braintumnet.data.prepare import check_site
+
+    report = check_site(args.site_dir)
+    print(report.summary())
+    return report.exit_code
+
+
+def cmd_prepare(args) -> int:
+    from braintumnet.data.loading import default_cache_root
+    from braintumnet.data.prepare import prepare_site
+
+    profile = _profile(args)
+    report = prepare_site(args.site_dir, args.cache or default_cache_root(), profile.data, strict=args.strict,
+                          workers=args.workers)
+    print(report.summary())
+    return report.exit_code
+
+
+def cmd_train(args) -> int:
+    from braintumnet.centralized import train_centralized
+    from braintumnet.data.loading import default_cache_root, load_sites
+
+    profile = _profile(args)
+    cache = args.cache or default_cache_root()
+    sites = load_sites([Path(d) for d in args.data.split(",") if d], cache, profile.data)
+    external = load_sites([Path(d) for d in (args.external or "").split(",") if d], cache, profile.data)
+    report = train_centralized(sites, profile, args.out, external=external, folds=args.folds, epochs=args.epochs,
+                               device=args.device, synthetic=any(s.meta.get("synthetic") for s in sites))
+    from braintumnet.report.summary import format_metrics
+
+    print(format_metrics(report))
+    print(f"model and metrics written to {Path(args.out).absolute()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from braintumnet.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.model, [Path(d) for d in args.data.split(",") if d], args.out,
+                                 cache_root=args.cache, split=None if args.split == "all" else args.split,
+                                 device=args.device)
+    from braintumnet.report.summary import format_metrics
+
+    print(format_metrics({"evaluation": report["metrics"]}))
+    print(f"metrics.json and plots written to {Path(args.out).absolute()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braintumnet", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write the synthetic three-hospital cohort (+ external site)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scale", type=float, default=1.0, help="shrink every count in proportion (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
+    p.add_argument("--preview", action="store_true", help="also write preview.png, a contact sheet")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("check", help="check a site folder against the data contract; writes nothing")
+    p.add_argument("site_dir", type=Path)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("prepare", help="check and cache a site's representative slices")
+    p.add_argument("site_dir", type=Path)
+    _add_profile_args(p)
+    p.add_argument("--strict", action="store_true", help="any problem is fatal (nothing is cached)")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="centralized training on pooled sites")
+    p.add_argument("--data", required=True, help="SITE_DIR[,SITE_DIR...]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--external", help="SITE_DIR[,...] evaluated but never trained on")
+    p.add_argument("--folds", type=int, default=1, help="k-fold cross-validation on the training cases (paper: 5)")
+    p.add_argument("--epochs", type=int, help="override the profile's epochs")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--gate-region", choices=["tumor", "edema", "whole"])
+    p.add_argument("--mode", choices=["multitask", "two-stage"])
+    p.add_argument("--seed", type=int)
+    _add_profile_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on site folders: metrics.json and plots")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", required=True, help="SITE_DIR[,SITE_DIR...]")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", choices=["test", "train", "all"], default="test")
+    p.add_argument("--cache", type=Path)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except BrainTumNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:  # a bad setting (size, width, profile): the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Train and evaluate loops shared by every arm: centralized, each ClientApp, local-only and the simulation.
+
+Federated and centralized training differ only in who calls ``train_model`` and with which sites (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from contextlib import nullcontext
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from braintumnet.config import Profile
+from braintumnet.data.contract import class_names as task_classes
+from braintumnet.data.dataset import SliceDataset, augmentation, select_slices
+from braintumnet.errors import BrainTumNetError
+from braintumnet.losses import MultiTaskLoss
+from braintumnet.metrics import evaluation_summary
+from braintumnet.model import BrainTumNet
+
+log = logging.getLogger("braintumnet.engine")
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else the CPU; ``cuda`` without a GPU is a user error."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise BrainTumNetError(f"device={pref!r} but no CUDA GPU is visible; use device=cpu or auto")
+    return torch.device(pref)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet:
+    """BrainTumNet sized by the profile; K from the task unless given."""
+    m = profile.model
+    return BrainTumNet(
+        in_channels=1,
+        seg_classes=3,
+        num_classes=num_classes or len(task_classes(profile.data.task)),
+        img_size=profile.data.img_size,
+        feature_size=m.feature_size,
+        num_heads=m.num_heads,
+        window_size=m.window_size,
+        topk_ratio=m.topk_ratio,
+        gate_region=m.gate_region,
+        mode=m.mode,
+        dropout_rate=m.dropout_rate,
+    )
+
+
+def cosine_lr(base_lr: float, progress: float) -> float:
+    """Cosine decay from ``base_lr`` to 0 over the whole schedule (§2.1.4); ``progress`` in [0, 1]."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def _stage(profile: Profile, global_epoch: int, total_epochs: int) -> str:
+    """Two-stage mode trains segmentation for the first half of the schedule, then classification."""
+    if profile.model.mode != "two-stage":
+        return "joint"
+    return "seg" if global_epoch < max(1, total_epochs // 2) else "cls"
+
+
+def train_model(
+    model: nn.Module,
+    sites: Sequence,
+    profile: Profile,
+    device: torch.device,
+    *,
+    epochs: int,
+    epoch_offset: int = 0,
+    total_epochs: int | None = None,
+    proximal_to: Mapping[str, torch.Tensor] | None = None,
+    case_ids: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train ``model`` in place on the train split of ``sites`` for ``epochs`` epochs.
+
+    Args:
+        epoch_offset, total_epochs: where these epochs sit in the whole schedule, so the cosine learning rate
+            (and the two-stage switch) continue across federated rounds: round r trains global epochs
+            ``(r-1)·local_epochs ...``.
+        proximal_to: FedProx anchor (the global weights received this round); adds ``mu/2·||w - w_global||²`` with
+            ``mu = train.fedprox_mu``. None or mu = 0 is plain FedAvg.
+        case_ids: restrict to these cases (cross-validation folds).
+
+    Returns:
+        ``train_loss``, ``train_loss_seg``, ``train_loss_cls`` (means over the last epoch's slices) and
+        ``num-examples``: the number of training slices, which FedAvg weights by.
+    """
+    cfg = profile.train
+    classes = task_classes(profile.data.task)
+    table = select_slices(sites, "train", classes, case_ids)
+    if len(table) == 0:
+        raise BrainTumNetError(
+            f"no training slices for task {profile.data.task!r} in sites {[s.site for s in sites]}; "
+            "check that cases.csv has split=train rows of the task's tumour types")
+    generator = seed_everything(cfg.seed + epoch_offset)
+    loader = DataLoader(
+        SliceDataset(sites, table, augmentation(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        drop_last=len(table) > cfg.batch_size,  # a batch of one destabilises GroupNorm statistics less than BN, still noisy
+    )
+    model.to(device).train()
+    total_epochs = total_epochs or epochs
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    mu = cfg.fedprox_mu if proximal_to is not None else 0.0
+    anchor = {k: v.detach().to(device) for k, v in (proximal_to or {}).items()} if mu > 0 else {}
+    steps = len(loader)
+    sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
+    seen = 0
+    for epoch in range(epochs):
+        global_epoch = epoch_offset + epoch
+        stage = _stage(profile, global_epoch, total_epochs)
+        criterion = MultiTaskLoss(
+            weight_seg=0.0 if stage == "cls" else cfg.weight_seg,
+            weight_cls=0.0 if stage == "seg" else cfg.weight_cls,
+        )
+        if hasattr(model, "segmentation_parameters"):
+            for p in model.segmentation_parameters():
+                p.requires_grad_(stage != "cls")
+        sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
+        seen = 0
+        bar = tqdm(loader, desc=f"train epoch {global_epoch + 1}/{total_epochs}", disable=not progress, leave=False)
+        for step, batch in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg.learning_rate, (global_epoch + step / steps) / total_epochs)
+            image = batch["image"].to(device, non_blocking=True)
+            mask = batch["mask"].to(device, non_blocking=True)
+            label = batch["label"].to(device, non_blocking=True)
+            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
+            with autocast:
+                out = model(image)
+                loss = criterion(out.seg_logits.float(), mask, out.cls_logits.float(), label)
+            total = loss.total
+            if anchor:
+                total = total + 0.5 * mu * sum(
+                    (p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = image.shape[0]
+            seen += n
+            sums["loss"] += float(total.detach()) * n
+            sums["seg"] += float(loss.seg.detach()) * n
+            sums["cls"] += float(loss.cls.detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    seen = max(seen, 1)
+    return {
+        "train_loss": sums["loss"] / seen,
+        "train_loss_seg": sums["seg"] / seen,
+        "train_loss_cls": sums["cls"] / seen,
+        "num-examples": int(len(table)),
+    }
+
+
+@torch.no_grad()
+def predict_slices(
+    model: nn.Module, sites: Sequence, table: pd.DataFrame, device: torch.device, batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label maps (N×H×W uint8, argmax of the segmentation) and class probabilities (N×K) for ``table``'s slices."""
+    model.to(device).eval()
+    loader = DataLoader(SliceDataset(sites, table), batch_size=batch_size, shuffle=False)
+    labels, probs = [], []
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        out = model(batch["image"].to(device))
+        labels.append(out.seg_logits.argmax(1).to(torch.uint8).cpu().numpy())
+        probs.append(torch.softmax(out.cls_logits.float(), 1).cpu().numpy())
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate_cases(
+    model: nn.Module,
+    sites: Sequence,
+    split: str | None,
+    profile: Profile,
+    device: torch.device,
+    *,
+    case_ids: Sequence[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Case-level metrics (docs/metrics.md) and the per-case table (kept at the site; never sent anywhere)."""
+    classes = task_classes(profile.data.task)
+    table = select_slices(sites, split, classes, case_ids)
+    if len(table) == 0:
+        raise BrainTumNetError(
+            f"no {split or 'any'} slices for task {profile.data.task!r} in sites {[s.site for s in sites]}")
+    seg, probs = predict_slices(model, sites, table, device, profile.train.batch_size, progress)
+    targets = np.stack([sites[i].masks[r] for i, r in zip(table["site_index"], table["row"])])
+    # A case id is unique within its site; prefix the site so pooled evaluation never merges two sites' cases.
+    case_keys = (table["site"] + "/" + table["case_id"]).tolist()
+    spacing = table[["spacing_y_mm", "spacing_x_mm"]].to_numpy(dtype=float)
+    return evaluation_summary(
+        seg_pred=seg, seg_target=targets, slice_probs=probs, labels=table["label"].to_numpy(),
+        case_ids=case_keys, spacings_mm=spacing, class_names=classes,
+        tumor_types=table["tumor_type"].tolist(),
+    )
+
+
+def evaluate_model(
+    model: nn.Module, sites: Sequence, split: str | None, profile: Profile, device: torch.device, *,
+    case_ids: Sequence[str] | None = None, progress: bool = True,
+) -> dict[str, float]:
+    """Aggregate metrics only (safe to send to the server); ``num-examples`` = the number of cases."""
+    metrics, _ = evaluate_cases(model, sites, split, profile, device, case_ids=case_ids, progress=progress)
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics["num-examples"] = int(metrics["n_cases"])
+    return metrics

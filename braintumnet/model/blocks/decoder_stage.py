@@ -1,0 +1,59 @@
+"""One decoder level of BrainTumNet (§2.2): upsampling, a CBAM skip connection, fusion and an optional BT Block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from braintumnet.model.blocks.cbam import CBAM
+from braintumnet.model.blocks.conv import ConvNormAct, GroupNorm8
+
+
+class DecoderStage(nn.Module):
+    """Upsample ×2 (a 1×1 convolution to C_out, then bilinear), concatenate the CBAM-weighted skip, fuse by two
+    3×3 convolutions, then ``transformer`` (a ``BTBlock`` at the deep levels, ``nn.Identity`` elsewhere).
+
+    Bilinear upsampling rather than a transposed convolution: Opacus has a per-sample-gradient hook for Conv2d but
+    not for ConvTranspose2d.
+
+    x: B×C_in×H/2×W/2, skip: B×C_skip×H×W -> B×C_out×H×W.
+
+    Args:
+        in_channels: C_in of the deeper level.
+        skip_channels: C_skip of the encoder level.
+        out_channels: C_out.
+        transformer: applied after fusion. Default ``nn.Identity()``.
+        norm_layer: default ``GroupNorm8``.
+        act_layer: default ``nn.LeakyReLU``.
+
+    Examples::
+
+        >>> stage = DecoderStage(32, 16, 16)
+        >>> stage(torch.zeros(2, 32, 8, 8), torch.zeros(2, 16, 16, 16)).shape
+        torch.Size([2, 16, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        transformer: nn.Module | None = None,
+        norm_layer: type[nn.Module] = GroupNorm8,
+        act_layer: type[nn.Module] = nn.LeakyReLU,
+    ):
+        super().__init__()
+        self.up = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.skip_attn = CBAM(skip_channels)
+        self.fuse = nn.Sequential(
+            ConvNormAct(out_channels + skip_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(out_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
+        )
+        self.transformer = transformer if transformer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        # A 1×1 convolution commutes with bilinear interpolation: project first, at a quarter of the pixels.
+        up = F.interpolate(self.up(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        fused = self.fuse(torch.cat([up, self.skip_attn(skip)], dim=1))
+        return self.transformer(fused)

@@ -1,0 +1,55 @@
+"""The run config in pyproject.toml and the typed dataclasses agree; profiles and overrides resolve."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from braintumnet.config import PROFILES, RUN_CONFIG_KEYS, from_dict, resolve, to_dict
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def run_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_every_typed_key_is_in_pyproject():
+    missing = set(RUN_CONFIG_KEYS) - set(run_config())
+    assert not missing, f"add these keys to [tool.flwr.app.config]: {sorted(missing)}"
+
+
+def test_pyproject_defaults_resolve_to_the_quick_profile():
+    assert resolve(run_config()) == PROFILES["quick"]
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_profile_by_name(name):
+    assert resolve({"profile": name}) == PROFILES[name]
+
+
+def test_override_beats_profile_and_zero_means_profile():
+    p = resolve({"profile": "paper", "data.img-size": 64, "model.feature-size": 0, "train.learning-rate": 3e-4})
+    assert p.data.img_size == 64
+    assert p.model.feature_size == PROFILES["paper"].model.feature_size
+    assert p.train.learning_rate == pytest.approx(3e-4)
+
+
+def test_paper_profile_is_the_papers_settings():
+    p = PROFILES["paper"]
+    assert (p.data.img_size, p.data.slices_per_case) == (256, 20)
+    assert (p.train.epochs, p.train.batch_size, p.train.learning_rate) == (250, 16, 1e-4)
+    assert (p.train.weight_seg, p.train.weight_cls) == (1.0, 0.7)
+
+
+@pytest.mark.parametrize("bad", [{"profile": "huge"}, {"data.img-size": 50}, {"task": "4class"},
+                                 {"model.gate-region": "skull"}, {"model.mode": "three-stage"}])
+def test_bad_values_name_themselves(bad):
+    with pytest.raises(ValueError) as err:
+        resolve(bad)
+    assert str(next(iter(bad.values()))) in str(err.value)
+
+
+def test_round_trip_through_flat_dict():
+    p = PROFILES["standard"]
+    assert from_dict(to_dict(p)) == p

@@ -82,7 +82,7 @@ def _check_one_series(folder: Path, files: list[Path], slices: list[Dataset]) ->
         )
     for path, ds in zip(files, slices):
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise FileProblem(path, "is a multi-frame (enhanced) DICOM: export the series as classic single-frame files")
+            raise FileProblem(path, "is a multi-frame (enhanced) DICOM: export the series as single-frame files")
         missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
         if missing or "PixelData" not in ds:
             raise FileProblem(path, f"lacks {', '.join(missing or ['PixelData'])}: export the original MR series")

@@ -10,7 +10,7 @@ from typing import Sequence
 from braintumnet.config import DataConfig
 from braintumnet.data.cache import PreparedSite, load_prepared
 from braintumnet.data.prepare import prepare_site
-from braintumnet.errors import BrainTumNetError
+from braintumnet.errors import EXIT_NOTHING_USABLE, BrainTumNetError
 
 log = logging.getLogger("braintumnet.data")
 
@@ -23,8 +23,8 @@ def default_cache_root() -> Path:
 def prepare_and_load(site_dir: Path, cache_root: Path, data_cfg: DataConfig, progress: bool = True) -> PreparedSite:
     report = prepare_site(Path(site_dir), Path(cache_root), data_cfg, progress=progress)
     log.info(report.summary())
-    if report.cache_dir is None:
-        raise BrainTumNetError(f"{site_dir}: no case could be prepared; see the quarantine lines above")
+    if report.exit_code == EXIT_NOTHING_USABLE:
+        raise BrainTumNetError(f"{site_dir}: no case could be prepared; fix the cases named in the log above")
     return load_prepared(report.cache_dir)
 
 

@@ -59,7 +59,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(path)
         shape = img.shape
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error ... all "re-export"
-        raise FileProblem(path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}): re-export it as .nii.gz")
+        raise FileProblem(path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}): give a .nii/.nii.gz "
+                          "file (re-export it) or the folder of a DICOM series") from None
     while len(shape) > 3 and shape[-1] == 1:  # (X, Y, Z, 1) is a 3-D volume written by some converters
         shape = shape[:-1]
     if len(shape) != 3:
@@ -69,7 +70,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
     except Exception as exc:  # the header was fine but the voxel data is short or corrupt
         raise FileProblem(path, f"voxel data cannot be read, the file looks truncated ({type(exc).__name__}): "
-                          "copy or re-export it again")
+                          "copy or re-export it again") from None
     return array, img.affine
 
 

@@ -7,6 +7,7 @@ case (a bad file, an unknown tumour type, a duplicate id) are left to ``braintum
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pandas as pd
 
 from braintumnet.data.contract import CASES_COLUMNS, CASES_CSV, DATASET_JSON, LABELS, MODALITY, SCANNER_COLUMNS, SPLITS
 from braintumnet.errors import BrainTumNetError
+
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,7 +54,7 @@ def load_site(site_dir: Path) -> Site:
     """
     root = Path(site_dir)
     if not root.is_dir():
-        raise BrainTumNetError(f"{root}: no such site folder; give the folder that holds {DATASET_JSON} and {CASES_CSV}")
+        raise BrainTumNetError(f"{root}: no such site folder; give the folder holding {DATASET_JSON} and {CASES_CSV}")
     meta = _read_dataset_json(root / DATASET_JSON)
     cases = _read_cases_csv(root / CASES_CSV)
     return Site(
@@ -77,8 +80,10 @@ def _read_dataset_json(path: Path) -> dict:
     missing = [k for k in ("site", "modality", "labels", "tumor_types") if k not in meta]
     if missing:
         raise BrainTumNetError(f"{path}: missing key(s) {', '.join(missing)}; add them as in docs/data.md")
-    if not isinstance(meta["site"], str) or not meta["site"].strip() or "/" in meta["site"]:
-        raise BrainTumNetError(f"{path}: \"site\" must be a non-empty name without '/', e.g. \"yibin\"")
+    if not isinstance(meta["site"], str) or not SITE_NAME.fullmatch(meta["site"]):
+        # The name becomes a folder of the cache: letters, digits, "_", "-", "." only.
+        raise BrainTumNetError(f"{path}: \"site\" must be a name like \"yibin\" (letters, digits, _ - .), "
+                               f"not {meta['site']!r}")
     if meta["modality"] != MODALITY:
         raise BrainTumNetError(
             f"{path}: modality {meta['modality']!r} is not supported; BrainTumNet reads contrast-enhanced T1 "
@@ -101,7 +106,8 @@ def _read_cases_csv(path: Path) -> pd.DataFrame:
         raise BrainTumNetError(f"{path}: missing; write one row per case with columns {','.join(CASES_COLUMNS)}")
     try:
         # All strings: "007" stays a case id, not the number 7.
-        cases = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        # utf-8-sig: a spreadsheet's byte-order mark must not end up in the first column's name.
+        cases = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise BrainTumNetError(f"{path}: not a readable CSV ({exc}); fix it as in docs/data.md") from None
     cases.columns = [str(c).strip() for c in cases.columns]

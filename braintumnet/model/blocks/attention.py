@@ -16,7 +16,7 @@ from braintumnet.model.blocks.adaptive_mask import AdaptiveMaskGenerator
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-    """``softmax(q kᵀ + key_bias) v`` for pre-scaled ``q``: B×h×M×d, ``k, v``: B×h×K×d, ``key_bias``: B×h×K."""
+    """``softmax(q kᵀ + key_bias) v``; ``q`` (pre-scaled): B×h×M×d, ``k``, ``v``: B×h×K×d, ``key_bias``: B×h×K."""
     logits = q @ k.transpose(-2, -1) + key_bias.unsqueeze(-2)
     return logits.softmax(dim=-1) @ v
 
@@ -70,7 +70,8 @@ class AdaptiveMaskedAttention(nn.Module):
     that select the computation "for the current input features", and a Linear rather than a raw ``nn.Parameter``
     so that Opacus hooks see it. Training and plain evaluation are dense. With ``sparse_inference = True`` and the
     module in eval mode, the global branch keeps only ``ceil(topk_ratio · N)`` keys per head (``topk_attention``);
-    ``num_global_keys`` records how many the last call used.
+    ``num_global_keys`` records how many the last call used. Where one window covers the whole grid the local
+    branch is the dense global one, computed once (the mixing weights then have nothing to choose between).
 
     B×N×C (N = H·W) -> B×N×C.
 
@@ -119,8 +120,9 @@ class AdaptiveMaskedAttention(nn.Module):
         key_bias = F.logsigmoid(scores)  # log(mask), exact where sigmoid would round to 0
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = q * self.scale
-        local = window_attention(q, k, v, key_bias, size, self.window_size)
         glob = self.global_attention(q, k, v, scores, key_bias)
+        single_window = self.window_size >= max(size) and self.num_global_keys == N
+        local = glob if single_window else window_attention(q, k, v, key_bias, size, self.window_size)
         mix = self.mixer(x.mean(dim=1)).reshape(B, self.num_heads, 2, 1, 1).softmax(dim=2)
         out = mix[:, :, 0] * local + mix[:, :, 1] * glob
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,9 +23,8 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        flat = x.reshape(B, C, H * W)
-        pooled = torch.stack([flat.mean(dim=-1), flat.amax(dim=-1)], dim=1)  # B×2×C: one MLP call for both
-        weight = torch.sigmoid(self.mlp(pooled).sum(dim=1))
+        avg, peak = F.adaptive_avg_pool2d(x, 1).reshape(B, C), F.adaptive_max_pool2d(x, 1).reshape(B, C)
+        weight = torch.sigmoid(self.mlp(torch.stack([avg, peak], dim=1)).sum(dim=1))  # B×2×C: one MLP call
         return x * weight.reshape(B, C, 1, 1)
 
 

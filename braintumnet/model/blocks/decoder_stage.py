@@ -7,15 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from braintumnet.model.blocks.cbam import CBAM
-from braintumnet.model.blocks.conv import ConvNormAct, GroupNorm8
+from braintumnet.model.blocks.conv import ConvNormAct, NormFactory, group_norm
 
 
 class DecoderStage(nn.Module):
-    """Upsample ×2 (a 1×1 convolution to C_out, then bilinear), concatenate the CBAM-weighted skip, fuse by two
-    3×3 convolutions, then ``transformer`` (a ``BTBlock`` at the deep levels, ``nn.Identity`` elsewhere).
+    """Upsample ×2 (a 1×1 convolution to C_out, then nearest-neighbour), concatenate the CBAM-weighted skip, fuse by
+    a 3×3 convolution, then ``transformer`` (a ``BTBlock`` at the deep levels, ``nn.Identity`` elsewhere).
 
-    Bilinear upsampling rather than a transposed convolution: Opacus has a per-sample-gradient hook for Conv2d but
-    not for ConvTranspose2d.
+    Interpolation rather than a transposed convolution: Opacus has a per-sample-gradient hook for Conv2d but not for
+    ConvTranspose2d. Nearest-neighbour, because the 3×3 fusion smooths anyway and its backward is a cheap sum.
 
     x: B×C_in×H/2×W/2, skip: B×C_skip×H×W -> B×C_out×H×W.
 
@@ -24,7 +24,7 @@ class DecoderStage(nn.Module):
         skip_channels: C_skip of the encoder level.
         out_channels: C_out.
         transformer: applied after fusion. Default ``nn.Identity()``.
-        norm_layer: default ``GroupNorm8``.
+        norm_layer: default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
 
     Examples::
@@ -40,20 +40,17 @@ class DecoderStage(nn.Module):
         skip_channels: int,
         out_channels: int,
         transformer: nn.Module | None = None,
-        norm_layer: type[nn.Module] = GroupNorm8,
+        norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ):
         super().__init__()
         self.up = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.skip_attn = CBAM(skip_channels)
-        self.fuse = nn.Sequential(
-            ConvNormAct(out_channels + skip_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
-            ConvNormAct(out_channels, out_channels, 3, norm_layer=norm_layer, act_layer=act_layer),
-        )
+        self.fuse = ConvNormAct(out_channels + skip_channels, out_channels, 3, 1, 1, norm_layer, act_layer)
         self.transformer = transformer if transformer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # A 1×1 convolution commutes with bilinear interpolation: project first, at a quarter of the pixels.
-        up = F.interpolate(self.up(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        # A 1×1 convolution commutes with interpolation: project first, at a quarter of the pixels.
+        up = F.interpolate(self.up(x), size=skip.shape[-2:], mode="nearest")
         fused = self.fuse(torch.cat([up, self.skip_attn(skip)], dim=1))
         return self.transformer(fused)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from braintumnet.model.blocks.conv import ConvNormAct, GroupNorm8
+from braintumnet.model.blocks.conv import ConvNormAct, NormFactory, group_norm
 
 
 class MultiKernelConv(nn.Module):
-    """Parallel 3×3 convolutions with dilations 1, 2, 3 (receptive fields 3, 5, 7), fused by a 1×1 convolution.
+    """Parallel 3×3 convolutions with dilations 1, 2, 3 (receptive fields 3, 5, 7), each normalised on its own and
+    fused by summation, plus a shortcut: ``act(Σ_d norm_d(conv_d(x)) + shortcut(x))``.
 
-    Dilated 3×3 kernels see what 3×3, 5×5 and 7×7 kernels see at a third and a fifth of the cost. The block is
-    residual: ``act(norm(fuse(cat(branches(x)))) + shortcut(x))``, with a 1×1 shortcut when the width changes.
+    Dilated 3×3 kernels see what 3×3, 5×5 and 7×7 kernels see at a third and a fifth of the cost. A branch's own
+    norm lets the block weigh the scales per sample (the branches would otherwise add up to one linear
+    convolution); summing rather than concatenating and projecting saves a full-resolution 1×1 convolution. The
+    shortcut is a 1×1 convolution when the width changes.
 
     B×C_in×H×W -> B×C_out×H×W.
 
@@ -20,7 +23,7 @@ class MultiKernelConv(nn.Module):
         in_channels: C_in.
         out_channels: C_out.
         dilations: one branch per dilation. Default ``(1, 2, 3)``.
-        norm_layer: default ``GroupNorm8``.
+        norm_layer: called with C_out. Default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
 
     Examples::
@@ -34,23 +37,26 @@ class MultiKernelConv(nn.Module):
         in_channels: int,
         out_channels: int,
         dilations: tuple[int, ...] = (1, 2, 3),
-        norm_layer: type[nn.Module] = GroupNorm8,
+        norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d, bias=False) for d in dilations
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d, bias=False), norm_layer(out_channels)
+            )
+            for d in dilations
         )
-        self.fuse = nn.Conv2d(len(dilations) * out_channels, out_channels, 1, bias=False)
-        self.norm = norm_layer(out_channels)
-        self.act = act_layer()
         self.shortcut = (
             nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1, bias=False)
         )
+        self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        multi_scale = torch.cat([branch(x) for branch in self.branches], dim=1)
-        return self.act(self.norm(self.fuse(multi_scale)) + self.shortcut(x))
+        fused = self.shortcut(x)
+        for branch in self.branches:
+            fused = fused + branch(x)
+        return self.act(fused)
 
 
 class EncoderStage(nn.Sequential):
@@ -61,7 +67,7 @@ class EncoderStage(nn.Sequential):
     Args:
         in_channels: C_in.
         out_channels: C_out.
-        norm_layer: default ``GroupNorm8``.
+        norm_layer: default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
     """
 
@@ -69,7 +75,7 @@ class EncoderStage(nn.Sequential):
         self,
         in_channels: int,
         out_channels: int,
-        norm_layer: type[nn.Module] = GroupNorm8,
+        norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ):
         super().__init__(

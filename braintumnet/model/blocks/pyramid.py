@@ -8,20 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from braintumnet.model.blocks.conv import ConvNormAct, GroupNorm8
+from braintumnet.model.blocks.conv import NormFactory, group_norm
 
 
 class PyramidFusion(nn.Module):
-    """Project each decoder level to C channels (1×1), upsample it to the finest level's size (bilinear),
-    concatenate, fuse with a 3×3 convolution and classify each pixel with a 1×1 convolution.
+    """Feature-pyramid fusion: project each decoder level to C channels (1×1; identity where it already has C),
+    then top-down from the coarsest, upsample ×2 (bilinear) and add the next finer level; normalise, activate and
+    classify each pixel (1×1).
+
+    Every level reaches the head. Adding 1×1 projections is the same linear map as a 1×1 convolution over their
+    concatenation, and the top-down path upsamples only once to full resolution; the decoder levels already carry
+    3×3 context.
 
     [B×C_i×H/2^i×W/2^i for each level i] -> B×out_channels×H×W.
 
     Args:
         in_channels: C_i of each level, finest first.
-        channels: C, the width of each projected level and of the fusion. Must suit ``norm_layer``.
+        channels: C, the width of the fused map. Must suit ``norm_layer``.
         out_channels: segmentation classes.
-        norm_layer: default ``GroupNorm8``.
+        norm_layer: default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
 
     Examples::
@@ -36,18 +41,19 @@ class PyramidFusion(nn.Module):
         in_channels: Sequence[int],
         channels: int,
         out_channels: int,
-        norm_layer: type[nn.Module] = GroupNorm8,
+        norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
     ):
         super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1, bias=False) for c in in_channels)
-        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3, norm_layer=norm_layer, act_layer=act_layer)
+        self.lateral = nn.ModuleList(
+            nn.Identity() if c == channels else nn.Conv2d(c, channels, 1, bias=False) for c in in_channels
+        )
+        self.norm = norm_layer(channels)
+        self.act = act_layer()
         self.head = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = levels[0].shape[-2:]
-        upsampled = [
-            F.interpolate(lateral(level), size=size, mode="bilinear", align_corners=False) if i else lateral(level)
-            for i, (lateral, level) in enumerate(zip(self.lateral, levels))
-        ]
-        return self.head(self.fuse(torch.cat(upsampled, dim=1)))
+        *finer, fused = [lateral(level) for lateral, level in zip(self.lateral, levels)]
+        for level in reversed(finer):
+            fused = level + F.interpolate(fused, size=level.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.act(self.norm(fused)))

@@ -1,0 +1,13 @@
+"""The phantom cohort: a synthetic stand-in for the paper's three-hospital CE-T1 cohort (§2.1.1), NOT patient data.
+
+No public dataset has glioma, metastasis and meningioma with hospital ids, and nothing can be downloaded at run time,
+so the project draws its own cohort in the site data contract (docs/data.md; how it is drawn: docs/phantom.md):
+
+- ``cohort_plan(scale, seed)``: one row per case (site, type, split, atypical tag, scanner), no images;
+- ``generate_cohort(out, scale=..., seed=..., fmt="nifti" | "dicom", preview=...)``: the site folders on disk.
+"""
+
+from braintumnet.data.phantom.cohort import CohortSummary, generate_cohort
+from braintumnet.data.phantom.plan import cohort_plan
+
+__all__ = ["CohortSummary", "cohort_plan", "generate_cohort"]

@@ -1,0 +1,134 @@
+"""§2.1.2 preprocessing: a checked 3-D case becomes ``slices_per_case`` normalised 2-D axial slices.
+
+Per case: intensities scaled to [0, 1] between the 0.5th and 99.5th percentiles of the brain's voxels; the
+representative slices chosen (``representative_slices``); each resampled in-plane to ``fov_mm / img_size`` mm per
+pixel (image bilinear with anti-aliasing, mask nearest) and cropped/padded to ``img_size`` × ``img_size`` around the
+centre of the brain's bounding box. Through-plane nothing is resampled. Output slices are ``(H, W)`` with rows from
+anterior (top) to posterior and columns from the patient's left to right, as nilearn draws axial slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.transforms import BorderPad, Resize, ScaleIntensityRange, SpatialCrop
+from monai.utils import convert_to_numpy
+
+from braintumnet.config import DataConfig
+from braintumnet.data.checks import Case
+from braintumnet.data.contract import EDEMA_LABEL, TUMOUR_LABEL
+from braintumnet.errors import CaseProblem
+
+PREPROCESS_VERSION = 1  # bump when the output changes; part of the cache's reuse check
+PERCENTILES = (0.5, 99.5)
+# "Brain" = voxels brighter than this fraction of the volume's 99th percentile: well above MR background noise,
+# well below any tissue on CE-T1.
+BRAIN_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True, eq=False)
+class Slices:
+    """One case's prepared slices.
+
+    Args:
+        images: ``N×H×W`` float16 in [0, 1] (the cache's type).
+        masks: ``N×H×W`` uint8 labels.
+        z_index: ``N`` axial indices in the canonical volume (inferior to superior).
+        spacing_mm: ``(spacing_y, spacing_x)`` of the output pixels (rows, columns), in mm.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    z_index: np.ndarray
+    spacing_mm: tuple[float, float]
+
+
+def representative_slices(mask: np.ndarray, n: int) -> np.ndarray:
+    """Indices of ``n`` axial slices spread evenly over the lesion's axial extent.
+
+    The lesion is every voxel labelled tumour (1) or edema (2); its extent runs from the lowest to the highest
+    axial index holding one. With at least ``n`` slices in it, the picks are ``round(linspace(first, last, n))``.
+    With fewer, the window grows symmetrically into the neighbouring slices (shifted to stay inside the volume).
+
+    Args:
+        mask: ``(X, Y, Z)`` labels.
+        n: how many slices.
+
+    Raises:
+        ValueError: no lesion voxel, or a volume with fewer than ``n`` slices.
+
+    Examples::
+
+        representative_slices(mask, 20)  # lesion on z = 40..99 -> 40, 43, 46, ..., 99
+    """
+    depth = mask.shape[2]
+    if depth < n:
+        raise ValueError(f"the volume has {depth} axial slices, fewer than the {n} needed")
+    z = np.flatnonzero(np.isin(mask, (TUMOUR_LABEL, EDEMA_LABEL)).any(axis=(0, 1)))
+    if not len(z):
+        raise ValueError("the mask has no lesion voxel")
+    first, last = int(z[0]), int(z[-1])
+    if last - first + 1 >= n:
+        # floor(x + 0.5), not np.round, so ties go up whatever the parity; steps >= 1 keep the picks unique.
+        return np.unique(np.floor(np.linspace(first, last, n) + 0.5).astype(int))
+    start = first - (n - (last - first + 1)) // 2
+    start = min(max(start, 0), depth - n)
+    return np.arange(start, start + n)
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels above ``BRAIN_THRESHOLD`` × the 99th percentile: the head, not the background."""
+    return image > BRAIN_THRESHOLD * np.percentile(image, 99)
+
+
+def preprocess_case(case: Case, cfg: DataConfig) -> Slices:
+    """Normalise, pick, resample and crop one checked case.
+
+    Raises:
+        CaseProblem: the volume has fewer axial slices than ``cfg.slices_per_case``.
+    """
+    image, mask = case.image.array, case.mask
+    try:
+        z = representative_slices(mask, cfg.slices_per_case)
+    except ValueError as exc:
+        raise CaseProblem(case.case_id, case.image_path,
+                          f"{exc}: lower slices_per_case or use a volume that covers the whole tumour") from None
+    brain = brain_mask(image)
+    if brain.sum() < 100:  # a nearly blank image: fall back to all voxels rather than fail
+        brain = np.ones_like(brain)
+    # Percentiles over brain voxels only (MONAI's ScaleIntensityRangePercentiles would count the background).
+    low, high = np.percentile(image[brain], PERCENTILES)
+    scale = ScaleIntensityRange(a_min=float(low), a_max=float(max(high, low + 1e-6)), b_min=0.0, b_max=1.0, clip=True)
+
+    # Stack the chosen slices as channels: (N, X, Y), so MONAI's 2-D transforms handle them in one call.
+    img = torch.as_tensor(image[:, :, z]).permute(2, 0, 1)
+    lab = torch.as_tensor(mask[:, :, z].astype(np.float32)).permute(2, 0, 1)
+    sx, sy = (float(s) for s in case.image.spacing[:2])
+    target = cfg.fov_mm / cfg.img_size
+    size = (max(1, round(image.shape[0] * sx / target)), max(1, round(image.shape[1] * sy / target)))
+    img = Resize(size, mode="bilinear", anti_aliasing=True)(scale(img))
+    lab = Resize(size, mode="nearest-exact")(lab)
+
+    # Centre of the brain's bounding box, moved to the resampled grid: voxel centres map as (i + 0.5) * zoom - 0.5.
+    centre = []
+    for axis, (old, new) in enumerate(zip(image.shape[:2], size)):
+        extent = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+        centre.append(((extent[0] + extent[-1]) / 2 + 0.5) * new / old - 0.5)
+    # Pad first so that the crop window never leaves the array: a brain near the border still ends up centred.
+    crop = SpatialCrop(roi_center=[int(np.floor(c + 0.5)) + cfg.img_size for c in centre], roi_size=cfg.img_size)
+    pad = BorderPad(spatial_border=cfg.img_size)
+    img, lab = crop(pad(img)), crop(pad(lab))
+
+    return Slices(
+        images=np.clip(_to_hw(img), 0.0, 1.0).astype(np.float16),
+        masks=np.rint(_to_hw(lab)).astype(np.uint8),
+        z_index=z,
+        spacing_mm=(image.shape[1] * sy / size[1], image.shape[0] * sx / size[0]),
+    )
+
+
+def _to_hw(stack: torch.Tensor) -> np.ndarray:
+    """``(N, X, Y)`` RAS slices to ``(N, H, W)``: rows = Y from anterior to posterior, columns = X left to right."""
+    return np.flip(convert_to_numpy(stack).transpose(0, 2, 1), axis=1)

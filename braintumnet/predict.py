@@ -1,0 +1,439 @@
+"""``braintumnet predict``: a new scan in, its mask in the scan's own geometry, tumour type, volumes and a report out.
+
+For each case (a NIfTI file, a DICOM series folder, or every case of a folder):
+
+1. The image is read by ``braintumnet.data.readers.read_volume`` into the canonical RAS grid.
+2. Every axial slice goes through ``braintumnet.data.preprocess.preprocess_case``, the very function that prepares
+   training slices (normalisation, in-plane resampling to ``fov_mm / img_size`` mm, crop/pad around the brain).
+3. BrainTumNet segments and classifies each slice; with ``tta`` the softmax outputs are averaged over the four flips
+   of the slice (none, rows, columns, both: the flips training augments with, §2.1.2).
+4. The label maps go back to the scan's voxel grid: the crop/pad is undone, the resampling inverted with nearest
+   neighbour (a voxel takes the label of the model pixel its centre falls in), and the axes turned back from RAS to
+   the file's own order, so the mask has the input's exact shape and affine.
+5. Case-level tumour type: the mean of the slice class probabilities over the slices where the model predicts the
+   region that gates its classifier (tumour by default; ``gate_region`` of the checkpoint), or over all slices if
+   it predicts none. Slices without that region show the classifier an empty gate, so their probabilities carry no
+   evidence; averaging (as ``braintumnet.metrics.case_probabilities`` does for evaluation) keeps a vector that sums
+   to 1 and lets no single slice decide.
+6. Volumes in millilitres: voxel count × the voxel volume from the affine.
+
+Outputs, in ``out_dir``, per case ``<case>_mask.nii.gz`` (uint8, 1 tumour, 2 edema), ``<case>.json`` (the summary),
+``<case>_report.png`` (one page) and, for DICOM input, ``<case>_image.nii.gz`` (the series as NIfTI, for viewers
+that want both files in one format); and ``predictions.csv`` with one row per case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.transforms import Resize
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from braintumnet.config import DataConfig
+from braintumnet.data.checks import Case
+from braintumnet.data.contract import CANONICAL_AXES, CASES_CSV, EDEMA_LABEL, TUMOUR_LABEL
+from braintumnet.data.dicom_io import FileProblem
+from braintumnet.data.preprocess import brain_mask, preprocess_case
+from braintumnet.data.readers import Volume, read_volume
+from braintumnet.engine import pick_device
+from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
+from braintumnet.evaluate import load_model, task_of
+from braintumnet.model import GATE_LABELS
+from braintumnet.report import plots
+
+log = logging.getLogger("braintumnet.predict")
+
+NOT_FOR_CLINICAL_USE = ("Research software, not a medical device: not for clinical use. The mask, type and volumes "
+                        "are model outputs that no clinician has checked.")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+REPORT_SLICES = 3
+TTA_FLIPS = ((), (2,), (3,), (2, 3))  # dims of a B×C×H×W batch
+BATCH_SIZE = 16
+
+
+class SomeCasesFailed(BrainTumNetError):
+    """Batch mode: the other cases were predicted; these could not be (each is logged with its fix)."""
+
+    exit_code = EXIT_DATA_PROBLEMS
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to predict: its name (used for the output files) and its NIfTI file or DICOM series folder."""
+
+    case: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """Where ``preprocess_case`` puts a canonical ``(X, Y)`` slice in the model's ``img_size``² grid.
+
+    Args:
+        shape_xy: the slice's shape in the canonical volume.
+        resized: its shape after in-plane resampling to ``fov_mm / img_size`` mm per pixel.
+        start: the crop window's first index in the resampled grid, per axis (negative where it pads).
+        img_size: the model's input side.
+    """
+
+    shape_xy: tuple[int, int]
+    resized: tuple[int, int]
+    start: tuple[int, int]
+    img_size: int
+
+    @classmethod
+    def of(cls, image: np.ndarray, spacing_xy, cfg: DataConfig) -> SliceGrid:
+        """The grid ``preprocess_case`` uses for ``image`` (X, Y, Z): the same size and brain-centre rules."""
+        target = cfg.fov_mm / cfg.img_size
+        shape = image.shape[:2]
+        resized = tuple(max(1, round(n * float(s) / target)) for n, s in zip(shape, spacing_xy))
+        brain = brain_mask(image)
+        if brain.sum() < 100:
+            brain = np.ones_like(brain)
+        start = []
+        for axis, (old, new) in enumerate(zip(shape, resized)):
+            idx = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+            centre = ((idx[0] + idx[-1]) / 2 + 0.5) * new / old - 0.5
+            # MONAI's SpatialCrop starts at centre - size // 2 (padded by img_size first, so never clipped).
+            start.append(int(np.floor(centre + 0.5)) - cfg.img_size // 2)
+        return cls(tuple(shape), resized, tuple(start), cfg.img_size)
+
+    def to_volume(self, labels_hw: np.ndarray) -> np.ndarray:
+        """``N×H×W`` model-grid labels (display order) -> ``(X, Y, N)`` labels on the canonical slice grid."""
+        crop = np.flip(labels_hw, axis=1).transpose(0, 2, 1)  # undo preprocess's (X, Y) -> (H, W)
+        canvas = np.zeros((len(labels_hw), *self.resized), dtype=np.float32)
+        src, dst = [], []
+        for start, n in zip(self.start, self.resized):
+            lo, hi = max(start, 0), min(start + self.img_size, n)
+            dst.append(slice(lo, max(lo, hi)))
+            src.append(slice(lo - start, max(lo, hi) - start))
+        canvas[:, dst[0], dst[1]] = crop[:, src[0], src[1]]
+        back = Resize(self.shape_xy, mode="nearest-exact")(torch.from_numpy(canvas))
+        return np.asarray(back).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class VolumePrediction:
+    """Model outputs for every axial slice of one canonical volume.
+
+    Args:
+        labels: ``(X, Y, Z)`` uint8 labels on the canonical grid.
+        slice_probs: ``Z×K`` class probabilities per slice.
+        images: ``Z×H×W`` model-grid slices (what the model saw).
+        model_labels: ``Z×H×W`` model-grid labels.
+        spacing_hw: the model grid's (row, column) spacing in mm.
+    """
+
+    labels: np.ndarray
+    slice_probs: np.ndarray
+    images: np.ndarray
+    model_labels: np.ndarray
+    spacing_hw: tuple[float, float]
+
+
+def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = False, device: str = "auto",
+            progress: bool = True, task: str | None = None) -> list[dict]:
+    """Predict every case of ``input_path`` and write the outputs into ``out_dir``.
+
+    Args:
+        model_path: a BrainTumNet checkpoint.
+        input_path: a NIfTI file (``.nii``/``.nii.gz``), a DICOM series folder, or a folder of cases: its NIfTI files
+            and DICOM series subfolders, or, if it holds a ``cases.csv``, the images that file lists (a site folder).
+        out_dir: the output folder (created).
+        tta: average over the four flips of each slice (4× the compute).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        progress: progress bars.
+        task: the task the caller expects (``3class``/``binary``); a checkpoint of another task is refused.
+
+    Returns:
+        One summary dict per case (the content of ``<case>.json``).
+
+    Raises:
+        BrainTumNetError: a missing or unreadable input, a bad checkpoint; ``SomeCasesFailed`` in batch mode when
+            some cases could not be predicted (the others are written, and their summaries are in the exception's
+            ``results``).
+
+    Examples::
+
+        predict(Path("runs/quick/model.pt"), Path("scans/c001.nii.gz"), Path("pred"))
+    """
+    input_path, out_dir = Path(input_path), Path(out_dir).absolute()
+    cases = find_inputs(input_path)
+    dev = pick_device(device)
+    model, ckpt = load_model(model_path, dev, task=task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context = {
+        "model": str(Path(model_path).absolute()),
+        "synthetic_training": ckpt.meta.get("synthetic"),
+        "task": task_of(ckpt.class_names),
+        "class_names": list(ckpt.class_names),
+    }
+    batch = len(cases) > 1 or input_path.is_dir() and not _is_series(input_path)
+    results, failed = [], []
+    with logging_redirect_tqdm() if progress else nullcontext():
+        for case in tqdm(cases, desc="predict", unit="case", disable=not (progress and batch)):
+            try:
+                results.append(predict_case(model, ckpt.profile, case, out_dir, context, tta=tta, device=dev,
+                                            progress=progress and not batch))
+            except BrainTumNetError as exc:
+                if not batch:
+                    raise
+                log.error("%s", exc)
+                failed.append({"case": case.case, "input": str(case.path), "error": str(exc)})
+    _write_table(out_dir / "predictions.csv", results, failed, ckpt.class_names)
+    if failed:
+        error = SomeCasesFailed(f"{len(failed)} of {len(cases)} case(s) could not be predicted (logged above; "
+                                f"listed in {out_dir / 'predictions.csv'}); fix or remove them and run again")
+        error.results = results
+        raise error
+    return results
+
+
+def find_inputs(path: Path) -> list[CaseInput]:
+    """The cases of ``path``, in name order (see ``predict``).
+
+    Raises:
+        BrainTumNetError: a missing path, a file that is not NIfTI, a folder with no case in it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BrainTumNetError(f"{path}: no such file or folder; give a NIfTI file (.nii or .nii.gz), a DICOM series "
+                               "folder, or a folder of cases")
+    if path.is_file():
+        if not path.name.lower().endswith(NIFTI_SUFFIXES):
+            raise BrainTumNetError(f"{path}: not a NIfTI file (.nii or .nii.gz); for a DICOM series give the folder "
+                                   "that holds its files, not one file")
+        return [CaseInput(_case_name(path), path)]
+    if (path / CASES_CSV).is_file():
+        from braintumnet.data.site import load_site
+
+        site = load_site(path)
+        return [CaseInput(row.case_id, path / row.image) for row in site.cases.itertuples()]
+    if _is_series(path):
+        return [CaseInput(path.name, path)]
+    found = [CaseInput(_case_name(p), p) for p in sorted(path.iterdir())
+             if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(NIFTI_SUFFIXES))]
+    if not found:
+        raise BrainTumNetError(f"{path}: holds no NIfTI file and no DICOM series folder; give a scan, or a folder "
+                               "of scans")
+    names = [c.case for c in found]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BrainTumNetError(f"{path}: several inputs would be case {dupes[0]} (e.g. {dupes[0]}.nii.gz and a folder "
+                               f"{dupes[0]}/); rename one so each case has its own name")
+    return found
+
+
+def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, *, tta: bool,
+                 device: torch.device, progress: bool = False) -> dict:
+    """Predict one case and write its mask, summary and report. Returns the summary."""
+    started = time.perf_counter()
+    volume, to_input, input_shape, input_affine = read_case(case.path)
+    pred = predict_volume(model, profile.data, volume, tta=tta, device=device, progress=progress)
+    class_names = context["class_names"]
+    # On the scan's grid, not the model's: a prediction in the crop's padding is no lesion (and is not in the mask).
+    gate = np.isin(pred.labels, GATE_LABELS[profile.model.gate_region]).any(axis=(0, 1))
+    used = gate if gate.any() else np.ones(len(gate), dtype=bool)
+    probs = pred.slice_probs[used].mean(axis=0)
+    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+
+    mask_path = out_dir / f"{case.case}_mask.nii.gz"
+    write_mask(pred.labels, to_input, input_shape, input_affine, case.path, mask_path)
+    summary = {
+        "case": case.case,
+        "input": str(case.path.absolute()),
+        "mask": str(mask_path),
+        "tumor_type": class_names[int(np.argmax(probs))],
+        "probabilities": {name: round(float(p), 4) for name, p in zip(class_names, probs)},
+        "type_from": f"mean over the {int(used.sum())} slice(s) with predicted {profile.model.gate_region}"
+        if gate.any() else f"mean over all {len(used)} slices, as no {profile.model.gate_region} was predicted",
+        "volume_tumor_ml": round(float((pred.labels == TUMOUR_LABEL).sum()) * voxel_ml, 3),
+        "volume_edema_ml": round(float((pred.labels == EDEMA_LABEL).sum()) * voxel_ml, 3),
+        "n_slices": int(pred.labels.shape[2]),
+        "shape": list(input_shape),
+        "voxel_mm": [round(float(s), 4) for s in volume.spacing],
+        "tta": tta,
+        **{k: context[k] for k in ("model", "synthetic_training", "task")},
+        "note": NOT_FOR_CLINICAL_USE,
+    }
+    if case.path.is_dir():  # DICOM: the series itself as NIfTI, on the mask's grid
+        image_path = out_dir / f"{case.case}_image.nii.gz"
+        nib.save(nib.Nifti1Image(volume.array, volume.affine), image_path)
+        summary["image"] = str(image_path)
+    summary["report"] = str(write_report(out_dir / f"{case.case}_report.png", summary, volume, pred))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    (out_dir / f"{case.case}.json").write_text(json.dumps(summary, indent=2))
+    log.info("%s: %s (p=%.2f), tumour %.1f mL, edema %.1f mL -> %s", case.case, summary["tumor_type"],
+             float(probs.max()), summary["volume_tumor_ml"], summary["volume_edema_ml"], mask_path)
+    return summary
+
+
+def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarray]:
+    """The canonical volume, the orientation that turns it back to the file's own axes, and the file's shape and
+    affine (NIfTI: as nibabel reads them; DICOM: the series as the reader builds it, in canonical order).
+
+    Raises:
+        BrainTumNetError: the reader's message (unreadable, truncated, 4-D, a bad series), naming the file and the fix.
+    """
+    try:
+        volume = read_volume(path)
+    except FileProblem as exc:
+        raise BrainTumNetError(str(exc)) from None
+    if path.is_dir():
+        return volume, axcodes2ornt(CANONICAL_AXES), volume.array.shape, volume.affine
+    header = nib.load(path)  # header only: the voxels were read above
+    shape, affine = tuple(header.shape), header.affine
+    to_input = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(affine))
+    return volume, to_input, shape, affine
+
+
+@torch.inference_mode()
+def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False, device: torch.device | None = None,
+                   batch_size: int = BATCH_SIZE, progress: bool = False) -> VolumePrediction:
+    """Segment and classify every axial slice of a canonical volume; labels mapped back to its grid."""
+    device = device or torch.device("cpu")
+    depth = volume.array.shape[2]
+    # preprocess_case prepares the "representative slices" of a case's lesion. A stand-in mask whose lesion spans
+    # the first to the last slice, asked for as many slices as there are, makes them every slice, so inference sees
+    # exactly what training saw.
+    stand_in = np.zeros(volume.array.shape, dtype=np.uint8)
+    stand_in[0, 0, [0, depth - 1]] = EDEMA_LABEL
+    slices = preprocess_case(Case("predict", "", volume, stand_in), dataclasses.replace(cfg, slices_per_case=depth))
+    if len(slices.z_index) != depth or np.any(slices.z_index != np.arange(depth)):
+        raise RuntimeError("preprocess_case did not return every slice in order; update predict_volume to match")
+    grid = SliceGrid.of(volume.array, volume.spacing[:2], cfg)
+
+    model = model.to(device).eval()
+    labels, probs = [], []
+    starts = range(0, depth, batch_size)
+    for i in tqdm(starts, desc="slices", unit="batch", disable=not progress, leave=False):
+        x = torch.from_numpy(slices.images[i:i + batch_size].astype(np.float32))[:, None].to(device)
+        seg, cls = 0.0, 0.0
+        for dims in TTA_FLIPS if tta else ((),):
+            out = model(x.flip(dims) if dims else x)
+            seg_p = out.seg_logits.float().softmax(1)
+            seg = seg + (seg_p.flip(dims) if dims else seg_p)
+            cls = cls + out.cls_logits.float().softmax(1)
+        labels.append(seg.argmax(1).to(torch.uint8).cpu().numpy())
+        probs.append((cls / (len(TTA_FLIPS) if tta else 1)).cpu().numpy())
+    model_labels = np.concatenate(labels)
+    return VolumePrediction(labels=grid.to_volume(model_labels), slice_probs=np.concatenate(probs),
+                            images=slices.images, model_labels=model_labels, spacing_hw=slices.spacing_mm)
+
+
+def write_mask(labels: np.ndarray, to_input: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+               source: Path, path: Path) -> Path:
+    """Write canonical ``(X, Y, Z)`` labels in the input's own axis order, shape and affine (uint8 NIfTI).
+
+    The NIfTI's sform and qform codes follow the input's, so viewers place it exactly as they place the scan.
+    """
+    data = apply_orientation(labels, to_input).astype(np.uint8).reshape(shape)
+    image = nib.Nifti1Image(data, affine)
+    header = None if source.is_dir() else nib.load(source).header
+    if header is not None and "sform_code" in header and "qform_code" in header:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        image.set_sform(affine, code=sform_code or (0 if qform_code else 2))
+        image.set_qform(affine, code=qform_code)
+    image.header["descrip"] = b"BrainTumNet mask: 1 tumour, 2 edema"
+    nib.save(image, path)
+    return path
+
+
+def write_report(path: Path, summary: dict, volume: Volume, pred: VolumePrediction) -> Path:
+    """The one-page PNG: the slices with the most predicted tumour, the probabilities, the volumes."""
+    chosen = _report_slices(pred.labels, volume.spacing[2])
+    sx, sy = (float(s) for s in volume.spacing[:2])
+    areas = [(pred.labels[:, :, z] == TUMOUR_LABEL).sum() * sx * sy / 100.0 for z in chosen]
+    probs = summary["probabilities"]
+    top = summary["tumor_type"]
+    lines = [
+        *textwrap.wrap(f"input: {summary['input']}", 90, subsequent_indent="       "),
+        *textwrap.wrap(f"mask:  {summary['mask']}", 90, subsequent_indent="       "),
+        "",
+        f"tumour type: {top}, probability {probs[top]:.2f}",
+        f"  ({summary['type_from']})",
+        f"tumour volume: {summary['volume_tumor_ml']:.2f} mL    edema volume: {summary['volume_edema_ml']:.2f} mL",
+        f"{summary['n_slices']} axial slices, voxel {' x '.join(f'{v:g}' for v in summary['voxel_mm'])} mm"
+        f"{', flip TTA' if summary['tta'] else ''}",
+        "",
+        *textwrap.wrap(f"model: {summary['model']}", 90, subsequent_indent="       "),
+        f"trained on synthetic data: {_yes_no(summary['synthetic_training'])}",
+        "",
+        *textwrap.wrap(summary["note"], 90),
+    ]
+    return plots.case_report(
+        path,
+        images=[_display(volume.array[:, :, z]) for z in chosen],
+        preds=[_display(pred.labels[:, :, z]) for z in chosen],
+        slice_titles=[f"slice z={z}, tumour {a:.1f} cm²" for z, a in zip(chosen, areas)],
+        heading=f"BrainTumNet prediction: {summary['case']}",
+        lines=lines,
+        probabilities=probs,
+        aspect=sy / sx,
+    )
+
+
+def _report_slices(labels: np.ndarray, spacing_z: float, n: int = REPORT_SLICES, gap_mm: float = 5.0) -> list[int]:
+    """Up to ``n`` slices by decreasing predicted tumour area (whole lesion if no tumour), at least ``gap_mm`` apart
+    so the page does not show three near-identical neighbours; the middle slice if nothing was predicted."""
+    area = (labels == TUMOUR_LABEL).sum(axis=(0, 1))
+    if not area.any():
+        area = (labels > 0).sum(axis=(0, 1))
+    if not area.any():
+        return [labels.shape[2] // 2]
+    gap = max(1, int(np.ceil(gap_mm / max(float(spacing_z), 1e-6))))
+    chosen: list[int] = []
+    for z in np.argsort(-area, kind="stable"):
+        if area[z] == 0 or len(chosen) == n:
+            break
+        if all(abs(int(z) - c) >= gap for c in chosen):
+            chosen.append(int(z))
+    return sorted(chosen)
+
+
+def _display(slice_xy: np.ndarray) -> np.ndarray:
+    """A canonical ``(X, Y)`` slice in display order: rows anterior to posterior, columns the patient's left to right
+    (what ``preprocess_case`` makes of a slice, at the scan's own resolution)."""
+    return np.flip(np.asarray(slice_xy).T, axis=0)
+
+
+def _write_table(path: Path, results: list[dict], failed: list[dict], class_names) -> None:
+    rows = [{"case": r["case"], "tumor_type": r["tumor_type"],
+             **{f"p_{name}": r["probabilities"][name] for name in class_names},
+             "volume_tumor_ml": r["volume_tumor_ml"], "volume_edema_ml": r["volume_edema_ml"],
+             "mask": r["mask"], "report": r["report"], "input": r["input"], "error": ""} for r in results]
+    rows += [{"case": f["case"], "input": f["input"], "error": f["error"]} for f in failed]
+    pd.DataFrame(rows).to_csv(path, index=False)
+
+
+def _case_name(path: Path) -> str:
+    """``c001.nii.gz`` -> ``c001``; nnU-Net's channel suffix goes too (``imagesTr/c001_0000.nii.gz`` -> ``c001``)."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            return name[: -len("_0000")] if name.endswith("_0000") and len(name) > 5 else name
+    return name
+
+
+def _is_series(folder: Path) -> bool:
+    """A folder of files only, none of them NIfTI: a DICOM series (the reader checks the rest)."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(p.is_file() and not p.name.lower().endswith(NIFTI_SUFFIXES) for p in entries)
+
+
+def _yes_no(value) -> str:
+    return "unknown (the checkpoint does not say)" if value is None else ("yes" if value else "no")

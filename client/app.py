@@ -1,0 +1,149 @@
+"""The hospital's ClientApp: train and evaluate BrainTumNet on the site's prepared cache.
+
+Flower starts a fresh process for every message, so each handler opens the memory-mapped cache (prepared beforehand
+by ``python client/run.py``) and rebuilds the model from the received arrays. Replies carry exactly what FedAvg
+needs and nothing patient-level (issue 7):
+
+- ``arrays``: the model's state dict (train replies only);
+- ``metrics``: aggregate numbers with the same keys at every site, ``num-examples`` = training **slices** (train)
+  or test **cases** (evaluate), which FedAvg weights by;
+- ``site``: a ConfigRecord with the site's name only, so the centre can log per-site metrics when node names are not
+  registered (no TLS / node authentication, simulation).
+
+An exception (say, a case that turns out corrupt) is logged here in full and becomes an error reply that names the
+site and the exception type only; the full message can name cases or files and stays at the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from braintumnet.errors import BrainTumNetError
+from client.sites import SiteRuntime, open_site, site_from_context
+
+log = logging.getLogger("braintumnet.client")
+app = ClientApp()
+
+# Evaluation metrics every site sends, always all of them (Flower aborts the round on differing keys).
+EVAL_KEYS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "dice_whole", "acc",
+             "sensitivity", "specificity", "f1", "auc", "n_cases")
+TRAIN_KEYS = ("train_loss", "train_loss_seg", "train_loss_cls")
+
+
+class SiteFailure(RuntimeError):
+    """What the centre sees of a failed message: the site, the phase and the exception type, nothing else."""
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    return _guarded(site, "train", lambda: _train(msg, context, site))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    return _guarded(site, "evaluate", lambda: _evaluate(msg, context, site))
+
+
+def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
+    from braintumnet.config import resolve
+    from braintumnet.engine import pick_device, train_model
+
+    start = time.perf_counter()
+    profile = resolve(context.run_config)
+    cfg = msg.content["config"]
+    server_round = int(cfg["server-round"])
+    total_rounds = int(cfg.get("total-rounds", server_round))
+    epochs = profile.federation.local_epochs
+    device = pick_device(site.device)
+    prepared = open_site(site, profile.data)
+    model = _model(msg, profile)
+    anchor = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+              if profile.train.fedprox_mu > 0 else None)
+    log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g)", site.name, server_round, epochs,
+             device, profile.train.fedprox_mu)
+    stats = train_model(model, [prepared], profile, device, epochs=epochs, epoch_offset=(server_round - 1) * epochs,
+                        total_epochs=total_rounds * epochs, proximal_to=anchor, progress=False)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    metrics = {k: _finite(stats[k]) for k in TRAIN_KEYS}
+    metrics["num-examples"] = int(stats["num-examples"])
+    metrics["seconds"] = time.perf_counter() - start
+    log.info("site %s: round %d trained on %d slices in %.1f s, loss %.4f", site.name, server_round,
+             metrics["num-examples"], metrics["seconds"], metrics["train_loss"])
+    return _reply(msg, site, metrics, ArrayRecord(state))
+
+
+def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:
+    from braintumnet.config import resolve
+    from braintumnet.engine import evaluate_model, pick_device
+
+    start = time.perf_counter()
+    profile = resolve(context.run_config)
+    prepared = open_site(site, profile.data)
+    model = _model(msg, profile)
+    found = evaluate_model(model, [prepared], "test", profile, pick_device(site.device), progress=False)
+    # Keys fixed and always present; an undefined value (e.g. AUC with one class in the test split) stays NaN and
+    # the centre averages each metric over the sites where it is defined (server.strategy.nan_weighted_mean).
+    metrics: dict[str, Any] = {k: float(found.get(k, math.nan)) for k in EVAL_KEYS}
+    metrics["num-examples"] = int(found["num-examples"])
+    metrics["seconds"] = time.perf_counter() - start
+    log.info("site %s: round %s evaluated %d test cases in %.1f s: dice_tumor %.4f, acc %.4f", site.name,
+             msg.content["config"].get("server-round"), metrics["num-examples"], metrics["seconds"],
+             metrics["dice_tumor"], metrics["acc"])
+    return _reply(msg, site, metrics)
+
+
+def _model(msg: Message, profile):
+    from braintumnet.data.contract import class_names
+    from braintumnet.engine import build_model
+
+    model = build_model(profile, len(class_names(profile.data.task)))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return model
+
+
+def _reply(msg: Message, site: SiteRuntime, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.name})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=msg)
+
+
+def _finite(value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training diverged (loss {value}); lower train.learning-rate")
+    return value
+
+
+def _site(context: Context) -> SiteRuntime:
+    _setup_logging()
+    return site_from_context(context.node_config, context.run_config)
+
+
+def _guarded(site: SiteRuntime, phase: str, fn: Callable[[], Message]) -> Message:
+    try:
+        return fn()
+    except Exception as exc:  # every failure becomes an error reply; the full story stays in this site's log
+        log.exception("site %s: %s failed", site.name, phase)
+        kind = "a data or settings problem, " if isinstance(exc, BrainTumNetError) else ""
+        raise SiteFailure(f"site {site.name}: {phase} failed with {type(exc).__name__} ({kind}details in the "
+                          "site's own log, which may name cases and files)") from None
+
+
+def _setup_logging() -> None:
+    """Our INFO lines beside Flower's in the SuperNode's output (a ClientApp process starts without handlers)."""
+    root = logging.getLogger("braintumnet")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False

@@ -1,0 +1,306 @@
+"""Start a hospital's SuperNode: ``python client/run.py --site yibin [--superlink HOST:PORT] [--insecure] ...``.
+
+Steps: read the site's settings (site config file, flags override it), check them (TLS or an explicit ``--insecure``,
+certificate and key files, the data folder, the device), reach the SuperLink (retrying with backoff), check and
+prepare the site's cache, print a preflight summary, then replace this process with the real ``flower-supernode``
+carrying the right ``--node-config`` and its own local port, so several sites can share one host.
+``--check`` stops after the preflight. A problem prints one line (what, and the fix) and exits non-zero.
+
+Exit codes: 0 ok, 2 a settings or data problem, 3 SuperLink unreachable or TLS failure, 4 no usable case,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import ssl
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from braintumnet.errors import EXIT_NOTHING_USABLE, EXIT_USER_ERROR, BrainTumNetError  # noqa: E402
+from client.sites import DEFAULT_SITES_FILE, REPO, SiteSettings, site_settings  # noqa: E402
+
+log = logging.getLogger("braintumnet.client")
+EXIT_UNREACHABLE = 3
+
+
+class LaunchError(BrainTumNetError):
+    """A problem that stops the launch; ``exit_code`` says which kind."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USER_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python client/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--site", required=True, help="the site's name, as in the site config and its dataset.json")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"site config file (default: $BRAINTUMNET_SITES or {DEFAULT_SITES_FILE.relative_to(REPO)})")
+    p.add_argument("--superlink", help="the centre's SuperLink as HOST:PORT")
+    p.add_argument("--data", type=Path, help="the site folder (dataset.json, cases.csv, images)")
+    p.add_argument("--cache", type=Path, help="prepared-cache root")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--root-certificates", type=Path, metavar="CA",
+                   help="CA certificate (PEM) that signed the SuperLink's certificate: turns TLS on")
+    p.add_argument("--auth-key", type=Path, metavar="KEY", help="SuperNode authentication private key (needs TLS)")
+    p.add_argument("--insecure", action="store_true", help="connect WITHOUT TLS (trusted test networks only)")
+    p.add_argument("--port", type=int, help="this SuperNode's local Runtime API port (default: a free one)")
+    p.add_argument("--run-config", default=None,
+                   help="run-config overrides that set the data settings to prepare, e.g. 'data.img-size=32'")
+    p.add_argument("--connect-retries", type=int, default=5,
+                   help="tries to reach the SuperLink, waiting 1, 2, 4, ... s between them (default 5)")
+    p.add_argument("--check", action="store_true", help="stop after the preflight (data, cache, connection)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-8s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args)
+        tls = check_security(args, settings)
+        if not settings.data.is_dir():
+            raise LaunchError(f"{settings.data}: no such site folder for site {settings.name}; set data in the site "
+                              "config or pass --data DIR (the folder with dataset.json and cases.csv)")
+        device = check_device(settings.device)
+        reach = probe_superlink(settings.superlink, settings.root_certificates,
+                                tries=1 if args.check else max(args.connect_retries, 1), fatal=not args.check)
+        report, profile = prepare(settings, args.run_config)
+        port = settings.port or free_port()
+        print(preflight(settings, report, profile, device, tls, reach, port), flush=True)
+        if args.check:
+            return report.exit_code if report.exit_code != 3 else 0
+        exec_supernode(settings, port)
+    except BrainTumNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def load_settings(args: argparse.Namespace) -> SiteSettings:
+    path = args.config or Path(os.environ.get("BRAINTUMNET_SITES", DEFAULT_SITES_FILE))
+    overrides = {"data": args.data, "cache": args.cache, "device": args.device, "superlink": args.superlink,
+                 "root-certificates": args.root_certificates, "auth-key": args.auth_key, "port": args.port}
+    return site_settings(path, args.site, overrides)
+
+
+def check_security(args: argparse.Namespace, settings: SiteSettings) -> str:
+    """TLS unless ``--insecure`` was given explicitly; certificate and key files must be readable and well-formed."""
+    ca, key = settings.root_certificates, settings.auth_key
+    if args.insecure and ca is not None:
+        raise LaunchError(f"--insecure and root-certificates ({ca}) both given: drop --insecure to use TLS, or "
+                          "remove root-certificates from the site config for a plaintext test")
+    if not args.insecure and ca is None:
+        raise LaunchError("refusing to connect without TLS: pass --root-certificates CA.pem (or set "
+                          "root-certificates in the site config); for a test on a trusted network only, --insecure")
+    if key is not None and ca is None:
+        raise LaunchError("SuperNode authentication (--auth-key) needs TLS: add --root-certificates CA.pem")
+    if ca is not None:
+        if not ca.is_file():
+            raise LaunchError(f"{ca}: no such CA certificate; give the CA file the centre sent you (PEM)")
+        try:
+            ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            raise LaunchError(f"{ca}: not a readable PEM CA certificate ({exc}); ask the centre for its CA file "
+                              "(-----BEGIN CERTIFICATE-----)") from None
+    if key is not None:
+        _check_private_key(key)
+    if args.insecure:
+        print("\n" + "!" * 78 + "\n!! WARNING: --insecure: this site talks to the SuperLink WITHOUT TLS. Model\n"
+              "!! weights and metrics cross the network in plain text and anyone on the path can\n"
+              "!! impersonate the centre. Use only for tests on a trusted network.\n" + "!" * 78 + "\n",
+              file=sys.stderr, flush=True)
+        return "OFF (--insecure)"
+    return f"on (CA {ca})" + (f", node authentication with {key}" if key else ", no node authentication")
+
+
+def _check_private_key(key: Path) -> None:
+    if not key.is_file():
+        raise LaunchError(f"{key}: no such private key; give the site's key file (see docs/federation.md)")
+    from cryptography.hazmat.primitives import serialization
+
+    data = key.read_bytes()
+    for loader in (serialization.load_ssh_private_key, serialization.load_pem_private_key):
+        try:
+            loader(data, password=None)
+            return
+        except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+            continue
+    raise LaunchError(f"{key}: not an unencrypted private key in OpenSSH or PEM format; create one with "
+                      "ssh-keygen -t ecdsa -b 384 -N \"\" -f KEY and register KEY.pub with the centre")
+
+
+def check_device(pref: str) -> str:
+    from braintumnet.engine import pick_device
+
+    device = pick_device(pref)  # raises BrainTumNetError for cuda without a GPU
+    if device.type == "cuda":
+        import torch
+
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def probe_superlink(address: str, ca: Path | None, *, tries: int, fatal: bool) -> str:
+    """Reach ``address``: TCP with retries and backoff, then the TLS handshake (if TLS) and the health endpoint."""
+    host, port = split_address(address)
+    last = ""
+    for attempt in range(tries):
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                break
+        except OSError as exc:
+            last = exc.strerror or str(exc)
+            if attempt + 1 < tries:
+                wait = 2 ** attempt
+                log.warning("SuperLink %s not reachable (%s); retrying in %d s (%d/%d)", address, last, wait,
+                            attempt + 1, tries)
+                time.sleep(wait)
+    else:
+        message = (f"SuperLink {address} is not reachable ({last}) after {tries} tries: check the address and "
+                   "port, that the centre's flower-superlink runs, and that a firewall lets this host through")
+        if fatal:
+            raise LaunchError(message, EXIT_UNREACHABLE)
+        return f"NOT reachable ({last})"
+    scheme = "https" if ca is not None else "http"
+    context = None
+    if ca is not None:
+        context = ssl.create_default_context(cafile=str(ca))
+        try:
+            with socket.create_connection((host, port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as exc:
+            raise LaunchError(_certificate_advice(address, ca, exc), EXIT_UNREACHABLE) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise LaunchError(f"TLS handshake with {address} failed ({getattr(exc, 'reason', None) or exc}): is the "
+                              "SuperLink running with TLS (--ssl-certfile ...)? A plaintext SuperLink needs "
+                              "--insecure here", EXIT_UNREACHABLE) from None
+    try:
+        with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=5, context=context) as res:
+            ok = res.status == 200
+    except urllib.error.HTTPError as exc:
+        ok = exc.code < 500  # an HTTP answer at all means a web server speaking our scheme is there
+    except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        hint = (" The SuperLink probably uses TLS: pass --root-certificates CA.pem instead of --insecure."
+                if ca is None else "")
+        message = f"SuperLink {address} accepted the connection but did not answer over {scheme} ({exc}).{hint}"
+        if fatal:
+            raise LaunchError(message, EXIT_UNREACHABLE) from None
+        return f"NOT usable ({exc})"
+    return "reachable" if ok else "reachable (health check answered with an error)"
+
+
+def _certificate_advice(address: str, ca: Path, exc: ssl.SSLCertVerificationError) -> str:
+    reason = (exc.verify_message or str(exc)).lower()
+    if "expired" in reason:
+        fix = "the SuperLink's certificate has expired: the centre must issue a new one"
+    elif "hostname" in reason or "ip address mismatch" in reason:
+        fix = (f"the SuperLink's certificate does not name {split_address(address)[0]}: connect with a name it "
+               "lists, or the centre must add this name/IP to its certificate's SANs")
+    elif "self-signed" in reason or "local issuer" in reason or "unable to get" in reason:
+        fix = f"{ca} is not the CA that signed the SuperLink's certificate: ask the centre for the right CA file"
+    else:
+        fix = "check the CA file and the SuperLink's certificate"
+    return f"certificate check for {address} failed ({exc.verify_message or exc}): {fix}"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise LaunchError(f"superlink={address!r}: use HOST:PORT, e.g. fl.example.org:8000 (no https://)")
+    return host.strip("[]"), int(port)
+
+
+def prepare(settings: SiteSettings, run_config_arg: str | None):
+    """Check and prepare the site's cache for the data settings of the run config the site expects."""
+    from flwr.common.config import parse_config_args
+
+    from braintumnet.config import resolve
+    from braintumnet.data.prepare import prepare_site
+
+    run_config = _pyproject_run_config()
+    run_config.update(settings.run_config)
+    try:
+        run_config.update(parse_config_args([run_config_arg]) if run_config_arg else {})
+        profile = resolve(run_config)
+    except ValueError as exc:
+        raise LaunchError(f"run config: {exc}") from None
+    report = prepare_site(settings.data, settings.cache, profile.data, progress=sys.stderr.isatty())
+    if report.site != settings.name:
+        raise LaunchError(f"{settings.data}/dataset.json says site {report.site!r}, but this is site "
+                          f"{settings.name!r}: point --data at {settings.name}'s folder")
+    if report.exit_code == EXIT_NOTHING_USABLE:
+        raise LaunchError(f"site {settings.name}: no usable case in {settings.data} (see the problems above)",
+                          EXIT_NOTHING_USABLE)
+    return report, profile
+
+
+def _pyproject_run_config() -> dict:
+    try:
+        return dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def preflight(settings: SiteSettings, report, profile, device: str, tls: str, reach: str, port: int) -> str:
+    lines = ["", f"== preflight: site {settings.name} ==", report.summary(),
+             f"data settings:  {profile.data.img_size} px, {profile.data.slices_per_case} slices per case, "
+             f"task {profile.data.task}",
+             f"device:         {device}",
+             f"SuperLink:      {settings.superlink} ({reach})",
+             f"TLS:            {tls}",
+             f"local port:     127.0.0.1:{port} (this SuperNode's Runtime API)",
+             f"node config:    {settings.node_config()}", ""]
+    return "\n".join(lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def supernode_command(settings: SiteSettings, port: int) -> list[str]:
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or shutil.which("flower-supernode")
+    if exe is None:
+        raise LaunchError("flower-supernode not found: install the project (pip install -e .) in this environment")
+    cmd = [exe, "--superlink", settings.superlink]
+    if settings.root_certificates is not None:
+        cmd += ["--root-certificates", str(settings.root_certificates)]
+    else:
+        cmd += ["--insecure"]
+    if settings.auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(settings.auth_key)]
+    cmd += ["--node-config", settings.node_config(), "--host", "127.0.0.1", "--port", str(port)]
+    return cmd
+
+
+def exec_supernode(settings: SiteSettings, port: int) -> None:
+    cmd = supernode_command(settings, port)
+    env = dict(os.environ)
+    # SuperExec checks for a new message every second by default; a ClientApp then starts that much sooner.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+    log.info("starting: %s", " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Where a site's data, cache and device come from, for the launcher and for the ClientApp.
+
+Three sources, one result (:class:`SiteRuntime`):
+
+- the **site config file** (``client/sites.toml`` format, read by ``python client/run.py``), which the launcher turns
+  into the SuperNode's ``--node-config``;
+- the **node config** in deployment: ``site-name``, ``data-path``, ``cache-dir``, ``device`` (:data:`NODE_KEYS`);
+- in **simulation**, where Flower gives a node only ``partition-id``: the run config's ``sites`` list maps the
+  partition to a site of the phantom cohort, which is generated (once, under a lock) if it is missing.
+
+Nothing here imports ``flwr``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import tomllib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from braintumnet.errors import BrainTumNetError
+
+log = logging.getLogger("braintumnet.client")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SITES_FILE = REPO / "client" / "sites.toml"
+# node_config keys the launcher writes and the ClientApp reads.
+NODE_KEYS = ("site-name", "data-path", "cache-dir", "device")
+# Keys a site table may hold (kebab-case, as in the file).
+SITE_KEYS = {"data", "cache", "device", "superlink", "root-certificates", "auth-key", "port", "run-config"}
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """One site's launcher settings, after ``[defaults]``, ``[site.NAME]`` and the command-line flags.
+
+    Args:
+        name: the site's name; it must equal ``dataset.json``'s ``site``.
+        data: the site folder (the data contract of docs/data.md), read only.
+        cache: the prepared-cache root.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        superlink: the centre's SuperLink as ``host:port``.
+        root_certificates: the CA certificate (PEM) that signed the SuperLink's certificate; None = no TLS.
+        auth_key: the SuperNode authentication private key; None = no node authentication.
+        port: this SuperNode's local Runtime API port; None = pick a free one.
+        run_config: run-config overrides naming the data settings to prepare the cache for.
+    """
+
+    name: str
+    data: Path
+    cache: Path
+    device: str = "auto"
+    superlink: str = "127.0.0.1:8000"
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    port: int | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def node_config(self) -> str:
+        """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
+        values = {"site-name": self.name, "data-path": str(self.data), "cache-dir": str(self.cache),
+                  "device": self.device}
+        return " ".join(f"{k}={toml_string(v)}" for k, v in values.items())
+
+
+def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"img-size": 32}}`` -> ``{"data.img-size": 32}`` (run-config keys are dotted)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string: quotes and backslashes escaped."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def read_sites_file(path: Path) -> dict[str, Any]:
+    """Parse a site config file; a missing or malformed file is a user error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BrainTumNetError(f"{path}: no such site config file; pass --config FILE (format: docs/federation.md)")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BrainTumNetError(f"{path}: not a valid TOML site config ({exc}); see docs/federation.md") from None
+    unknown = set(doc) - {"defaults", "site"}
+    if unknown:
+        raise BrainTumNetError(f"{path}: unknown table(s) {sorted(unknown)}; use [defaults] and [site.NAME]")
+    for where, table in [("defaults", doc.get("defaults", {}))] + [
+            (f"site.{n}", t) for n, t in doc.get("site", {}).items()]:
+        if not isinstance(table, dict):
+            raise BrainTumNetError(f"{path}: [{where}] must be a table")
+        bad = set(table) - SITE_KEYS
+        if bad:
+            raise BrainTumNetError(f"{path}: [{where}] has unknown key(s) {sorted(bad)}; "
+                                   f"known keys: {sorted(SITE_KEYS)}")
+    return doc
+
+
+def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = None) -> SiteSettings:
+    """``[defaults]`` then ``[site.<site>]`` of the file at ``path``, then ``overrides`` (the flags; None = unset).
+
+    Relative paths in the file are relative to the file's folder; ``~`` is expanded. A site the file does not
+    describe is accepted only when the flags give its data folder (``overrides["data"]``).
+
+    Raises:
+        BrainTumNetError: the site is unknown (the message lists the ones the file describes), or a value is invalid.
+    """
+    path = Path(path).absolute()
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    doc = read_sites_file(path) if path.is_file() or "data" not in overrides else {}
+    sites = doc.get("site", {})
+    if site not in sites and "data" not in overrides:
+        known = ", ".join(sorted(sites)) or "none"
+        raise BrainTumNetError(f"unknown site {site!r}: {path} describes {known}; add a [site.{site}] table or "
+                               "pass --config with the right file (or --data DIR)")
+    defaults, table = doc.get("defaults", {}), sites.get(site, {})
+    merged: dict[str, Any] = {**defaults, **table}
+    merged["run-config"] = {**_flat(defaults.get("run-config", {})), **_flat(table.get("run-config", {}))}
+    for key, value in overrides.items():
+        merged[key] = value
+        if key in ("data", "cache", "root-certificates", "auth-key"):
+            merged[key] = Path(value).expanduser().absolute()  # flags are relative to the shell's folder
+    base = path.parent
+
+    def as_path(key: str) -> Path | None:
+        value = merged.get(key)
+        if value in (None, ""):
+            return None
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    data = as_path("data")
+    if data is None:
+        raise BrainTumNetError(f"site {site!r}: no data folder; set data = \"...\" in [site.{site}] of {path} "
+                               "or pass --data DIR")
+    from braintumnet.data.loading import default_cache_root
+
+    port = merged.get("port")
+    if port is not None and not (isinstance(port, int) and 0 < port < 65536):
+        raise BrainTumNetError(f"site {site!r}: port={port!r} must be a TCP port number (1-65535)")
+    return SiteSettings(
+        name=site,
+        data=data,
+        cache=as_path("cache") or default_cache_root(),
+        device=str(merged.get("device", "auto")),
+        superlink=str(merged.get("superlink", "127.0.0.1:8000")),
+        root_certificates=as_path("root-certificates"),
+        auth_key=as_path("auth-key"),
+        port=port,
+        run_config=dict(merged["run-config"]),
+    )
+
+
+@dataclass(frozen=True)
+class SiteRuntime:
+    """What a ClientApp process needs to find its site: name, data folder, cache root and device preference."""
+
+    name: str
+    data: Path | None
+    cache: Path
+    device: str = "auto"
+    phantom: tuple[float, int] | None = None  # simulation: (scale, seed) to generate the data folder if missing
+
+
+def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteRuntime:
+    """The site this ClientApp serves.
+
+    Deployment: ``site-name`` (and ``data-path``, ``cache-dir``, ``device``) from the SuperNode's ``--node-config``.
+    Simulation: ``partition-id`` picks a name from the run config's ``sites``; data come from the phantom cohort
+    under ``phantom-dir`` (generated on first use), the cache from ``cache-dir``.
+
+    Raises:
+        BrainTumNetError: neither a site name nor a partition id, or a partition beyond the site list.
+    """
+    from braintumnet.data.loading import default_cache_root
+
+    cache_cfg = str(run_config.get("cache-dir", "") or "")
+    default_cache = Path(cache_cfg).expanduser().absolute() if cache_cfg else default_cache_root()
+    if "site-name" in node_config:
+        data = node_config.get("data-path")
+        cache = node_config.get("cache-dir")
+        return SiteRuntime(
+            name=str(node_config["site-name"]),
+            data=Path(str(data)) if data else None,
+            cache=Path(str(cache)) if cache else default_cache,
+            device=str(node_config.get("device", run_config.get("device", "auto"))),
+        )
+    if "partition-id" not in node_config:
+        raise BrainTumNetError("this SuperNode has no site-name in its node config; start it with "
+                               "python client/run.py --site NAME (it sets --node-config site-name=...)")
+    names = simulation_sites(run_config)
+    pid = int(node_config["partition-id"])
+    if pid >= len(names):
+        raise BrainTumNetError(f"simulation partition {pid} has no site: the run config's sites lists {names}; "
+                               f"use num-supernodes <= {len(names)} or list more sites")
+    scale, seed = phantom_settings(run_config)
+    return SiteRuntime(name=names[pid], data=phantom_root(run_config, default_cache) / names[pid],
+                       cache=default_cache, device=str(run_config.get("device", "auto")), phantom=(scale, seed))
+
+
+def simulation_sites(run_config: Mapping[str, Any]) -> list[str]:
+    """The run config's ``sites`` (comma-separated): partition i of a simulation is site i."""
+    return [s.strip() for s in str(run_config.get("sites", "yibin,plagh,jinling")).split(",") if s.strip()]
+
+
+def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:
+    """``phantom-dir`` if set, else ``<cache root>/phantom-s<scale>-seed<seed>``."""
+    explicit = str(run_config.get("phantom-dir", "") or "")
+    if explicit:
+        return Path(explicit).expanduser().absolute()
+    scale, seed = phantom_settings(run_config)
+    return cache_root / f"phantom-s{scale:g}-seed{seed}"
+
+
+def phantom_settings(run_config: Mapping[str, Any]) -> tuple[float, int]:
+    """``phantom-scale`` and ``phantom-seed`` of the run config (the simulated cohort's size and seed)."""
+    return float(run_config.get("phantom-scale", 0.05)), int(run_config.get("phantom-seed", 0))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``): simulated sites sharing one cache take turns preparing it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
+    """Generate the phantom cohort into ``root`` unless it is there; concurrent callers wait for the first one."""
+    root = Path(root)
+    if (root / "yibin" / "dataset.json").is_file():
+        return root
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if (root / "yibin" / "dataset.json").is_file():
+            return root
+        from braintumnet.data.phantom import generate_cohort
+
+        log.info("generating the synthetic phantom cohort (scale %g, seed %d) into %s", scale, seed, root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            generate_cohort(tmp / "cohort", scale=scale, seed=seed, fmt="nifti", progress=False)
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp / "cohort", root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def open_site(site: SiteRuntime, data_cfg):
+    """The site's prepared cache for ``data_cfg``, preparing it first if it is missing (e.g. new data settings).
+
+    Returns:
+        A ``PreparedSite`` (memory-mapped).
+
+    Raises:
+        BrainTumNetError: no cache and no data folder to prepare it from, or the data folder is unusable.
+    """
+    from braintumnet.data.cache import load_prepared, prepared_dir, read_meta
+
+    cache_dir = prepared_dir(site.cache, site.name, data_cfg)
+    if read_meta(cache_dir) is not None:
+        return load_prepared(cache_dir)
+    if site.data is None:
+        raise BrainTumNetError(f"site {site.name}: no prepared cache at {cache_dir} and no data-path to prepare it "
+                               "from; run python client/run.py --site NAME --check with the run's data settings")
+    if site.phantom is not None and not site.data.exists():
+        ensure_phantom(site.data.parent, *site.phantom)
+    with file_lock(site.cache / f".{site.name}.lock"):
+        if read_meta(cache_dir) is None:
+            from braintumnet.data.loading import prepare_and_load
+
+            log.info("site %s: preparing the cache for %d px, %d slices per case in %s", site.name,
+                     data_cfg.img_size, data_cfg.slices_per_case, cache_dir)
+            return prepare_and_load(site.data, site.cache, data_cfg, progress=False)
+    return load_prepared(cache_dir)

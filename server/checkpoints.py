@@ -1,0 +1,135 @@
+"""The centre's run folder: a checkpoint every round, ``latest`` / ``best`` / ``final``, ``metrics.json``; resume.
+
+Layout (absolute paths: a ServerApp runs in the SuperLink's working directory)::
+
+    CHECKPOINT_DIR/
+        mlflow.db, mlartifacts/        the embedded MLflow store (unless MLFLOW_TRACKING_URI is set)
+        run-<flower run id>/
+            round-0001.pt ...          the global model after each round (braintumnet.checkpoint format)
+            latest.pt, best.pt         hard links to the newest and the best round (best = federated dice_tumor)
+            final.pt                   the model when the run finished
+            metrics.json               per round: aggregated train / evaluate, per-site, external, timings, bytes
+
+Every file is written to a temporary name and renamed, so a crash leaves the previous version intact. A checkpoint's
+``meta`` records the global round, so ``resume-from`` continues the numbering.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from braintumnet.errors import BrainTumNetError
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run starts: the checkpoint file, its global round and its meta."""
+
+    path: Path
+    round: int
+    meta: dict[str, Any]
+
+
+class RunFolder:
+    """``CHECKPOINT_DIR/run-<run id>``: the files of one Flower run."""
+
+    def __init__(self, root: Path, run_id: int):
+        self.root = Path(root).absolute()
+        self.dir = self.root / f"run-{run_id}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def round_path(self, server_round: int) -> Path:
+        return self.dir / f"round-{server_round:04d}.pt"
+
+    def save_round(self, server_round: int, state: Mapping, profile, class_names, meta: dict, best: bool) -> Path:
+        """Write ``round-NNNN.pt`` and point ``latest`` (and ``best`` if ``best``) at it."""
+        from braintumnet.checkpoint import save_checkpoint
+
+        path = save_checkpoint(self.round_path(server_round), state, profile, class_names, meta)
+        _link_atomically(path, self.dir / "latest.pt")
+        if best:
+            _link_atomically(path, self.dir / "best.pt")
+        return path
+
+    def save_final(self, state: Mapping, profile, class_names, meta: dict) -> Path:
+        from braintumnet.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.dir / "final.pt", state, profile, class_names, meta)
+
+    def write_metrics(self, document: dict) -> Path:
+        return write_json(self.dir / "metrics.json", document)
+
+
+def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
+    """The checkpoint ``resume-from`` names: "" none; "latest" the newest ``latest.pt`` under ``root``; a run folder
+    (its ``latest.pt``); or a checkpoint file.
+
+    Raises:
+        BrainTumNetError: nothing to resume from, or the file is not a checkpoint of this federation.
+    """
+    spec = spec.strip()
+    if not spec:
+        return None
+    if spec == "latest":
+        candidates = [p for p in Path(root).glob("run-*/latest.pt") if p.is_file()]
+        if not candidates:
+            raise BrainTumNetError(f"resume-from=latest: no run-*/latest.pt under {root}; check checkpoint-dir, "
+                                   "or start without resume-from")
+        path = max(candidates, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_absolute():
+            path = Path(root) / path
+        if path.is_dir():
+            path = path / "latest.pt"
+    from braintumnet.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(path).meta  # raises BrainTumNetError naming the file if it is not a checkpoint
+    if "round" not in meta:
+        raise BrainTumNetError(f"{path}: has no federated round in its meta (not written by the ServerApp); "
+                               "use a run-*/round-NNNN.pt or latest.pt")
+    return ResumePoint(path.resolve(), int(meta["round"]), meta)
+
+
+def write_json(path: Path, document: Any) -> Path:
+    """Atomic JSON write; NaN / inf become null (strict JSON)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_strict(document), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _link_atomically(target: Path, link: Path) -> None:
+    """``link`` becomes another name of ``target`` (a hard link; a copy where links are not allowed), atomically."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copy2(target, tmp)
+    os.replace(tmp, link)

@@ -1,0 +1,547 @@
+"""FedAvg for BrainTumNet-FL: Flower's FedAvg, plus what a federation of hospitals needs.
+
+- **Never waits silently.** Sampling logs which nodes are connected (by site name once known) and which expected
+  sites are missing, every 15 s, and gives up after ``wait-for-nodes-s`` with an error saying what to do.
+- **Per-site metrics.** Each reply is attributed to a site: ``NodeInfo.name`` when the SuperLink knows it (SuperNode
+  authentication), else the ``site`` record the ClientApp sends. A SuperLink-made error reply (a node gone) is traced
+  back to the node the instruction went to.
+- **Bad replies are dropped, not fatal.** Flower's FedAvg raises ``InconsistentMessageReplies`` (and the ServerApp
+  exits) when one site sends different keys; here each reply is checked (one ArrayRecord with the global model's keys,
+  shapes and finite values; one MetricRecord with a positive ``num-examples`` and the same keys as the other sites)
+  and a bad one is logged with the site's name and left out.
+- **Dropout.** A round counts when at least ``min-train-nodes`` sites replied; otherwise the global model stays as
+  it was and the log says so. A site that comes back is sampled again next round.
+- **Undefined metrics** (NaN, e.g. AUC on a one-class test split) are averaged over the sites where they are defined.
+- **Rounds continue across resumes**: ``round_offset`` shifts every round number the sites, logs, checkpoints and
+  MLflow see.
+- **End of round** (``end_of_round``, Flower's ``evaluate_fn`` hook): the centre's external evaluation, the
+  checkpoint, ``metrics.json`` and the MLflow entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from braintumnet.errors import BrainTumNetError
+from server.checkpoints import RunFolder
+from server.tracking import Tracker, metric_key
+
+log = logging.getLogger("braintumnet.server")
+
+WEIGHT_KEY = "num-examples"
+BEST_METRIC = "dice_tumor"  # federated (case-weighted) tumour Dice on the sites' test splits; higher is better
+NOT_AVERAGED = {"seconds"}  # per-site timings: logged per site, meaningless as a weighted mean
+WAIT_LOG_EVERY_S = 15.0
+POLL_S = 1.0  # Flower's Grid.send_and_receive sleeps 3 s between polls; a round has two exchanges
+BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
+
+
+class FederationError(BrainTumNetError):
+    """The federation cannot go on (e.g. not enough sites connected in time)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The centre's run-config keys (``[tool.flwr.app.config]``), beside the typed ``Profile``.
+
+    Args:
+        checkpoint_dir: run folders, the embedded MLflow store; relative paths resolve against the SuperLink's
+            working directory (logged as absolute).
+        resume_from: "" (fresh start), "latest", a run folder or a checkpoint file.
+        external_data: "" or the centre's external cohort: a site folder or a prepared cache folder.
+        cache_dir: where the centre prepares ``external_data``; "" = ``$BRAINTUMNET_CACHE`` or ``.cache/braintumnet``.
+        sites: the sites expected (for the waiting log) and, in simulation, partition i's name.
+        mlflow_experiment: MLflow experiment name; "" turns MLflow off.
+    """
+
+    checkpoint_dir: Path
+    resume_from: str = ""
+    external_data: str = ""
+    cache_dir: str = ""
+    sites: tuple[str, ...] = ()
+    mlflow_experiment: str = "braintumnet-fl"
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
+        root = str(cfg.get("checkpoint-dir", "") or "runs")
+        return cls(
+            checkpoint_dir=Path(root).expanduser().absolute(),
+            resume_from=str(cfg.get("resume-from", "") or ""),
+            external_data=str(cfg.get("external-data", "") or ""),
+            cache_dir=str(cfg.get("cache-dir", "") or ""),
+            sites=tuple(s.strip() for s in str(cfg.get("sites", "")).split(",") if s.strip()),
+            mlflow_experiment=str(cfg.get("mlflow-experiment", "braintumnet-fl")),
+        )
+
+
+@dataclass
+class _Exchange:
+    """One send-and-receive: where each message went, what came back, how long it took and how many bytes moved."""
+
+    sent: dict[str, int] = field(default_factory=dict)  # message id -> node id
+    replies: list[Message] = field(default_factory=list)
+    seconds: float = 0.0
+    timeout: float | None = None
+    bytes_out: dict[int, int] = field(default_factory=dict)  # node id -> array bytes sent
+    bytes_in: dict[int, int] = field(default_factory=dict)  # node id -> array bytes received
+
+
+class _RecordingGrid(Grid):
+    """Flower's Grid with a faster reply poll, and a record of each exchange (for site names, bytes and timing)."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self.last = _Exchange()
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # deprecated upstream
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        start = time.monotonic()
+        exchange = _Exchange(bytes_out={m.metadata.dst_node_id: _array_bytes(m.content) for m in messages},
+                             timeout=timeout)
+        ids = list(self._grid.push_messages(messages)) if messages else []
+        exchange.sent = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        waiting = set(exchange.sent)
+        deadline = None if timeout is None else start + timeout
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            got = retry_busy(lambda: list(self._grid.pull_messages(list(waiting))), "pull replies")
+            exchange.replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if waiting:
+                time.sleep(POLL_S)
+        for m in exchange.replies:
+            node = exchange.sent.get(m.metadata.reply_to_message_id)
+            if node is not None and not m.has_error():
+                exchange.bytes_in[node] = _array_bytes(m.content)
+        exchange.seconds = time.monotonic() - start
+        self.last = exchange
+        return exchange.replies
+
+
+def retry_busy(read: Callable[[], Any], what: str) -> Any:
+    """Run a read-only SuperLink call, retrying with backoff when the SuperLink answers 5xx (e.g. its SQLite state is
+    locked by a burst of uploads); Flower's own client gives up at the first 500 and the ServerApp would exit."""
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            return read()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code < 500 or attempt == BUSY_RETRIES:
+                raise
+            wait = min(2.0 ** attempt, 15.0)
+            log.warning("SuperLink answered %d to '%s' (busy); retrying in %.0f s", exc.response.status_code, what,
+                        wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _array_bytes(content: RecordDict) -> int:
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Per metric, the ``weight_key``-weighted mean over the replies where it is finite (NaN where none is)."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    keys: list[str] = []
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])
+        for key, value in metrics.items():
+            if key == weight_key or key in NOT_AVERAGED or isinstance(value, list):
+                continue
+            if key not in sums:
+                keys.append(key)
+                sums[key], weights[key] = 0.0, 0.0
+            if math.isfinite(float(value)):
+                sums[key] += w * float(value)
+                weights[key] += w
+    return MetricRecord({k: (sums[k] / weights[k] if weights[k] > 0 else math.nan) for k in keys})
+
+
+def reply_problem(content: RecordDict, reference: ArrayRecord | None, metric_keys: set[str] | None) -> str | None:
+    """Why a reply cannot be aggregated, or None if it can.
+
+    Args:
+        content: the reply's RecordDict.
+        reference: the global model sent (train replies), or None (evaluate replies carry no arrays).
+        metric_keys: the metric keys every site must send, or None to skip that check.
+    """
+    if reference is not None:
+        if len(content.array_records) != 1:
+            return f"expected one ArrayRecord, got {len(content.array_records)}"
+        arrays = next(iter(content.array_records.values()))
+        missing, extra = set(reference) - set(arrays), set(arrays) - set(reference)
+        if missing or extra:
+            return f"model keys differ from the global model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
+        for key, array in arrays.items():
+            if tuple(array.shape) != tuple(reference[key].shape):
+                return f"array {key} has shape {tuple(array.shape)}, the global model's is {tuple(reference[key].shape)}"
+            values = array.numpy()
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return f"array {key} holds NaN or infinite values"
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(WEIGHT_KEY)
+    if isinstance(weight, list) or weight is None or not float(weight) > 0:
+        return f"{WEIGHT_KEY} must be a positive number, got {weight!r}"
+    if metric_keys is not None and set(metrics) != metric_keys:
+        return (f"metric keys differ from the other sites' (missing {sorted(metric_keys - set(metrics))}, "
+                f"extra {sorted(set(metrics) - metric_keys)})")
+    return None
+
+
+class SiteAwareFedAvg(FedAvg):
+    """FedAvg with site names, bad-reply rejection, a minimum-replies rule, bounded waiting and end-of-round I/O.
+
+    Args:
+        profile: the typed run config (``braintumnet.config.Profile``).
+        settings: the centre's settings.
+        folder: the run folder for checkpoints and ``metrics.json``.
+        tracker: MLflow.
+        class_names: the task's classes (stored in checkpoints).
+        round_offset: rounds already done before this Flower run (resume).
+        best_value: the best ``dice_tumor`` so far (resume), or None.
+        external_eval: ``fn(state_dict) -> metrics`` on the centre's external cohort, or None.
+        meta: fixed checkpoint meta (``federation-id``, ...).
+    """
+
+    def __init__(self, *, profile, settings: ServerSettings, folder: RunFolder, tracker: Tracker,
+                 class_names, round_offset: int = 0, best_value: float | None = None,
+                 external_eval: Callable[[dict], dict] | None = None, meta: dict | None = None):
+        fed = profile.federation
+        super().__init__(
+            fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+            min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
+            min_available_nodes=fed.min_available_nodes, weighted_by_key=WEIGHT_KEY,
+            train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
+        )
+        self.profile, self.settings, self.folder, self.tracker = profile, settings, folder, tracker
+        self.class_names = tuple(class_names)
+        self.round_offset = round_offset
+        self.total_rounds = fed.num_rounds
+        self.best_value = best_value
+        self.external_eval = external_eval
+        self.meta = dict(meta or {})
+        # node id -> site name; a resumed run starts from the names its checkpoint knew (node ids survive restarts)
+        self.names: dict[int, str] = {int(n): s for n, s in self.meta.pop("site-nodes", {}).items()}
+        self.history: list[dict] = []
+        self._grid: _RecordingGrid | None = None
+        self._sent_arrays: ArrayRecord | None = None
+        self._dtypes: dict[str, np.dtype] = {}
+        self._round: dict = {}
+        self.arrays: ArrayRecord | None = None  # the global model after the last finished round
+
+    # ---- Flower entry point -------------------------------------------------------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None):
+        self._grid = _RecordingGrid(grid)
+        self._dtypes = {k: a.numpy().dtype for k, a in initial_arrays.items()}
+        return super().start(self._grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                             evaluate_fn or self.end_of_round)
+
+    def summary(self) -> None:
+        super().summary()
+        log.info("rounds %d..%d of %d; checkpoints in %s; waiting at most %.0f s for nodes",
+                 self.round_offset + 1, self.total_rounds, self.total_rounds, self.folder.dir,
+                 self.profile.federation.wait_for_nodes_s)
+
+    # ---- train ---------------------------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        g = self.round_offset + server_round
+        self._round = {"round": g, "started": time.monotonic(), "sites": {}}
+        self._sent_arrays = arrays
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, "train", g)
+        config["server-round"] = g
+        config["total-rounds"] = self.total_rounds
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        log.info("round %d/%d: training at %s", g, self.total_rounds, self._names_of(nodes))
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self.fraction_train == 0.0:
+            return None, None
+        exchange = self._exchange()
+        valid = self._screen(list(replies), exchange, "train", self._sent_arrays)
+        self._round["train_s"] = exchange.seconds
+        self._round["bytes"] = {"down_train": self._by_site(exchange.bytes_out),
+                                "up_train": self._by_site(exchange.bytes_in)}
+        if len(valid) < max(self.min_train_nodes, 1):
+            log.warning("round %d: %d site(s) replied to train, fewer than min-train-nodes=%d; the global model "
+                        "stays as it was this round", self._round["round"], len(valid), self.min_train_nodes)
+            self._round["skipped"] = True
+            return None, None
+        contents = [m.content for _, m in valid]
+        arrays = _cast_like(aggregate_arrayrecords(contents, self.weighted_by_key), self._dtypes)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self._round["train"] = dict(metrics)
+        return arrays, metrics
+
+    # ---- evaluate ------------------------------------------------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        g = self.round_offset + server_round
+        self._round["arrays"] = arrays
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate", g)
+        config["server-round"] = g
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self._round["ended"] = time.monotonic()
+        if self.fraction_evaluate == 0.0:
+            return None
+        exchange = self._exchange()
+        valid = self._screen(list(replies), exchange, "evaluate", None)
+        self._round["evaluate_s"] = exchange.seconds
+        self._round.setdefault("bytes", {}).update({"down_evaluate": self._by_site(exchange.bytes_out),
+                                                    "up_evaluate": self._by_site(exchange.bytes_in)})
+        if len(valid) < max(self.min_evaluate_nodes, 1):
+            log.warning("round %d: %d site(s) replied to evaluate, fewer than min-evaluate-nodes=%d; no federated "
+                        "metrics this round", self._round["round"], len(valid), self.min_evaluate_nodes)
+            return None
+        metrics = self.evaluate_metrics_aggr_fn([m.content for _, m in valid], self.weighted_by_key)
+        self._round["evaluate"] = dict(metrics)
+        return metrics
+
+    # ---- end of round: external evaluation, checkpoint, metrics.json, MLflow ---------------------------------------
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: called with round 0 before training (nothing to do) and after every round."""
+        if server_round == 0:
+            return None
+        rec = self._round
+        g = rec["round"]
+        rec["wall_s"] = rec.get("ended", time.monotonic()) - rec["started"]
+        self.arrays = arrays
+        state = arrays.to_torch_state_dict()
+        external = None
+        if self.external_eval is not None:
+            t = time.monotonic()
+            external = self.external_eval(state)
+            rec["external"] = external
+            rec["external_s"] = time.monotonic() - t
+            log.info("round %d: external cohort: dice_tumor %.4f, acc %.4f (%d cases)", g,
+                     external.get("dice_tumor", math.nan), external.get("acc", math.nan),
+                     external.get("num-examples", 0))
+        value = rec.get("evaluate", {}).get(BEST_METRIC, math.nan)
+        best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
+        if best:
+            self.best_value = value
+        meta = {**self.meta, "round": g, "total_rounds": self.total_rounds, "best_metric": BEST_METRIC,
+                "best_value": self.best_value, "evaluate": rec.get("evaluate", {}),
+                "sites": sorted(rec["sites"]), "site-nodes": {str(n): s for n, s in self.names.items()}}
+        path = self.folder.save_round(g, state, self.profile, self.class_names, meta, best)
+        rec.update(_overhead(rec))
+        self.history.append(_public(rec))
+        self.folder.write_metrics({"rounds": self.history, **{k: v for k, v in self.meta.items()}})
+        self.tracker.metrics(_mlflow_metrics(rec), step=g)
+        log.info("round %d/%d done in %.1f s (sites' own time %.1f s, overhead x%.2f); checkpoint %s%s", g,
+                 self.total_rounds, rec["wall_s"], rec.get("slowest_site_s", math.nan), rec.get("overhead", math.nan),
+                 path, " (best so far)" if best else "")
+        return MetricRecord({k: float(v) for k, v in external.items()}) if external else None
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+
+    def _exchange(self) -> _Exchange:
+        return self._grid.last if self._grid is not None else _Exchange()
+
+    def _screen(self, replies: list[Message], exchange: _Exchange, phase: str,
+                reference: ArrayRecord | None) -> list[tuple[str, Message]]:
+        """Attribute each reply to a site, log errors and bad replies, keep the good ones as (site, message)."""
+        good: list[tuple[str, Message]] = []
+        for msg in replies:
+            node = exchange.sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            claimed = msg.content.config_records.get("site") if not msg.has_error() else None
+            if claimed is not None and "name" in claimed:
+                self._learn(node, str(claimed["name"]))
+            site = self._name(node)
+            if msg.has_error():
+                log.warning("round %d: %s: %s error from %s: %s", self._round["round"], phase, phase, site,
+                            msg.error.reason)
+                continue
+            good.append((site, msg))
+        keys = Counter(frozenset(next(iter(m.content.metric_records.values())).keys())
+                       for _, m in good if len(m.content.metric_records) == 1)
+        expected = set(keys.most_common(1)[0][0]) if keys else None
+        kept = []
+        for site, msg in good:
+            problem = reply_problem(msg.content, reference, expected)
+            if problem:
+                log.warning("round %d: %s reply from %s rejected: %s", self._round["round"], phase, site, problem)
+                continue
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            self._round["sites"].setdefault(site, {})[phase] = metrics
+            kept.append((site, msg))
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for mid, node in exchange.sent.items():
+            if mid not in answered:
+                log.warning("round %d: no %s reply from %s within round-timeout-s=%.0f s; left out of this round",
+                            self._round["round"], phase, self._name(node), exchange.timeout or 0)
+        sent_to = sorted(self._name(n) for n in exchange.sent.values())
+        log.info("round %d: %s replies from %d of %d site(s): %s", self._round["round"], phase, len(kept),
+                 len(sent_to), ", ".join(s for s, _ in kept) or "none")
+        return kept
+
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int, phase: str, g: int) -> list[int]:
+        """Wait (bounded, loudly) until enough nodes are connected, then sample like FedAvg does."""
+        need = max(self.min_available_nodes, min_nodes)
+        limit = self.profile.federation.wait_for_nodes_s
+        start = time.monotonic()
+        last_log = -math.inf
+        while True:
+            nodes = retry_busy(lambda: list(grid.get_nodes()), "get nodes")
+            for info in nodes:
+                if info.name:
+                    self._learn(info.node_id, info.name)
+            if len(nodes) >= need:
+                break
+            waited = time.monotonic() - start
+            connected = self._names_of([n.node_id for n in nodes]) or "none"
+            connected_sites = {self.names.get(n.node_id) for n in nodes}
+            missing = [s for s in self.settings.sites if s not in connected_sites]
+            if waited >= limit:
+                raise FederationError(
+                    f"round {g} ({phase}): gave up after waiting {limit:.0f} s (wait-for-nodes-s) for nodes: "
+                    f"{len(nodes)} connected ({connected}), {need} needed (min-available-nodes="
+                    f"{self.min_available_nodes}, min-{phase}-nodes={min_nodes}). Start the missing sites with "
+                    f"python client/run.py --site NAME, or lower min-available-nodes / min-{phase}-nodes")
+            if waited - last_log >= WAIT_LOG_EVERY_S:
+                last_log = waited
+                log.warning("round %d (%s): waiting for nodes: %d connected (%s), %d needed; expected sites not "
+                            "seen yet: %s; giving up in %.0f s (wait-for-nodes-s=%.0f)", g, phase, len(nodes),
+                            connected, need, ", ".join(missing) or "-", limit - waited, limit)
+            time.sleep(1.0)
+        ids = [n.node_id for n in nodes]
+        size = max(int(len(ids) * fraction), min_nodes)
+        return random.sample(ids, min(size, len(ids)))
+
+    def _learn(self, node: int, name: str) -> None:
+        if self.names.get(node) not in (None, name):
+            log.warning("node %s reported site %r but is known as %r; keeping %r", node, name, self.names[node],
+                        self.names[node])
+            return
+        if name in self.names.values() and self.names.get(node) != name:
+            # A site that restarted comes back as a new node; its old node is gone.
+            self.names = {n: s for n, s in self.names.items() if s != name}
+        self.names[node] = name
+
+    def _by_site(self, per_node: Mapping[int, int]) -> dict[str, int]:
+        return {self._name(n): v for n, v in per_node.items()}
+
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
+    def _names_of(self, nodes: Iterable[int]) -> str:
+        return ", ".join(sorted(self._name(n) for n in nodes))
+
+
+def _cast_like(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecord:
+    """FedAvg's mean is float64 for integer buffers: give every array its initial dtype back."""
+    out = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        dtype = dtypes.get(key, values.dtype)
+        if dtype.kind in "iu" and values.dtype.kind == "f":
+            values = np.rint(values)
+        out[key] = Array(np.asarray(values, dtype=dtype))  # asarray: ufuncs turn 0-d arrays into scalars
+    return ArrayRecord(out)
+
+
+def _overhead(rec: dict) -> dict:
+    """Round wall time against the slowest site's own train + evaluate time (the ClientApps' ``seconds``)."""
+    per_site = [sum(v.get("seconds", 0.0) for v in phases.values()) for phases in rec["sites"].values()]
+    if not per_site or max(per_site) <= 0:
+        return {}
+    slowest = max(per_site)
+    return {"slowest_site_s": slowest, "overhead": rec["wall_s"] / slowest}
+
+
+def _bytes_per_site(rec: dict) -> dict:
+    """Model bytes each site received (train + evaluate instructions) and sent (its train reply), per site."""
+    b = rec.get("bytes", {})
+    sites = set().union(*(b.get(d, {}) for d in ("down_train", "up_train", "down_evaluate", "up_evaluate")))
+    return {site: {"down": b.get("down_train", {}).get(site, 0) + b.get("down_evaluate", {}).get(site, 0),
+                   "up": b.get("up_train", {}).get(site, 0) + b.get("up_evaluate", {}).get(site, 0)}
+            for site in sorted(sites)}
+
+
+def _public(rec: dict) -> dict:
+    """A round as metrics.json stores it (no arrays)."""
+    return {
+        "round": rec["round"],
+        "skipped": rec.get("skipped", False),
+        "train": rec.get("train", {}),
+        "evaluate": rec.get("evaluate", {}),
+        "external": rec.get("external", {}),
+        "sites": rec["sites"],
+        "seconds": {k: rec[k] for k in ("wall_s", "train_s", "evaluate_s", "external_s", "slowest_site_s")
+                    if k in rec},
+        "overhead": rec.get("overhead"),
+        "bytes_per_site": _bytes_per_site(rec),
+    }
+
+
+def _mlflow_metrics(rec: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for phase in ("train", "evaluate"):
+        prefix = "train" if phase == "train" else "eval"
+        out.update({metric_key(prefix, k): v for k, v in rec.get(phase, {}).items()})
+        for site, phases in rec["sites"].items():
+            out.update({metric_key(site, prefix, k): v for k, v in phases.get(phase, {}).items()})
+    out.update({metric_key("external", k): v for k, v in (rec.get("external") or {}).items()})
+    out.update({metric_key("round", k): rec[k] for k in ("wall_s", "train_s", "evaluate_s", "slowest_site_s",
+                                                          "overhead") if k in rec})
+    out["round/sites_train"] = sum("train" in p for p in rec["sites"].values())
+    out["round/sites_evaluate"] = sum("evaluate" in p for p in rec["sites"].values())
+    out["round/skipped"] = float(rec.get("skipped", False))
+    per_site = _bytes_per_site(rec)
+    if per_site:
+        out["round/bytes_down_site_max"] = max(v["down"] for v in per_site.values())
+        out["round/bytes_up_site_max"] = max(v["up"] for v in per_site.values())
+    return out

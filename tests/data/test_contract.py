@@ -1,0 +1,145 @@
+"""The site contract end to end: write a tiny site, check it, prepare it, load it; the site folder stays untouched."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from braintumnet.config import DataConfig
+from braintumnet.data.cache import load_prepared, prepared_dir
+from braintumnet.data.prepare import check_site, prepare_site
+from braintumnet.data.preprocess import representative_slices
+from braintumnet.errors import BrainTumNetError
+
+PLAN = [  # case_id, tumour type, split
+    ("g1", "glioma", "train"), ("g2", "glioma", "test"), ("m1", "metastasis", "train"),
+    ("m2", "metastasis", "train"), ("n1", "meningioma", "train"), ("n2", "meningioma", "test"),
+]
+
+
+def _site(tiny_site):
+    site = tiny_site()
+    for seed, (case_id, tumor_type, split) in enumerate(PLAN):
+        site.add(case_id, tumor_type, split, seed=seed, field_strength_t="3.0", manufacturer="GE")
+    return site.write()
+
+
+def test_round_trip(tiny_site, data_cfg, digest, tmp_path):
+    root = _site(tiny_site)
+    before = digest(root)
+    checked = check_site(root, progress=False)
+    assert checked.exit_code == 0 and len(checked.usable) == 6 and not checked.problems
+
+    report = prepare_site(root, tmp_path / "cache", data_cfg, progress=False)
+    assert report.exit_code == 0 and not report.reused and report.n_slices == 6 * 4
+    assert report.cache_dir == tmp_path / "cache" / "yibin" / "32px_4sl" == prepared_dir(tmp_path / "cache", "yibin",
+                                                                                      data_cfg)
+    assert "glioma" in report.summary() and str(report.cache_dir) in report.summary()
+
+    site = load_prepared(report.cache_dir)
+    assert site.site == "yibin" and site.images.shape == (24, 32, 32) and site.masks.shape == (24, 32, 32)
+    assert site.images.dtype == np.float16 and site.masks.dtype == np.uint8
+    assert 0.0 <= site.images.min() and site.images.max() <= 1.0 and set(np.unique(site.masks)) <= {0, 1, 2}
+    assert (site.masks == 1).any(axis=(1, 2)).sum() >= 12  # the picks sit on the lesion
+    assert list(site.slices.columns[:6]) == ["case_id", "tumor_type", "split", "z_index", "spacing_y_mm",
+                                             "spacing_x_mm"]
+    assert {"field_strength_t", "manufacturer"} <= set(site.slices.columns)
+    cases = site.cases()
+    assert [tuple(r) for r in cases[["case_id", "tumor_type", "split"]].itertuples(index=False)] == PLAN
+    assert (cases["n_slices"] == 4).all() and len(site.cases("test")) == 2
+    assert len(site.indices("train", task="binary")) == 3 * 4  # g1, m1, m2
+    assert site.meta["counts"]["cases"]["meningioma"] == {"train": 1, "test": 1}
+    assert pd.read_csv(report.cache_dir / "quarantine.csv").empty
+    assert np.allclose(site.slices["spacing_y_mm"], 48 / 32, rtol=0.05)
+    assert digest(root) == before  # nothing was written into the site folder
+
+
+def test_unchanged_cache_is_reused(tiny_site, data_cfg, tmp_path):
+    root = _site(tiny_site)
+    first = prepare_site(root, tmp_path / "cache", data_cfg, progress=False)
+    written = os.stat(first.cache_dir / "images.npy").st_mtime_ns
+    again = prepare_site(root, tmp_path / "cache", data_cfg, progress=False)
+    assert again.reused and "reused" in again.summary() and again.n_slices == first.n_slices
+    assert os.stat(first.cache_dir / "images.npy").st_mtime_ns == written
+
+    os.utime(root / "imagesTr" / "g1_0000.nii.gz", ns=(1, 1))  # a source file changed
+    assert not prepare_site(root, tmp_path / "cache", data_cfg, progress=False).reused
+    other = prepare_site(root, tmp_path / "cache", DataConfig(img_size=48, slices_per_case=3, fov_mm=48.0),
+                         progress=False)
+    assert not other.reused and other.cache_dir.name == "48px_3sl" and load_prepared(other.cache_dir).images.shape[1:] \
+        == (48, 48)
+
+
+@pytest.mark.parametrize(
+    "extent, depth, n, expected",
+    [
+        ((10, 29), 30, 4, [10, 16, 23, 29]),  # round(linspace(10, 29, 4)) = 10, 16.3, 22.7, 29
+        ((10, 13), 30, 4, [10, 11, 12, 13]),  # extent == n: every slice
+        ((5, 6), 30, 4, [4, 5, 6, 7]),  # too short: grow symmetrically
+        ((5, 5), 30, 4, [4, 5, 6, 7]),  # odd shortfall: the extra slice goes above
+        ((0, 1), 30, 4, [0, 1, 2, 3]),  # at the bottom: shift up
+        ((29, 29), 30, 4, [26, 27, 28, 29]),  # at the top: shift down
+    ],
+)
+def test_representative_slices(extent, depth, n, expected):
+    mask = np.zeros((4, 4, depth), np.uint8)
+    mask[1, 1, extent[0]] = 1
+    mask[2, 2, extent[1]] = 2  # edema counts towards the extent
+    assert representative_slices(mask, n).tolist() == expected
+
+
+def test_representative_slices_ill_arg():
+    with pytest.raises(ValueError, match="fewer than"):
+        representative_slices(np.ones((4, 4, 3), np.uint8), 4)
+    with pytest.raises(ValueError, match="no lesion"):
+        representative_slices(np.zeros((4, 4, 8), np.uint8), 4)
+
+
+def _break(root, what):
+    if what == "no folder":
+        return root / "nowhere", "no such site folder"
+    if what == "no dataset.json":
+        (root / "dataset.json").unlink()
+    elif what == "bad json":
+        (root / "dataset.json").write_text("{site: yibin")
+    elif what == "modality":
+        meta = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**meta, "modality": "T2"}))
+    elif what == "no cases.csv":
+        (root / "cases.csv").unlink()
+    elif what == "column":
+        pd.read_csv(root / "cases.csv").drop(columns="split").to_csv(root / "cases.csv", index=False)
+    elif what == "split":
+        pd.read_csv(root / "cases.csv").assign(split="val").to_csv(root / "cases.csv", index=False)
+    return root, {"no dataset.json": "dataset.json: missing", "bad json": "dataset.json: not valid JSON",
+                  "modality": "modality 'T2' is not supported", "no cases.csv": "cases.csv: missing",
+                  "column": "missing column(s) split", "split": "split must be train or test"}[what]
+
+
+@pytest.mark.parametrize("what", ["no folder", "no dataset.json", "bad json", "modality", "no cases.csv", "column",
+                                  "split"])
+def test_site_level_problems_name_the_file(tiny_site, data_cfg, tmp_path, what):
+    root, phrase = _break(tiny_site().add("g1").write(), what)
+    with pytest.raises(BrainTumNetError, match=re.escape(phrase)) as caught:
+        check_site(root, progress=False)
+    assert caught.value.exit_code == 2
+    with pytest.raises(BrainTumNetError, match=re.escape(phrase)):
+        prepare_site(root, tmp_path / "cache", data_cfg, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_inside_site_folder_is_refused(tiny_site, data_cfg):
+    root = tiny_site().add("g1").write()
+    with pytest.raises(BrainTumNetError, match="inside the site folder"):
+        prepare_site(root, root / "cache", data_cfg, progress=False)
+    assert not (root / "cache").exists()
+
+
+def test_load_prepared_without_cache(tmp_path):
+    with pytest.raises(BrainTumNetError, match="braintumnet prepare"):
+        load_prepared(tmp_path)

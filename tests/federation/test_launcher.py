@@ -1,0 +1,130 @@
+"""The site launcher and the site config format: settings, the SuperNode command, and one-line errors."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from braintumnet.errors import BrainTumNetError
+from client.run import split_address, supernode_command
+from client.sites import SiteSettings, site_from_context, site_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_then_site_then_flags(tmp_path):
+    cfg = write(tmp_path / "sites.toml", """
+[defaults]
+superlink = "fl.example.org:8000"
+cache = "cache"
+device = "cpu"
+[defaults.run-config]
+profile = "quick"
+data = { img-size = 64 }
+[site.yibin]
+data = "data/yibin"
+port = 9101
+[site.yibin.run-config]
+"data.slices-per-case" = 4
+""")
+    s = site_settings(cfg, "yibin", {"superlink": "127.0.0.1:9999", "device": None})
+    assert s.data == tmp_path / "data" / "yibin" and s.cache == tmp_path / "cache"  # relative to the file
+    assert (s.superlink, s.device, s.port) == ("127.0.0.1:9999", "cpu", 9101)
+    assert s.run_config == {"profile": "quick", "data.img-size": 64, "data.slices-per-case": 4}
+
+
+def test_unknown_site_names_the_known_ones(tmp_path):
+    cfg = write(tmp_path / "sites.toml", '[site.yibin]\ndata = "x"\n[site.plagh]\ndata = "y"\n')
+    with pytest.raises(BrainTumNetError, match=r"unknown site 'xiangya': .* describes plagh, yibin"):
+        site_settings(cfg, "xiangya")
+    with pytest.raises(BrainTumNetError, match=r"unknown key\(s\) \['insecure'\]"):
+        site_settings(write(tmp_path / "bad.toml", '[site.yibin]\ndata = "x"\ninsecure = true\n'), "yibin")
+
+
+def test_node_config_quotes_strings_and_parses_back(tmp_path):
+    s = SiteSettings(name="yibin", data=Path('/data/with "quotes" and spaces'), cache=Path("/c"), device="cuda:1")
+    parsed = tomllib.loads("\n".join(s.node_config().replace('" ', '"\n').splitlines()))
+    assert parsed == {"site-name": "yibin", "data-path": '/data/with "quotes" and spaces', "cache-dir": "/c",
+                      "device": "cuda:1"}
+    assert site_from_context(parsed, {}).name == "yibin"
+
+
+def test_simulation_maps_partitions_to_sites(tmp_path):
+    run_config = {"sites": "yibin, plagh ,jinling", "cache-dir": str(tmp_path), "phantom-scale": 0.02}
+    site = site_from_context({"partition-id": 1, "num-partitions": 3}, run_config)
+    assert site.name == "plagh" and site.data == tmp_path / "phantom-s0.02-seed0" / "plagh"
+    with pytest.raises(BrainTumNetError, match="partition 3 has no site"):
+        site_from_context({"partition-id": 3}, run_config)
+
+
+def test_supernode_command(tmp_path):
+    tls = SiteSettings(name="yibin", data=tmp_path, cache=tmp_path, superlink="fl.example.org:8000",
+                       root_certificates=Path("/ca.crt"), auth_key=Path("/key"))
+    cmd = supernode_command(tls, 9101)
+    assert cmd[1:5] == ["--superlink", "fl.example.org:8000", "--root-certificates", "/ca.crt"]
+    assert "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+    assert cmd[-4:] == ["--host", "127.0.0.1", "--port", "9101"]
+    plain = supernode_command(SiteSettings(name="yibin", data=tmp_path, cache=tmp_path), 9102)
+    assert "--insecure" in plain
+    assert split_address("[::1]:8000") == ("::1", 8000)
+
+
+def launch(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "client" / "run.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--site", "nowhere"], 2, "unknown site 'nowhere'"),
+    (["--site", "yibin"], 2, "refusing to connect without TLS"),
+    (["--site", "yibin", "--root-certificates", "/etc/hostname"], 2, "not a readable PEM CA certificate"),
+    (["--site", "yibin", "--insecure", "--auth-key", "/nonexistent"], 2, "needs TLS"),
+    (["--site", "yibin", "--insecure", "--data", "/nonexistent/site"], 2, "no such site folder"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, code, message):
+    cfg = write(tmp_path / "sites.toml", f'[defaults]\nsuperlink = "127.0.0.1:{closed_port()}"\n'
+                                         f'[site.yibin]\ndata = "{tmp_path}"\n')
+    res = launch("--config", str(cfg), *args)
+    assert res.returncode == code, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert [line for line in res.stderr.splitlines() if line.startswith("error:")] == [
+        next(line for line in res.stderr.splitlines() if line.startswith("error:"))]
+
+
+def test_unreachable_superlink_retries_then_says_so(tmp_path, phantom_root):
+    cfg = write(tmp_path / "sites.toml", f'[site.yibin]\ndata = "{phantom_root / "yibin"}"\n')
+    res = launch("--config", str(cfg), "--site", "yibin", "--insecure", "--superlink",
+                 f"127.0.0.1:{closed_port()}", "--connect-retries", "2")
+    assert res.returncode == 3, res.stderr
+    assert "retrying in 1 s (1/2)" in res.stderr
+    assert "is not reachable (Connection refused) after 2 tries" in res.stderr
+    assert "WITHOUT TLS" in res.stderr  # --insecure is loud
+
+
+def test_check_prints_the_preflight(tmp_path, phantom_root, cache_root):
+    cfg = write(tmp_path / "sites.toml", f'[defaults]\ncache = "{cache_root}"\n[defaults.run-config]\n'
+                                         f'"data.img-size" = 32\n"data.slices-per-case" = 3\n'
+                                         f'[site.plagh]\ndata = "{phantom_root / "plagh"}"\nport = 9177\n')
+    res = launch("--config", str(cfg), "--site", "plagh", "--insecure", "--superlink",
+                 f"127.0.0.1:{closed_port()}", "--check")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "== preflight: site plagh ==" in out and "glioma" in out and "train" in out and "test" in out
+    assert "TLS:            OFF (--insecure)" in out and "NOT reachable" in out
+    assert "127.0.0.1:9177" in out and 'site-name="plagh"' in out

@@ -1,0 +1,174 @@
+"""A real federation on loopback: ``flower-superlink`` with a database, three ``python client/run.py`` sites over a
+tiny phantom cohort, runs submitted with ``flwr run`` and watched with ``flwr ls`` (issue 4, point 8).
+
+The two tests share one federation and run in order: the second resumes the first one's federation for a third
+round, restarts the site the first one stopped, and kills the SuperLink during that round.
+Figures for the issue's closing note (round overhead, bytes per site) are written to ``measurements.json`` in the
+federation's tmp folder and printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+
+import pytest
+
+from braintumnet.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.timeout(1500)
+
+SITES = ("yibin", "plagh", "jinling")
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def mlflow_client(fed):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{fed.ckpt / 'mlflow.db'}")
+
+
+def mlflow_run(fed, flwr_run_id: str):
+    client = mlflow_client(fed)
+    experiment = client.get_experiment_by_name("braintumnet-fl")
+    runs = [r for r in client.search_runs([experiment.experiment_id])
+            if flwr_run_id in r.data.tags.get("flwr-run-ids", "").split(",")]
+    assert len(runs) == 1, f"expected one MLflow run for Flower run {flwr_run_id}, got {len(runs)}"
+    return client, runs[0]
+
+
+def history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def received(proc, kind: str) -> int:
+    return proc.text().count(f"Receiving: {kind} message")
+
+
+def test_two_rounds_three_sites_one_drops_out(federation):
+    fed = federation
+    fed.start_superlink()
+    for site in SITES:
+        fed.start_site(site)
+    fed.wait_nodes(3, timeout=300)
+
+    started = time.monotonic()
+    run_id = fed.submit(**{"num-server-rounds": 2, "min-available-nodes": 2, "min-train-nodes": 2,
+                           "min-evaluate-nodes": 2, "wait-for-nodes-s": 120.0})
+    # Stop jinling once it holds its round-2 training message: its reply never comes.
+    jinling = fed.sites["jinling"]
+    wait_for(lambda: received(jinling, "train") >= 2, 900, "jinling's round-2 train message", poll=0.3)
+    fed.kill_site("jinling", signal.SIGTERM)
+    run = fed.wait_finished(run_id, timeout=900)
+    elapsed = time.monotonic() - started
+    log = fed.server_log(run_id)
+    assert run["status"] == "finished:completed", f"{run['status-details']}\n{log[-4000:]}"
+
+    # A checkpoint per round, latest / best / final, metrics.json; round numbers in the checkpoints' meta.
+    folder = fed.run_dir(run_id)
+    assert sorted(p.name for p in folder.glob("round-*.pt")) == ["round-0001.pt", "round-0002.pt"]
+    assert {"latest.pt", "best.pt", "final.pt", "metrics.json"} <= {p.name for p in folder.iterdir()}
+    assert load_checkpoint(folder / "latest.pt").meta["round"] == 2
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+
+    # Round 1: every site; round 2: jinling's failure is logged under its name and left out.
+    assert set(rounds[0]["sites"]) == set(SITES), log[-4000:]
+    assert "train" not in rounds[1]["sites"].get("jinling", {})
+    assert "train error from jinling" in log or "no train reply from jinling" in log, log[-4000:]
+
+    # MLflow: per-site metrics, and round 1's aggregate is the num-examples-weighted mean of the sites' replies.
+    client, mrun = mlflow_run(fed, run_id)
+    metrics = mrun.data.metrics
+    for site in SITES:
+        assert f"{site}/eval/dice_tumor" in metrics and f"{site}/train/train_loss" in metrics
+    for phase, key in (("eval", "dice_tumor"), ("eval", "hd95_tumor_mm"), ("train", "train_loss")):
+        values = {s: history(client, mrun.info.run_id, f"{s}/{phase}/{key}")[1] for s in SITES}
+        weights = {s: history(client, mrun.info.run_id, f"{s}/{phase}/num-examples")[1] for s in SITES}
+        expected = sum(weights[s] * values[s] for s in SITES) / sum(weights.values())
+        assert history(client, mrun.info.run_id, f"{phase}/{key}")[1] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert history(client, mrun.info.run_id, "round/sites_train")[2] == 2
+    assert mrun.info.status == "FINISHED"
+    assert any(a.path == "final.pt" for a in client.list_artifacts(mrun.info.run_id))
+
+    _record_measurements(fed, run_id, run, rounds, elapsed)
+
+
+def test_superlink_killed_mid_run_then_resume_latest(federation):
+    """The federation of the first test goes on to a third round; the centre crashes during it and resumes."""
+    fed = federation
+    finished = sorted(fed.ckpt.glob("run-*/final.pt"))
+    assert finished, "needs the federation of test_two_rounds_three_sites_one_drops_out"
+    fed.start_site("jinling")  # the site stopped in the previous test comes back
+    fed.wait_nodes(3, timeout=300)
+    before = {s: received(p, "train") for s, p in fed.sites.items()}
+    extended = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
+                             "wait-for-nodes-s": 120.0})
+    # Kill the SuperLink (and the ServerApp under it) while round 3 is in flight at the sites.
+    wait_for(lambda: all(received(p, "train") > before[s] for s, p in fed.sites.items()), 900,
+             "round 3's train messages", poll=0.3)
+    fed.superlink.stop(signal.SIGKILL)
+    fed.start_superlink()  # same --database, same port: runs and nodes survive
+    fed.wait_nodes(3, timeout=300)
+    # The restarted SuperLink fails the run whose ServerApp died once that task's heartbeat is overdue.
+    wait_for(lambda: fed.status(extended)["status"] == "finished:failed", 300, "the killed run to be failed", poll=5)
+    assert not (fed.run_dir(extended) / "round-0003.pt").exists()
+
+    resumed = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
+                            "wait-for-nodes-s": 120.0})
+    run = fed.wait_finished(resumed, timeout=900)
+    log = fed.server_log(resumed)
+    assert run["status"] == "finished:completed", f"{run['status-details']}\n{log[-4000:]}"
+
+    folder = fed.run_dir(resumed)
+    assert sorted(p.name for p in folder.glob("round-*.pt")) == ["round-0003.pt"]  # only the lost round again
+    final = load_checkpoint(folder / "final.pt")
+    assert final.meta["round"] == 3 and final.meta["resumed-from"] == str(finished[0].parent / "latest.pt")
+    rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [3] and set(rounds[0]["sites"]) == set(SITES)  # jinling rejoined
+
+    # One MLflow run for the federation, across the three Flower runs; steps are global rounds.
+    client, mrun = mlflow_run(fed, resumed)
+    assert {extended, resumed} <= set(mrun.data.tags["flwr-run-ids"].split(","))
+    assert set(history(client, mrun.info.run_id, "eval/dice_tumor")) == {1, 2, 3}
+    assert mrun.info.status == "FINISHED"
+
+
+def _record_measurements(fed, run_id: str, run: dict, rounds: list[dict], elapsed: float) -> None:
+    """Round overhead and bytes per site per round against twice the fp32 model, from this loopback run."""
+    meta = load_checkpoint(fed.run_dir(run_id) / "final.pt").meta
+    model = meta["model_fp32_bytes"]
+    first = rounds[0]
+    per_site = first["bytes_per_site"]
+    traffic = run.get("network-traffic", {})
+    site_rounds = sum(len(r["sites"]) for r in rounds)
+    out = {
+        "run_id": run_id,
+        "wall_s": elapsed,
+        "model_fp32_bytes": model,
+        "round1": {
+            "wall_s": first["seconds"].get("wall_s"),
+            "slowest_site_s": first["seconds"].get("slowest_site_s"),
+            "overhead": first.get("overhead"),
+            "site_seconds": {s: {p: v.get("seconds") for p, v in ph.items()} for s, ph in first["sites"].items()},
+            "array_bytes_per_site": per_site,
+            "array_bytes_per_site_vs_2x_model": {s: (v["down"] + v["up"]) / (2 * model) for s, v in per_site.items()},
+        },
+        "overhead_per_round": [r.get("overhead") for r in rounds],
+        "wire_bytes": traffic,
+        "wire_bytes_per_site_round_vs_2x_model": (
+            traffic.get("total-bytes", math.nan) / max(site_rounds, 1) / (2 * model)),
+    }
+    path = fed.root / "measurements.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nloopback measurements ({path}):\n{json.dumps(out, indent=2)}")

@@ -1,0 +1,205 @@
+"""SiteAwareFedAvg in-process, over a scripted Grid: aggregation, per-site attribution, bad replies, dropout, waiting.
+
+The loopback tests (test_loopback.py) run the same strategy with real processes; these check the rules in a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from braintumnet.config import resolve
+from braintumnet.checkpoint import load_checkpoint
+from server.checkpoints import RunFolder, find_resume_point
+from server.strategy import (FederationError, ServerSettings, SiteAwareFedAvg, nan_weighted_mean, reply_problem)
+from server.tracking import Tracker
+
+SUPERLINK = 1  # Flower's node id for messages the SuperLink makes itself (e.g. "node unavailable")
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's Message constructor reads the process's task identity (set by flwr-serverapp in real runs)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class ScriptedGrid(Grid):
+    """Nodes answer through ``behaviour[node](message) -> reply content | Error | None (no reply)``."""
+
+    def __init__(self, behaviour: dict, names: dict[int, str] | None = None):
+        self.behaviour, self.names = behaviour, names or {}
+        self.pending: dict[str, Message] = {}
+
+    def set_run(self, run): pass
+
+    @property
+    def run(self): return None
+
+    def create_message(self, *a, **k): raise NotImplementedError
+
+    def get_node_ids(self): return list(self.behaviour)
+
+    def get_nodes(self):
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.behaviour]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.pending[m.object_id] = m
+            ids.append(m.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in list(message_ids):
+            msg = self.pending.pop(mid, None)
+            if msg is None:
+                continue
+            answer = self.behaviour[msg.metadata.dst_node_id](msg)
+            if answer is None:
+                continue
+            reply = Message(answer, reply_to=msg) if isinstance(answer, Error) else Message(answer, reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK if isinstance(answer, Error) else msg.metadata.dst_node_id
+            out.append(reply)
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+
+def site(name: str, n: int, shift: float, auc: float = 0.8, extra: dict | None = None, arrays=None):
+    """A well-behaved site: adds ``shift`` to every array, reports ``n`` examples."""
+
+    def answer(msg: Message):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            got = msg.content["arrays"]
+            new = arrays(got) if arrays else ArrayRecord({k: Array(np.asarray(v.numpy() + shift)) for k, v in got.items()})
+            metrics = {"train_loss": shift, "num-examples": n, "seconds": 0.1}
+            return RecordDict({"arrays": new, "metrics": MetricRecord({**metrics, **(extra or {})}),
+                               "site": ConfigRecord({"name": name})})
+        metrics = {"dice_tumor": shift, "auc": auc, "num-examples": n, "seconds": 0.1}
+        return RecordDict({"metrics": MetricRecord({**metrics, **(extra or {})}), "site": ConfigRecord({"name": name})})
+
+    return answer
+
+
+def gone(msg: Message):
+    return Error(code=3, reason="Node Unavailable")
+
+
+@pytest.fixture()
+def make_strategy(tmp_path):
+    def make(rounds=1, **federation):
+        base = resolve({"profile": "quick", "data.img-size": 32, "model.feature-size": 8})
+        settings = {"num_rounds": rounds, "min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1,
+                    **federation}
+        profile = replace(base, federation=replace(base.federation, **settings))
+        settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"))
+        tracker = Tracker(tmp_path, "", "t", "f", {}, {}, enabled=False)
+        return SiteAwareFedAvg(profile=profile, settings=settings, folder=RunFolder(tmp_path, 7), tracker=tracker,
+                               class_names=("glioma", "metastasis", "meningioma"), meta={"federation-id": "f"})
+    return make
+
+
+INITIAL = {"w": torch.zeros(3), "n": torch.tensor(0, dtype=torch.int64)}
+
+
+def run(strategy, grid, rounds=1):
+    return strategy.start(grid=grid, initial_arrays=ArrayRecord(INITIAL), num_rounds=rounds, timeout=5,
+                          train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+
+
+def test_weighted_average_and_per_site_metrics(make_strategy):
+    strategy = make_strategy()
+    result = run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 30, 2.0, auc=math.nan)}))
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, (10 * 1 + 30 * 2) / 40))
+    assert result.arrays["n"].numpy().dtype == np.int64  # integer buffers keep their dtype
+    record = strategy.history[0]
+    assert record["train"]["train_loss"] == pytest.approx(1.75)
+    assert record["evaluate"]["dice_tumor"] == pytest.approx(1.75)
+    assert record["evaluate"]["auc"] == pytest.approx(0.8)  # NaN at plagh: averaged over the site that has it
+    assert set(record["sites"]) == {"yibin", "plagh"}
+    assert record["sites"]["plagh"]["evaluate"]["num-examples"] == 30
+    checkpoint = load_checkpoint(strategy.folder.dir / "latest.pt")
+    assert checkpoint.meta["round"] == 1
+    assert (strategy.folder.dir / "round-0001.pt").is_file() and (strategy.folder.dir / "best.pt").is_file()
+
+
+def test_error_and_bad_replies_are_left_out_with_the_site_named(make_strategy, caplog):
+    nan_arrays = lambda got: ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan)) for k, v in got.items()})  # noqa: E731
+    grid = ScriptedGrid({
+        11: site("yibin", 10, 1.0),
+        12: site("plagh", 10, 3.0),
+        13: site("jinling", 10, 5.0, arrays=nan_arrays),
+        14: site("external", 10, 7.0, extra={"surprise": 1.0}),
+        15: gone,
+    }, names={15: "xiangya"})
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    result = run(make_strategy(), grid)
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, 2.0))  # yibin and plagh only
+    text = caplog.text
+    assert "jinling rejected: array w holds NaN" in text
+    assert "external rejected: metric keys differ" in text
+    assert "error from xiangya: Node Unavailable" in text  # a SuperLink-made error, traced to its node's name
+
+
+def test_too_few_replies_keep_the_model(make_strategy, caplog):
+    strategy = make_strategy(min_train_nodes=2, min_evaluate_nodes=1)
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0), 12: gone}))
+    assert "fewer than min-train-nodes=2; the global model stays" in caplog.text
+    assert strategy.history[0]["skipped"]
+    np.testing.assert_allclose(strategy.arrays["w"].numpy(), 0.0)  # what the next round and final.pt start from
+
+
+def test_waiting_for_nodes_is_logged_and_bounded(make_strategy, caplog):
+    strategy = make_strategy(min_available_nodes=3, wait_for_nodes_s=2.0)
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    with pytest.raises(FederationError, match=r"gave up after waiting 2 s .* 1 connected \(yibin\), 3 needed"):
+        run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0)}, names={11: "yibin"}))
+    assert "waiting for nodes: 1 connected (yibin), 3 needed; expected sites not seen yet: plagh, jinling" in caplog.text
+
+
+def test_rounds_continue_after_resume(make_strategy, tmp_path):
+    first = make_strategy(rounds=3)
+    run(first, ScriptedGrid({11: site("yibin", 10, 1.0)}), rounds=1)
+    point = find_resume_point(tmp_path, "latest")
+    assert point.round == 1
+    second = make_strategy(rounds=3)
+    second.round_offset, second.folder = point.round, RunFolder(tmp_path, 8)
+    seen = []
+    answer = site("yibin", 10, 1.0)
+    run(second, ScriptedGrid({11: lambda m: seen.append(m.content["config"]["server-round"]) or answer(m)}), rounds=2)
+    assert seen == [2, 2, 3, 3]  # train and evaluate of global rounds 2 and 3
+    assert sorted(p.name for p in second.folder.dir.glob("round-*.pt")) == ["round-0002.pt", "round-0003.pt"]
+
+
+def test_nan_weighted_mean_and_reply_checks():
+    def rec(**m):
+        return RecordDict({"metrics": MetricRecord(m)})
+
+    out = nan_weighted_mean([rec(a=1.0, b=math.nan, **{"num-examples": 1}),
+                             rec(a=3.0, b=math.nan, **{"num-examples": 3})], "num-examples")
+    assert out["a"] == pytest.approx(2.5) and math.isnan(out["b"])
+    ref = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    ok = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+                     "metrics": MetricRecord({"num-examples": 2})})
+    assert reply_problem(ok, ref, {"num-examples"}) is None
+    wrong_shape = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(4, np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 2})})
+    assert "shape" in reply_problem(wrong_shape, ref, None)
+    zero = RecordDict({"metrics": MetricRecord({"num-examples": 0})})
+    assert "positive" in reply_problem(zero, None, None)

@@ -81,7 +81,7 @@ def train_centralized(
         if external:
             result["external"] = evaluate_model(model, external, None, profile, dev, progress=progress)
         save_checkpoint(out / f"{name}.pt", model.state_dict(), profile, classes,
-                        {"arm": "centralized", "sites": [s.site for s in sites], "epochs": epochs, **(
+                        {"arm": "centralized", "synthetic": synthetic, "sites": [s.site for s in sites], "epochs": epochs, **(
                             {"fold_held_out": len(case_ids)} if case_ids is not None else {})})
         log.info("%s: internal dice_tumor %.3f acc %.3f (%.0f s)", name,
                  result["internal_test"]["dice_tumor"], result["internal_test"]["acc"], train_s)

@@ -90,8 +90,20 @@ def cmd_evaluate(args) -> int:
                                  device=args.device)
     from braintumnet.report.summary import format_metrics
 
-    print(format_metrics({"evaluation": report["metrics"]}))
+    print(format_metrics(report))
     print(f"metrics.json and plots written to {Path(args.out).absolute()}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from braintumnet.predict import predict
+
+    results = predict(args.model, args.input, args.out, tta=args.tta, device=args.device, task=args.task)
+    for r in results:
+        print(f"{r['case']}: {r['tumor_type']} (p = {r['probabilities'][r['tumor_type']]:.2f}), "
+              f"tumour {r['volume_tumor_ml']:.1f} mL, edema {r['volume_edema_ml']:.1f} mL, report {r['report']}")
+    print(f"masks, summaries and reports written to {Path(args.out).absolute()} (research use only, not for "
+          "clinical use)")
     return 0
 
 
@@ -141,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment and classify new scans: mask NIfTI, JSON summary, one-page PNG report")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--input", type=Path, required=True,
+                   help="a NIfTI file, a DICOM series folder, or a folder of cases (batch mode)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tta", action="store_true", help="average over the four flips of each slice (4x the compute)")
+    p.add_argument("--task", choices=["3class", "binary"], help="refuse a checkpoint trained for another task")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -154,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ValueError as exc:  # a bad setting (size, width, profile): the message names it
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -109,14 +109,14 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         DataConfig(img_size=64, slices_per_case=8),
         ModelConfig(feature_size=8, num_heads=2),
-        TrainConfig(epochs=12, batch_size=16, learning_rate=1e-3),
+        TrainConfig(epochs=12, batch_size=16, learning_rate=3e-4),
         FederationConfig(num_rounds=6, local_epochs=2),
     ),
     # One to two hours on a CPU: the figures we quote for CPU.
     "standard": Profile(
         DataConfig(img_size=96, slices_per_case=12),
         ModelConfig(feature_size=16, num_heads=4),
-        TrainConfig(epochs=40, batch_size=16, learning_rate=5e-4),
+        TrainConfig(epochs=40, batch_size=16, learning_rate=3e-4),
         FederationConfig(num_rounds=20, local_epochs=2),
     ),
     # The paper's settings: 256x256, 20 slices per case, 250 epochs, lr 1e-4, batch 16 (§2.1.2, §2.1.4).

@@ -19,6 +19,7 @@ from braintumnet.checkpoint import Checkpoint, load_checkpoint
 from braintumnet.config import to_dict
 from braintumnet.data.contract import TASKS
 from braintumnet.data.dataset import select_slices
+from braintumnet.data.loading import default_cache_root, load_sites
 from braintumnet.engine import build_model, evaluate_cases, pick_device, predict_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.report import plots
@@ -29,7 +30,7 @@ SYNTHETIC_NOTE = ("Computed on synthetic (phantom) data: these figures show that
                   "model does on patients.")
 PLOTS = {"roc": "roc.png", "confusion_matrix": "confusion_matrix.png", "dice_distribution": "dice_distribution.png",
          "overlay_examples": "overlay_examples.png"}
-OVERLAY_CASES = 4  # worst, lower quartile, median and best tumour Dice
+OVERLAY_CASES = 4  # by tumour Dice: the worst, the best and two evenly spaced between
 
 
 def task_of(class_names: Sequence[str]) -> str | None:
@@ -37,7 +38,8 @@ def task_of(class_names: Sequence[str]) -> str | None:
     return next((task for task, names in TASKS.items() if tuple(names) == tuple(class_names)), None)
 
 
-def load_model(model_path: Path, device: torch.device, *, task: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
+def load_model(model_path: Path, device: torch.device, *,
+               task: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
     """A checkpoint's BrainTumNet, weights loaded, in eval mode on ``device``.
 
     Args:
@@ -123,8 +125,6 @@ def evaluate_checkpoint(
     Raises:
         BrainTumNetError: a bad checkpoint or site folder, or no case of the split for the checkpoint's task.
     """
-    from braintumnet.data.loading import default_cache_root, load_sites
-
     if not site_dirs:
         raise BrainTumNetError("no site folder given: pass --data SITE_DIR[,SITE_DIR...]")
     out = Path(out).absolute()
@@ -165,15 +165,10 @@ def evaluate_checkpoint(
 
 def _write_plots(out: Path, model, sites, split, classes, metrics: dict, per_case: pd.DataFrame, dev) -> None:
     """The four figures of an evaluation, from the per-case table and a few re-predicted slices."""
-    y_true = per_case[_label_column(per_case)].map({name: i for i, name in enumerate(classes)}).to_numpy()
+    y_true = per_case["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
     probs = per_case[[f"prob_{name}" for name in classes]].to_numpy(dtype=float)
     plots.roc_curves(y_true, probs, classes, out / PLOTS["roc"])
-    matrix = metrics.get("confusion_matrix")
-    if matrix is None:  # the metrics always carry it; recomputed from the table only as a fallback
-        from sklearn.metrics import confusion_matrix
-
-        matrix = confusion_matrix(y_true, probs.argmax(1), labels=range(len(classes)))
-    plots.confusion_matrix_plot(matrix, classes, out / PLOTS["confusion_matrix"])
+    plots.confusion_matrix_plot(metrics["confusion_matrix"], classes, out / PLOTS["confusion_matrix"])
     plots.dice_distribution({region: per_case[f"dice_{region}"].to_numpy(dtype=float)
                              for region in ("tumor", "edema", "whole") if f"dice_{region}" in per_case},
                             out / PLOTS["dice_distribution"])
@@ -182,8 +177,8 @@ def _write_plots(out: Path, model, sites, split, classes, metrics: dict, per_cas
 
 
 def _overlay_slices(model, sites, split, classes, per_case: pd.DataFrame, dev):
-    """For the worst, lower-quartile, median and best cases by tumour Dice: the slice with the most reference
-    tumour, its reference and its prediction."""
+    """For ``OVERLAY_CASES`` cases spread over the tumour Dice ranking (worst to best): the case's slice with the
+    most reference tumour, its reference and its prediction. Case ids are ``site/case_id`` (engine.evaluate_cases)."""
     ranked = per_case.sort_values("dice_tumor", kind="stable").reset_index(drop=True)
     picks = sorted({int(round(q * (len(ranked) - 1))) for q in np.linspace(0, 1, OVERLAY_CASES)})
     table = select_slices(sites, split, classes)
@@ -191,7 +186,7 @@ def _overlay_slices(model, sites, split, classes, per_case: pd.DataFrame, dev):
     rows = []
     for i in picks:
         key = str(ranked.loc[i, "case_id"])
-        of_case = table[(table["key"] == key) | (table["case_id"] == key)]
+        of_case = table[table["key"] == key]
         if of_case.empty:
             continue
         area = [int((sites[s].masks[r] == 1).sum()) for s, r in zip(of_case["site_index"], of_case["row"])]
@@ -204,13 +199,6 @@ def _overlay_slices(model, sites, split, classes, per_case: pd.DataFrame, dev):
     targets = [np.asarray(sites[s].masks[r]) for s, r in zip(chosen["site_index"], chosen["row"])]
     titles = [f"{key} z={int(z)}\nDice (case) {dice:.2f}" for (_, key, dice), z in zip(rows, chosen["z_index"])]
     return images, targets, list(preds), titles
-
-
-def _label_column(per_case: pd.DataFrame) -> str:
-    for column in ("label", "tumor_type"):
-        if column in per_case:
-            return column
-    raise KeyError(f"the per-case table has no label column (columns: {list(per_case.columns)})")
 
 
 def _jsonable(value):

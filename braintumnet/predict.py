@@ -48,6 +48,7 @@ from braintumnet.data.contract import CANONICAL_AXES, CASES_CSV, EDEMA_LABEL, TU
 from braintumnet.data.dicom_io import FileProblem
 from braintumnet.data.preprocess import brain_mask, preprocess_case
 from braintumnet.data.readers import Volume, read_volume
+from braintumnet.data.site import load_site
 from braintumnet.engine import pick_device
 from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
 from braintumnet.evaluate import load_model, task_of
@@ -65,9 +66,14 @@ BATCH_SIZE = 16
 
 
 class SomeCasesFailed(BrainTumNetError):
-    """Batch mode: the other cases were predicted; these could not be (each is logged with its fix)."""
+    """Batch mode: the other cases were predicted (their summaries are in ``results``); some could not be, and each
+    was logged with its fix."""
 
     exit_code = EXIT_DATA_PROBLEMS
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
 
 
 @dataclass(frozen=True)
@@ -130,18 +136,12 @@ class VolumePrediction:
     """Model outputs for every axial slice of one canonical volume.
 
     Args:
-        labels: ``(X, Y, Z)`` uint8 labels on the canonical grid.
+        labels: ``(X, Y, Z)`` uint8 labels (0 background, 1 tumour, 2 edema) on the volume's own grid.
         slice_probs: ``Z×K`` class probabilities per slice.
-        images: ``Z×H×W`` model-grid slices (what the model saw).
-        model_labels: ``Z×H×W`` model-grid labels.
-        spacing_hw: the model grid's (row, column) spacing in mm.
     """
 
     labels: np.ndarray
     slice_probs: np.ndarray
-    images: np.ndarray
-    model_labels: np.ndarray
-    spacing_hw: tuple[float, float]
 
 
 def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = False, device: str = "auto",
@@ -195,10 +195,8 @@ def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = Fa
                 failed.append({"case": case.case, "input": str(case.path), "error": str(exc)})
     _write_table(out_dir / "predictions.csv", results, failed, ckpt.class_names)
     if failed:
-        error = SomeCasesFailed(f"{len(failed)} of {len(cases)} case(s) could not be predicted (logged above; "
-                                f"listed in {out_dir / 'predictions.csv'}); fix or remove them and run again")
-        error.results = results
-        raise error
+        raise SomeCasesFailed(f"{len(failed)} of {len(cases)} case(s) could not be predicted (logged above; listed "
+                              f"in {out_dir / 'predictions.csv'}); fix or remove them and run again", results)
     return results
 
 
@@ -218,8 +216,6 @@ def find_inputs(path: Path) -> list[CaseInput]:
                                    "that holds its files, not one file")
         return [CaseInput(_case_name(path), path)]
     if (path / CASES_CSV).is_file():
-        from braintumnet.data.site import load_site
-
         site = load_site(path)
         return [CaseInput(row.case_id, path / row.image) for row in site.cases.itertuples()]
     if _is_series(path):
@@ -293,7 +289,8 @@ def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarr
     except FileProblem as exc:
         raise BrainTumNetError(str(exc)) from None
     if path.is_dir():
-        return volume, axcodes2ornt(CANONICAL_AXES), volume.array.shape, volume.affine
+        identity = axcodes2ornt(CANONICAL_AXES)  # the mask stays in the series' canonical order
+        return volume, identity, volume.array.shape, volume.affine
     header = nib.load(path)  # header only: the voxels were read above
     shape, affine = tuple(header.shape), header.affine
     to_input = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(affine))
@@ -306,11 +303,11 @@ def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False,
     """Segment and classify every axial slice of a canonical volume; labels mapped back to its grid."""
     device = device or torch.device("cpu")
     depth = volume.array.shape[2]
-    # preprocess_case prepares the "representative slices" of a case's lesion. A stand-in mask whose lesion spans
-    # the first to the last slice, asked for as many slices as there are, makes them every slice, so inference sees
-    # exactly what training saw.
+    # preprocess_case prepares the "representative slices" of a case's tumour. Asked for as many slices as the volume
+    # has, with a stand-in mask that has a tumour voxel in every slice, it must return every slice, so inference sees
+    # exactly what training saw. (The stand-in mask's own output is discarded.)
     stand_in = np.zeros(volume.array.shape, dtype=np.uint8)
-    stand_in[0, 0, [0, depth - 1]] = EDEMA_LABEL
+    stand_in[0, 0, :] = TUMOUR_LABEL
     slices = preprocess_case(Case("predict", "", volume, stand_in), dataclasses.replace(cfg, slices_per_case=depth))
     if len(slices.z_index) != depth or np.any(slices.z_index != np.arange(depth)):
         raise RuntimeError("preprocess_case did not return every slice in order; update predict_volume to match")
@@ -329,9 +326,7 @@ def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False,
             cls = cls + out.cls_logits.float().softmax(1)
         labels.append(seg.argmax(1).to(torch.uint8).cpu().numpy())
         probs.append((cls / (len(TTA_FLIPS) if tta else 1)).cpu().numpy())
-    model_labels = np.concatenate(labels)
-    return VolumePrediction(labels=grid.to_volume(model_labels), slice_probs=np.concatenate(probs),
-                            images=slices.images, model_labels=model_labels, spacing_hw=slices.spacing_mm)
+    return VolumePrediction(labels=grid.to_volume(np.concatenate(labels)), slice_probs=np.concatenate(probs))
 
 
 def write_mask(labels: np.ndarray, to_input: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,

@@ -66,7 +66,7 @@ class SiteSettings:
         """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
         values = {"site-name": self.name, "data-path": str(self.data), "cache-dir": str(self.cache),
                   "device": self.device}
-        return " ".join(f"{k}={toml_string(v)}" for k, v in values.items())
+        return " ".join(f"{k}={node_config_value(k, v)}" for k, v in values.items())
 
 
 def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,10 +80,20 @@ def _flat(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def toml_string(value: str) -> str:
-    """A TOML basic string: quotes and backslashes escaped."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+def node_config_value(key: str, value: str) -> str:
+    """A TOML string Flower's ``--node-config`` parser reads back intact (it splits on the first closing quote).
+
+    ``"value"`` when possible, ``'value'`` (a TOML literal string) when the value holds ``"`` or ``\\``.
+
+    Raises:
+        BrainTumNetError: the value holds both kinds of quote, which no form can carry.
+    """
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    if "'" not in value:
+        return f"'{value}'"
+    raise BrainTumNetError(f"{key}={value!r}: a path with both ' and \" cannot be passed to the SuperNode; "
+                           "rename the folder or use a symbolic link")
 
 
 def read_sites_file(path: Path) -> dict[str, Any]:

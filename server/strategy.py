@@ -47,7 +47,9 @@ WEIGHT_KEY = "num-examples"
 BEST_METRIC = "dice_tumor"  # federated (case-weighted) tumour Dice on the sites' test splits; higher is better
 NOT_AVERAGED = {"seconds"}  # per-site timings: logged per site, meaningless as a weighted mean
 WAIT_LOG_EVERY_S = 15.0
-POLL_S = 1.0  # Flower's Grid.send_and_receive sleeps 3 s between polls; a round has two exchanges
+# Seconds between reply polls, as Flower's own Grid.send_and_receive. Each poll is a write at the SuperLink (it marks
+# replies delivered); polling faster saved ~1 s a step but, on a busy machine, made its SQLite state time out on locks.
+POLL_S = 3.0
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
 
@@ -102,7 +104,7 @@ class _Exchange:
 
 
 class _RecordingGrid(Grid):
-    """Flower's Grid with a faster reply poll, and a record of each exchange (for site names, bytes and timing)."""
+    """Flower's Grid, plus a record of each exchange (for site names, bytes and timing) and retried reads."""
 
     def __init__(self, grid: Grid):
         self._grid = grid
@@ -324,7 +326,6 @@ class SiteAwareFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         g = self.round_offset + server_round
-        self._round["arrays"] = arrays
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate", g)

@@ -9,8 +9,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from braintumnet.config import resolve
+
+# Tiny models gain nothing from intra-op threads, and several pytest processes (or a loaded CI box) sharing two
+# cores slow down many-fold when each spreads over both.
+torch.set_num_threads(1)
 
 TINY_RUN_CONFIG = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
                    "train.batch-size": 8}

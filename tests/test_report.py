@@ -63,7 +63,8 @@ def test_each_plot_writes_a_png(tmp_path, slices):
                                 tmp_path / "dice.png"),
         plots.overlay_examples([image, image], [target, target], [pred, pred], tmp_path / "overlay.png", ["a", "b"]),
         plots.case_report(tmp_path / "report.png", images=[image], preds=[pred], slice_titles=["z=3"], heading="c1",
-                          lines=["tumour type: glioma", "not for clinical use"], probabilities=dict(zip(CLASSES, probs[0]))),
+                          lines=["tumour type: glioma", "not for clinical use"],
+                          probabilities=dict(zip(CLASSES, probs[0]))),
     ]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000

@@ -18,10 +18,10 @@ from monai.utils import convert_to_numpy
 
 from braintumnet.config import DataConfig
 from braintumnet.data.checks import Case
-from braintumnet.data.contract import EDEMA_LABEL, TUMOUR_LABEL
+from braintumnet.data.contract import TUMOUR_LABEL
 from braintumnet.errors import CaseProblem
 
-PREPROCESS_VERSION = 1  # bump when the output changes; part of the cache's reuse check
+PREPROCESS_VERSION = 3  # bump when the output changes; part of the cache's reuse check
 PERCENTILES = (0.5, 99.5)
 # "Brain" = voxels brighter than this fraction of the volume's 99th percentile: well above MR background noise,
 # well below any tissue on CE-T1.
@@ -48,8 +48,10 @@ class Slices:
 def representative_slices(mask: np.ndarray, n: int) -> np.ndarray:
     """Indices of ``n`` axial slices spread evenly over the lesion's axial extent.
 
-    The lesion is every voxel labelled tumour (1) or edema (2); its extent runs from the lowest to the highest
-    axial index holding one. With at least ``n`` slices in it, the picks are ``round(linspace(first, last, n))``.
+    The extent is that of the tumour (label 1) from its lowest to its highest axial index; edema is left out because
+    it often reaches far above and below the tumour, and slices of edema alone say little about the tumour type. With at least ``n`` slices in it, the extent is cut into ``n`` equal bins and the pick
+    is each bin's centre slice. Centres, not ``linspace(first, last)``: the two end slices of a lesion often hold
+    only a few voxels (or a stray edema voxel), and with small ``n`` they would be most of the picks.
     With fewer, the window grows symmetrically into the neighbouring slices (shifted to stay inside the volume).
 
     Args:
@@ -57,22 +59,23 @@ def representative_slices(mask: np.ndarray, n: int) -> np.ndarray:
         n: how many slices.
 
     Raises:
-        ValueError: no lesion voxel, or a volume with fewer than ``n`` slices.
+        ValueError: no tumour voxel, or a volume with fewer than ``n`` slices.
 
     Examples::
 
-        representative_slices(mask, 20)  # lesion on z = 40..99 -> 40, 43, 46, ..., 99
+        representative_slices(mask, 20)  # lesion on z = 40..99 -> 41, 44, 47, ..., 98
     """
     depth = mask.shape[2]
     if depth < n:
         raise ValueError(f"the volume has {depth} axial slices, fewer than the {n} needed")
-    z = np.flatnonzero(np.isin(mask, (TUMOUR_LABEL, EDEMA_LABEL)).any(axis=(0, 1)))
+    z = np.flatnonzero((mask == TUMOUR_LABEL).any(axis=(0, 1)))
     if not len(z):
-        raise ValueError("the mask has no lesion voxel")
+        raise ValueError("the mask has no tumour voxel (label 1)")
     first, last = int(z[0]), int(z[-1])
     if last - first + 1 >= n:
-        # floor(x + 0.5), not np.round, so ties go up whatever the parity; steps >= 1 keep the picks unique.
-        return np.unique(np.floor(np.linspace(first, last, n) + 0.5).astype(int))
+        # Bins of width length/n >= 1, so the centres are unique slices.
+        length = last - first + 1
+        return np.floor(first + (np.arange(n) + 0.5) * length / n).astype(int)
     start = first - (n - (last - first + 1)) // 2
     start = min(max(start, 0), depth - n)
     return np.arange(start, start + n)

@@ -78,7 +78,7 @@ def test_unchanged_cache_is_reused(tiny_site, data_cfg, tmp_path):
 @pytest.mark.parametrize(
     "extent, depth, n, expected",
     [
-        ((10, 29), 30, 4, [10, 16, 23, 29]),  # round(linspace(10, 29, 4)) = 10, 16.3, 22.7, 29
+        ((10, 29), 30, 4, [12, 17, 22, 27]),  # centres of the bins 10-14, 15-19, 20-24, 25-29
         ((10, 13), 30, 4, [10, 11, 12, 13]),  # extent == n: every slice
         ((5, 6), 30, 4, [4, 5, 6, 7]),  # too short: grow symmetrically
         ((5, 5), 30, 4, [4, 5, 6, 7]),  # odd shortfall: the extra slice goes above
@@ -89,14 +89,15 @@ def test_unchanged_cache_is_reused(tiny_site, data_cfg, tmp_path):
 def test_representative_slices(extent, depth, n, expected):
     mask = np.zeros((4, 4, depth), np.uint8)
     mask[1, 1, extent[0]] = 1
-    mask[2, 2, extent[1]] = 2  # edema counts towards the extent
+    mask[2, 2, extent[1]] = 1
+    mask[3, 3, :] = 2  # edema above and below the tumour does not count
     assert representative_slices(mask, n).tolist() == expected
 
 
 def test_representative_slices_ill_arg():
     with pytest.raises(ValueError, match="fewer than"):
         representative_slices(np.ones((4, 4, 3), np.uint8), 4)
-    with pytest.raises(ValueError, match="no lesion"):
+    with pytest.raises(ValueError, match="no tumour"):
         representative_slices(np.zeros((4, 4, 8), np.uint8), 4)
 
 

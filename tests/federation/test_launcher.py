@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -51,12 +50,17 @@ def test_unknown_site_names_the_known_ones(tmp_path):
         site_settings(write(tmp_path / "bad.toml", '[site.yibin]\ndata = "x"\ninsecure = true\n'), "yibin")
 
 
-def test_node_config_quotes_strings_and_parses_back(tmp_path):
-    s = SiteSettings(name="yibin", data=Path('/data/with "quotes" and spaces'), cache=Path("/c"), device="cuda:1")
-    parsed = tomllib.loads("\n".join(s.node_config().replace('" ', '"\n').splitlines()))
-    assert parsed == {"site-name": "yibin", "data-path": '/data/with "quotes" and spaces', "cache-dir": "/c",
-                      "device": "cuda:1"}
-    assert site_from_context(parsed, {}).name == "yibin"
+@pytest.mark.parametrize("data", ["/data/yibin", "/data/with spaces", '/data/with "quotes"', "C:\\data\\yibin"])
+def test_node_config_survives_flowers_parser(data):
+    """Flower's --node-config parser (the one flower-supernode uses) gets every value back intact."""
+    from flwr.common.config import parse_config_args
+
+    s = SiteSettings(name="yibin", data=Path(data), cache=Path("/c"), device="cuda:1")
+    parsed = parse_config_args([s.node_config()])
+    assert parsed == {"site-name": "yibin", "data-path": data, "cache-dir": "/c", "device": "cuda:1"}
+    assert site_from_context(parsed, {}).data == Path(data)
+    with pytest.raises(BrainTumNetError, match="both"):
+        SiteSettings(name="x", data=Path("/it's \"odd\""), cache=Path("/c")).node_config()
 
 
 def test_simulation_maps_partitions_to_sites(tmp_path):

@@ -65,7 +65,8 @@ def test_two_rounds_three_sites_one_drops_out(federation):
 
     started = time.monotonic()
     run_id = fed.submit(**{"num-server-rounds": 2, "min-available-nodes": 2, "min-train-nodes": 2,
-                           "min-evaluate-nodes": 2, "wait-for-nodes-s": 120.0})
+                           "min-evaluate-nodes": 2, "wait-for-nodes-s": 120.0,
+                           "external-data": str(fed.phantom / "external")})
     # Stop jinling once it holds its round-2 training message: its reply never comes.
     jinling = fed.sites["jinling"]
     wait_for(lambda: received(jinling, "train") >= 2, 900, "jinling's round-2 train message", poll=0.3)
@@ -98,6 +99,7 @@ def test_two_rounds_three_sites_one_drops_out(federation):
         expected = sum(weights[s] * values[s] for s in SITES) / sum(weights.values())
         assert history(client, mrun.info.run_id, f"{phase}/{key}")[1] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert history(client, mrun.info.run_id, "round/sites_train")[2] == 2
+    assert set(history(client, mrun.info.run_id, "external/dice_tumor")) == {1, 2}  # the centre's own cohort
     assert mrun.info.status == "FINISHED"
     assert any(a.path == "final.pt" for a in client.list_artifacts(mrun.info.run_id))
 

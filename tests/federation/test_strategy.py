@@ -17,10 +17,11 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from braintumnet.config import resolve
 from braintumnet.checkpoint import load_checkpoint
+from braintumnet.config import resolve
+from braintumnet.errors import BrainTumNetError
 from server.checkpoints import RunFolder, find_resume_point
-from server.strategy import (FederationError, ServerSettings, SiteAwareFedAvg, nan_weighted_mean, reply_problem)
+from server.strategy import FederationError, ServerSettings, SiteAwareFedAvg, nan_weighted_mean, reply_problem
 from server.tracking import Tracker
 
 SUPERLINK = 1  # Flower's node id for messages the SuperLink makes itself (e.g. "node unavailable")
@@ -71,7 +72,8 @@ class ScriptedGrid(Grid):
             answer = self.behaviour[msg.metadata.dst_node_id](msg)
             if answer is None:
                 continue
-            reply = Message(answer, reply_to=msg) if isinstance(answer, Error) else Message(answer, reply_to=msg)
+            reply = Message(answer, reply_to=msg)
+            # An Error here plays a SuperLink-made "node unavailable" reply: it comes from the SuperLink, not the node.
             reply.metadata.__dict__["_src_node_id"] = SUPERLINK if isinstance(answer, Error) else msg.metadata.dst_node_id
             out.append(reply)
         return out
@@ -203,3 +205,18 @@ def test_nan_weighted_mean_and_reply_checks():
     assert "shape" in reply_problem(wrong_shape, ref, None)
     zero = RecordDict({"metrics": MetricRecord({"num-examples": 0})})
     assert "positive" in reply_problem(zero, None, None)
+
+
+def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_profile):
+    """The centre prepares its external cohort once and evaluates the global model on all of its cases."""
+    from braintumnet.engine import build_model
+    from server.app import _external_evaluator
+
+    settings = ServerSettings(checkpoint_dir=cache_root, external_data=str(phantom_root / "external"),
+                              cache_dir=str(cache_root))
+    evaluate = _external_evaluator(settings, tiny_profile)
+    metrics = evaluate(build_model(tiny_profile).state_dict())
+    assert metrics["num-examples"] == metrics["n_cases"] > 0 and 0.0 <= metrics["dice_tumor"] <= 1.0
+    with pytest.raises(BrainTumNetError, match="neither a site folder"):
+        _external_evaluator(ServerSettings(checkpoint_dir=cache_root, external_data=str(cache_root / "nothing")),
+                            tiny_profile)

@@ -1,0 +1,247 @@
+"""The loopback harness: a ``flower-superlink``, sites started with ``python client/run.py``, runs submitted with
+``flwr run`` and watched with ``flwr ls``, all real processes.
+
+Every process is started in its own session and stopped in teardown by its process group, together with any
+descendant that left the group (Flower's SuperExec starts its children in new sessions). Ports come from probing;
+everything is written under pytest's tmp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SITES = ("yibin", "plagh", "jinling")
+# Small enough for a 2-core CI machine: the data settings of tests/conftest.py's TINY_RUN_CONFIG (so the session's
+# prepared caches are reused), the narrowest network, one local epoch.
+TINY = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
+        "train.batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 600.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (read from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _carrying(marker: str) -> list[int]:
+    """Processes of ours whose environment holds ``marker`` (e.g. our FLWR_HOME): the orphans of our processes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+class Proc:
+    """A process we started: its own session, its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict, cwd: Path, nice: int = 0):
+        self.name, self.cmd, self.log = name, cmd, log
+        self._fh = open(log, "ab")
+        self.popen = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                      start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Signal the process group and every descendant; SIGKILL whatever is left after ``timeout``."""
+        if self.popen.poll() is not None and not _children(self.pid):
+            self._fh.close()
+            return
+        victims = [self.pid] + _children(self.pid)
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in victims[1:]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            time.sleep(0.2)
+        for pid in victims + _children(self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._fh.close()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Federation:
+    """One SuperLink, the sites, the ``flwr`` CLI, all under ``root``."""
+
+    def __init__(self, root: Path, phantom: Path, cache: Path):
+        self.root, self.phantom, self.cache = root, phantom, cache
+        self.port = free_port()
+        self.db = root / "superlink.db"
+        self.ckpt = root / "runs"
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{self.port}"\n'
+            "insecure = true\n")
+        self.sites_file = root / "sites.toml"
+        run_config = "".join(f'"{k}" = {json.dumps(v)}\n' for k, v in TINY.items())
+        self.sites_file.write_text(
+            f'[defaults]\nsuperlink = "127.0.0.1:{self.port}"\ncache = "{cache}"\ndevice = "cpu"\n\n'
+            f"[defaults.run-config]\n{run_config}\n"
+            + "".join(f'[site.{s}]\ndata = "{phantom / s}"\n\n' for s in SITES))
+        self.env = dict(os.environ)
+        self.env.update({
+            "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "BRAINTUMNET_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+        })
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.superlink: Proc | None = None
+        self.sites: dict[str, Proc] = {}
+        self._all: list[Proc] = []
+
+    # ---- processes ---------------------------------------------------------------------------------------------
+
+    def start_superlink(self) -> Proc:
+        cmd = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.db), "--disable-runtime-dependency-installation"]
+        # Its SuperExec looks for new runs with a write to the SQLite state every second by default; every 3 s is
+        # enough here and leaves the lock to the uploads (docs/federation.md, "Known limits").
+        self.superlink = self._start("superlink", cmd, cwd=self.root,
+                                     env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "3"})
+        self._wait_port(self.port, 30, self.superlink)
+        return self.superlink
+
+    def start_site(self, site: str) -> Proc:
+        cmd = [sys.executable, str(REPO / "client" / "run.py"), "--site", site, "--config", str(self.sites_file),
+               "--insecure"]
+        # Three sites share this machine with the centre: niced, so their CPU-heavy ClientApps cannot starve the
+        # SuperLink (its SQLite state then times out on locks and answers 500s, which Flower does not retry).
+        self.sites[site] = self._start(site, cmd, cwd=REPO, nice=10)
+        return self.sites[site]
+
+    def _start(self, name: str, cmd: list[str], cwd: Path, nice: int = 0, env: dict | None = None) -> Proc:
+        proc = Proc(name, cmd, self.root / f"{name}-{len(self._all)}.log", {**self.env, **(env or {})}, cwd, nice)
+        self._all.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self._all):
+            proc.stop(signal.SIGTERM, timeout=5)
+        # A ServerApp or ClientApp whose parent died is re-parented to init; it still carries our FLWR_HOME.
+        for pid in _carrying(f"FLWR_HOME={self.home}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    @staticmethod
+    def _wait_port(port: int, timeout: float, proc: Proc) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise AssertionError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"{proc.name} did not open port {port} in {timeout:.0f} s")
+
+    # ---- the flwr CLI --------------------------------------------------------------------------------------------
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict:
+        res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=REPO, env=self.env,
+                             capture_output=True, text=True, timeout=timeout)
+        try:
+            return json.loads(res.stdout[res.stdout.index("{"):])
+        except ValueError:
+            raise AssertionError(f"flwr {' '.join(args)} printed no JSON (rc {res.returncode}):\n"
+                                 f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}") from None
+
+    def submit(self, **run_config) -> str:
+        overrides = {**TINY, "checkpoint-dir": str(self.ckpt), "cache-dir": str(self.cache), **run_config}
+        spec = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+        out = self.flwr("run", ".", "loop", "--run-config", spec)
+        assert out.get("success"), out
+        return out["run-id"]
+
+    def status(self, run_id: str) -> dict:
+        return self.flwr("ls", "loop", "--run-id", run_id)["runs"][0]
+
+    def wait_finished(self, run_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.status(run_id)
+            if run["status"].startswith("finished"):
+                return run
+            time.sleep(5)  # each `flwr ls` is a process start and a SuperLink query; keep the load low
+        raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s:\n{self.server_log(run_id)[-4000:]}")
+
+    def server_log(self, run_id: str) -> str:
+        res = subprocess.run([str(BIN / "flwr"), "log", run_id, "loop", "--show"], cwd=REPO, env=self.env,
+                             capture_output=True, text=True, timeout=60)
+        return res.stdout + res.stderr
+
+    def online_nodes(self) -> int:
+        out = self.flwr("supernode", "ls", "loop")
+        return sum(n["status"] == "online" for n in out.get("nodes", []))
+
+    def wait_nodes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.sites.items():
+                if not proc.alive():
+                    raise AssertionError(f"site {name} exited:\n{proc.text()[-3000:]}")
+            if self.online_nodes() >= count:
+                return
+            time.sleep(1)
+        raise AssertionError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
+
+    def kill_site(self, site: str, sig: int) -> None:
+        """Stop a site as a crash (SIGKILL) or an operator (SIGTERM) would."""
+        self.sites.pop(site).stop(sig, timeout=10)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.ckpt / f"run-{run_id}"

@@ -1,0 +1,101 @@
+"""Run the federated arm on Flower's own Simulation Engine: ``flwr run . local`` with a private FLWR_HOME.
+
+The same ServerApp and ClientApp as a real deployment; Flower's managed local SuperLink and Ray run the sites. We
+start them, wait for ``flwr ls`` to say the run finished (``flwr run`` exits 0 even when a run fails), and stop
+every process that carries our FLWR_HOME, so nothing outlives the study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from braintumnet.errors import BrainTumNetError
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _carrying(marker: str) -> list[int]:
+    """Our processes whose environment holds ``marker``: the local SuperLink, Ray and ClientApps of this run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_per_site: int = 1,
+                  timeout_s: float = 3600.0, log=print) -> Path:
+    """Submit one run and wait for it; returns the server's run folder (``checkpoint-dir/run-<id>``)."""
+    home = workdir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "deploy" / "flwr-home" / "config.toml", home / "config.toml")
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(cpus_per_site),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1"}
+    spec = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
+
+    def flwr(*args: str) -> dict:
+        res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        try:
+            return json.loads(res.stdout[res.stdout.index("{"):])
+        except ValueError:
+            raise BrainTumNetError(f"flwr {args[0]} gave no answer: {(res.stderr or res.stdout)[-400:]}") from None
+
+    try:
+        started = flwr("run", ".", "local", "--run-config", spec, "--federation-config", federation)
+        if not started.get("success"):
+            raise BrainTumNetError(f"flwr run refused the federated arm: {started}")
+        run_id = started["run-id"]
+        run_dir = Path(run_config["checkpoint-dir"]) / f"run-{run_id}"
+        deadline, shown = time.monotonic() + timeout_s, 0
+        while True:
+            status = flwr("ls", "local", "--run-id", str(run_id))["runs"][0]["status"]
+            rounds = _rounds_done(run_dir)
+            if rounds > shown:
+                shown = rounds
+                log(f"  federated: round {rounds}/{run_config['num-server-rounds']} aggregated")
+            if status.startswith("finished"):
+                break
+            if time.monotonic() > deadline:
+                raise BrainTumNetError(f"federated run {run_id} did not finish in {timeout_s:.0f} s")
+            time.sleep(3)
+        if status != "finished:completed":
+            raise BrainTumNetError(f"federated run {run_id} ended as {status}; see {home}/local-superlink/")
+        return run_dir
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _carrying(f"FLWR_HOME={home}"):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+
+
+def _rounds_done(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "metrics.json").read_text()).get("rounds", []))
+    except (OSError, ValueError):
+        return 0

@@ -109,8 +109,8 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         DataConfig(img_size=64, slices_per_case=8),
         ModelConfig(feature_size=8, num_heads=2),
-        TrainConfig(epochs=12, batch_size=16, learning_rate=3e-4),
-        FederationConfig(num_rounds=6, local_epochs=2),
+        TrainConfig(epochs=30, batch_size=16, learning_rate=3e-4),
+        FederationConfig(num_rounds=10, local_epochs=3),
     ),
     # One to two hours on a CPU: the figures we quote for CPU.
     "standard": Profile(

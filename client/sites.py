@@ -13,7 +13,6 @@ Nothing here imports ``flwr``.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -25,6 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from braintumnet.errors import BrainTumNetError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; caches are still written atomically, at worst twice
+    fcntl = None
 
 log = logging.getLogger("braintumnet.client")
 
@@ -244,6 +248,9 @@ def phantom_settings(run_config: Mapping[str, Any]) -> tuple[float, int]:
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (``flock``): simulated sites sharing one cache take turns preparing it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
     with open(path, "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

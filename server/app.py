@@ -55,12 +55,13 @@ def main(grid: Grid, context: Context) -> None:
     remaining = profile.federation.num_rounds - done
     log.info("run %s: %d round(s) to go; run folder %s", context.run_id, max(remaining, 0), folder.dir)
 
+    external_eval = _external_evaluator(settings, profile)
     tracker = Tracker(settings.checkpoint_dir, settings.mlflow_experiment, f"federation-{context.run_id}",
                       meta["federation-id"], {**to_dict(profile), **_settings_params(settings)},
                       {"flwr-run-id": str(context.run_id)}, enabled=bool(settings.mlflow_experiment))
     strategy = SiteAwareFedAvg(profile=profile, settings=settings, folder=folder, tracker=tracker,
                                class_names=classes, round_offset=done, best_value=best,
-                               external_eval=_external_evaluator(settings, profile), meta=meta)
+                               external_eval=external_eval, meta=meta)
     status = "FAILED"
     try:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

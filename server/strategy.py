@@ -213,7 +213,8 @@ def reply_problem(content: RecordDict, reference: ArrayRecord | None, metric_key
             return f"model keys differ from the global model (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})"
         for key, array in arrays.items():
             if tuple(array.shape) != tuple(reference[key].shape):
-                return f"array {key} has shape {tuple(array.shape)}, the global model's is {tuple(reference[key].shape)}"
+                return (f"array {key} has shape {tuple(array.shape)}, "
+                        f"the global model's is {tuple(reference[key].shape)}")
             values = array.numpy()
             if values.dtype.kind in "fc" and not np.isfinite(values).all():
                 return f"array {key} holds NaN or infinite values"

@@ -71,7 +71,7 @@ class Tracker:
         self._put(lambda: self._client.log_artifact(self.run_id, str(path)))
 
     def close(self, status: str = "FINISHED", timeout: float = 300.0) -> None:
-        """Mark the run ``FINISHED`` / ``FAILED`` / ``KILLED`` and wait (at most ``timeout`` s) for the queue to drain."""
+        """Mark the run ``FINISHED`` / ``FAILED`` and wait (at most ``timeout`` s) for the queue to drain."""
         if not self.enabled:
             return
         self._put(lambda: self._client.set_terminated(self.run_id, status))

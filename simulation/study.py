@@ -16,7 +16,7 @@ from pathlib import Path
 
 from braintumnet.centralized import SYNTHETIC_NOTE
 from braintumnet.checkpoint import load_checkpoint, save_checkpoint
-from braintumnet.config import Profile, get_profile, to_dict
+from braintumnet.config import Profile, resolve, to_dict
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.loading import load_sites
@@ -45,11 +45,18 @@ def score(model, sites: dict, profile: Profile, device) -> dict:
 
 
 def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, scale: float | None = None,
-              seed: int = 0, device: str = "auto", skip_federated: bool = False) -> dict:
+              seed: int = 0, device: str = "auto", skip_federated: bool = False,
+              overrides: dict | None = None) -> dict:
+    """Run every arm and write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``.
+
+    Args:
+        overrides: run-config keys (``[tool.flwr.app.config]`` names) applied on top of the profile in every arm,
+            the federated one included.
+    """
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    profile = get_profile(profile_name)
-    profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, seed=seed))
+    overrides = {**(overrides or {}), "train.seed": seed}
+    profile = resolve({"profile": profile_name, **overrides})
     fed = profile.federation
     epochs = fed.num_rounds * fed.local_epochs
     profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=epochs))
@@ -61,7 +68,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
     if not (phantom / "phantom.json").is_file():
         from braintumnet.data.phantom import generate_cohort
 
-        scale = scale or PHANTOM_SCALE[profile_name]
+        scale = scale or PHANTOM_SCALE.get(profile_name, 0.1)
         say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}) to {phantom}")
         say("  " + generate_cohort(phantom, scale=scale, seed=seed, progress=False).summary().replace("\n", "\n  "))
     else:
@@ -95,8 +102,8 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
             f"{fed.local_epochs} local epochs")
         t0 = time.perf_counter()
         run_dir = run_federated({
-            "profile": profile_name, "num-server-rounds": fed.num_rounds, "train.local-epochs": fed.local_epochs,
-            "train.seed": seed, "checkpoint-dir": str(out / "federated"), "cache-dir": str(cache),
+            "profile": profile_name, **overrides, "num-server-rounds": fed.num_rounds,
+            "train.local-epochs": fed.local_epochs, "checkpoint-dir": str(out / "federated"), "cache-dir": str(cache),
             "phantom-dir": str(phantom), "device": device,
         }, out, log=say)
         timings["federated"] = round(time.perf_counter() - t0, 1)

@@ -132,3 +132,105 @@ def test_check_prints_the_preflight(tmp_path, phantom_root, cache_root):
     assert "== preflight: site plagh ==" in out and "glioma" in out and "train" in out and "test" in out
     assert "TLS:            OFF (--insecure)" in out and "NOT reachable" in out
     assert "127.0.0.1:9177" in out and 'site-name="plagh"' in out
+
+
+# ---- TLS: the launcher's probe names the cause of a certificate problem ------------------------------------------
+
+
+def _certificates(root: Path) -> dict[str, Path]:
+    """A CA, a second CA, and server certificates (valid for localhost; expired) signed by the first CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_pem(path: Path, obj) -> Path:
+        data = (obj.public_bytes(serialization.Encoding.PEM) if isinstance(obj, x509.Certificate) else
+                obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+        path.write_bytes(data)
+        return path
+
+    def ca(cn: str):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(name(cn)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - day).not_valid_after(now + day)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        return key, cert
+
+    ca_key, ca_cert = ca("test CA")
+    _, other_cert = ca("another CA")
+    out = {"ca": write_pem(root / "ca.pem", ca_cert), "other_ca": write_pem(root / "other.pem", other_cert)}
+    for label, start, end in (("good", now - day, now + day), ("expired", now - 3 * day, now - 2 * day)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        out[f"{label}_cert"] = write_pem(root / f"{label}.pem", cert)
+        out[f"{label}_key"] = write_pem(root / f"{label}.key", key)
+    return out
+
+
+@pytest.fixture()
+def https_server(tmp_path):
+    """Start a tiny HTTPS server answering /health with the given certificate; yields ``start(cert, key) -> port``."""
+    import http.server
+    import ssl
+    import threading
+
+    servers = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    def start(cert: Path, key: Path) -> int:
+        server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("ok", None),
+    ("wrong CA", "is not the CA that signed the SuperLink's certificate"),
+    ("wrong name", "certificate does not name 127.0.0.1"),
+    ("expired", "certificate has expired"),
+    ("plaintext to TLS", "probably uses TLS: pass --root-certificates"),
+])
+def test_tls_probe_names_the_problem(tmp_path, https_server, case, message):
+    from client.run import LaunchError, probe_superlink
+
+    certs = _certificates(tmp_path)
+    served = "expired" if case == "expired" else "good"
+    port = https_server(certs[f"{served}_cert"], certs[f"{served}_key"])
+    host = "127.0.0.1" if case == "wrong name" else "localhost"
+    ca = {"wrong CA": certs["other_ca"], "plaintext to TLS": None}.get(case, certs["ca"])
+    if message is None:
+        assert probe_superlink(f"{host}:{port}", ca, tries=1, fatal=True) == "reachable"
+        return
+    with pytest.raises(LaunchError, match=message) as err:
+        probe_superlink(f"{host}:{port}", ca, tries=1, fatal=True)
+    assert err.value.exit_code == 3

@@ -122,8 +122,6 @@ def test_superlink_killed_mid_run_then_resume_latest(federation):
     fed.superlink.stop(signal.SIGKILL)
     fed.start_superlink()  # same --database, same port: runs and nodes survive
     fed.wait_nodes(3, timeout=300)
-    # The restarted SuperLink fails the run whose ServerApp died once that task's heartbeat is overdue.
-    wait_for(lambda: fed.status(extended)["status"] == "finished:failed", 300, "the killed run to be failed", poll=5)
     assert not (fed.run_dir(extended) / "round-0003.pt").exists()
 
     resumed = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
@@ -132,6 +130,8 @@ def test_superlink_killed_mid_run_then_resume_latest(federation):
     log = fed.server_log(resumed)
     assert run["status"] == "finished:completed", f"{run['status-details']}\n{log[-4000:]}"
 
+    # The restarted SuperLink failed the run whose ServerApp died (once that task's heartbeat was overdue).
+    wait_for(lambda: fed.status(extended)["status"] == "finished:failed", 300, "the killed run to be failed", poll=5)
     folder = fed.run_dir(resumed)
     assert sorted(p.name for p in folder.glob("round-*.pt")) == ["round-0003.pt"]  # only the lost round again
     final = load_checkpoint(folder / "final.pt")

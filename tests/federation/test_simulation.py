@@ -1,7 +1,6 @@
 """`flwr run . local` with the committed connection file trains over the three phantom hospitals (issue 4, point 7).
 
-Slow (Ray starts, then every simulated site imports the stack): the ServerApp and ClientApp it runs are the ones the
-loopback tests exercise, and the simulation-only piece, partition -> site, is unit-tested in test_launcher.py.
+About a minute on 2 cores: Ray keeps one process per simulated site, so the stack is imported once, not per message.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import pytest
 
 from harness import BIN, REPO, TINY, _carrying, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = pytest.mark.timeout(1200)
 
 
 def test_flwr_run_local_trains_the_three_phantom_hospitals(tmp_path, phantom_root, cache_root):

@@ -74,7 +74,8 @@ class ScriptedGrid(Grid):
                 continue
             reply = Message(answer, reply_to=msg)
             # An Error here plays a SuperLink-made "node unavailable" reply: it comes from the SuperLink, not the node.
-            reply.metadata.__dict__["_src_node_id"] = SUPERLINK if isinstance(answer, Error) else msg.metadata.dst_node_id
+            sender = SUPERLINK if isinstance(answer, Error) else msg.metadata.dst_node_id
+            reply.metadata.__dict__["_src_node_id"] = sender
             out.append(reply)
         return out
 
@@ -88,7 +89,8 @@ def site(name: str, n: int, shift: float, auc: float = 0.8, extra: dict | None =
     def answer(msg: Message):
         if msg.metadata.message_type == MessageType.TRAIN:
             got = msg.content["arrays"]
-            new = arrays(got) if arrays else ArrayRecord({k: Array(np.asarray(v.numpy() + shift)) for k, v in got.items()})
+            shifted = ArrayRecord({k: Array(np.asarray(v.numpy() + shift)) for k, v in got.items()})
+            new = arrays(got) if arrays else shifted
             metrics = {"train_loss": shift, "num-examples": n, "seconds": 0.1}
             return RecordDict({"arrays": new, "metrics": MetricRecord({**metrics, **(extra or {})}),
                                "site": ConfigRecord({"name": name})})
@@ -141,7 +143,9 @@ def test_weighted_average_and_per_site_metrics(make_strategy):
 
 
 def test_error_and_bad_replies_are_left_out_with_the_site_named(make_strategy, caplog):
-    nan_arrays = lambda got: ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan)) for k, v in got.items()})  # noqa: E731
+    def nan_arrays(got):
+        return ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan)) for k, v in got.items()})
+
     grid = ScriptedGrid({
         11: site("yibin", 10, 1.0),
         12: site("plagh", 10, 3.0),
@@ -172,7 +176,8 @@ def test_waiting_for_nodes_is_logged_and_bounded(make_strategy, caplog):
     caplog.set_level(logging.INFO, logger="braintumnet.server")
     with pytest.raises(FederationError, match=r"gave up after waiting 2 s .* 1 connected \(yibin\), 3 needed"):
         run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0)}, names={11: "yibin"}))
-    assert "waiting for nodes: 1 connected (yibin), 3 needed; expected sites not seen yet: plagh, jinling" in caplog.text
+    assert ("waiting for nodes: 1 connected (yibin), 3 needed; expected sites not seen yet: plagh, jinling"
+            in caplog.text)
 
 
 def test_rounds_continue_after_resume(make_strategy, tmp_path):

@@ -22,6 +22,11 @@ TINY_RUN_CONFIG = {"profile": "quick", "data.img-size": 32, "data.slices-per-cas
 
 
 @pytest.fixture(scope="session")
+def tiny_run_config() -> dict:
+    return dict(TINY_RUN_CONFIG)
+
+
+@pytest.fixture(scope="session")
 def tiny_profile():
     return resolve(TINY_RUN_CONFIG)
 

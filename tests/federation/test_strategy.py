@@ -171,6 +171,15 @@ def test_too_few_replies_keep_the_model(make_strategy, caplog):
     np.testing.assert_allclose(strategy.arrays["w"].numpy(), 0.0)  # what the next round and final.pt start from
 
 
+def test_evaluation_can_be_switched_off(make_strategy):
+    strategy = make_strategy(fraction_evaluate=0.0)
+    asked = []
+    answer = site("yibin", 10, 1.0)
+    run(strategy, ScriptedGrid({11: lambda m: asked.append(m.metadata.message_type) or answer(m)}))
+    assert asked == [MessageType.TRAIN] and strategy.history[0]["evaluate"] == {}
+    assert (strategy.folder.dir / "round-0001.pt").is_file()
+
+
 def test_waiting_for_nodes_is_logged_and_bounded(make_strategy, caplog):
     strategy = make_strategy(min_available_nodes=3, wait_for_nodes_s=2.0)
     caplog.set_level(logging.INFO, logger="braintumnet.server")

@@ -7,12 +7,11 @@ tests/federation/test_simulation.py.
 import json
 
 from braintumnet.metrics import METRIC_NAMES
-from conftest import TINY_RUN_CONFIG
 from simulation.study import run_study
 
 
-def test_study_writes_metrics_and_a_report_that_says_synthetic(phantom_root, tmp_path):
-    overrides = {k: v for k, v in TINY_RUN_CONFIG.items() if k != "profile"}
+def test_study_writes_metrics_and_a_report_that_says_synthetic(phantom_root, tiny_run_config, tmp_path):
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
     overrides.update({"num-server-rounds": 1, "train.local-epochs": 1})
     run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", skip_federated=True, overrides=overrides)
     doc = json.loads((tmp_path / "metrics.json").read_text())

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from braintumnet.logs import setup_logging
 from braintumnet.errors import BrainTumNetError
 from client.sites import SiteRuntime, open_site, site_from_context
 
@@ -124,7 +125,7 @@ def _finite(value: float) -> float:
 
 
 def _site(context: Context) -> SiteRuntime:
-    _setup_logging()
+    setup_logging()
     return site_from_context(context.node_config, context.run_config)
 
 
@@ -138,12 +139,3 @@ def _guarded(site: SiteRuntime, phase: str, fn: Callable[[], Message]) -> Messag
                           "site's own log, which may name cases and files)") from None
 
 
-def _setup_logging() -> None:
-    """Our INFO lines beside Flower's in the SuperNode's output (a ClientApp process starts without handlers)."""
-    root = logging.getLogger("braintumnet")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False

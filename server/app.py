@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from braintumnet.logs import setup_logging
 from braintumnet.errors import BrainTumNetError
 from server.checkpoints import RunFolder, find_resume_point
 from server.strategy import ServerSettings, SiteAwareFedAvg
@@ -31,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     from braintumnet.data.contract import class_names
     from braintumnet.engine import build_model, seed_everything
 
-    _setup_logging()
+    setup_logging()
     _retry_superlink_500s()
     profile = resolve(context.run_config)
     settings = ServerSettings.from_run_config(context.run_config)
@@ -144,12 +145,3 @@ def _external_evaluator(settings: ServerSettings, profile):
     return evaluate
 
 
-def _setup_logging() -> None:
-    """Our lines go to stderr, which Flower mirrors into ``flwr log``."""
-    root = logging.getLogger("braintumnet")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False

@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _carrying(marker: str) -> list[int]:
+def processes_carrying(marker: str) -> list[int]:
     """Our processes whose environment holds ``marker``: the local SuperLink, Ray and ClientApps of this run."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -50,8 +50,8 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
     shutil.copy(REPO / "deploy" / "flwr-home" / "config.toml", home / "config.toml")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(cpus_per_site),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()), "PYTHONUNBUFFERED": "1"}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     spec = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
     federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
 
@@ -86,7 +86,7 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
         return run_dir
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _carrying(f"FLWR_HOME={home}"):
+            for pid in processes_carrying(f"FLWR_HOME={home}"):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:

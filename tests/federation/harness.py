@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# The study's Flower runner has the same needs; one copy of each helper.
+from simulation.flower_run import free_port
+from simulation.flower_run import processes_carrying as _carrying
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SITES = ("yibin", "plagh", "jinling")
@@ -24,12 +28,6 @@ SITES = ("yibin", "plagh", "jinling")
 # prepared caches are reused), the narrowest network, one local epoch.
 TINY = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
         "train.batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 600.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -49,19 +47,6 @@ def _children(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
-
-
-def _carrying(marker: str) -> list[int]:
-    """Processes of ours whose environment holds ``marker`` (e.g. our FLWR_HOME): the orphans of our processes."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 class Proc:

@@ -11,36 +11,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold
 
 from braintumnet.checkpoint import save_checkpoint
 from braintumnet.config import Profile, to_dict
 from braintumnet.data.cache import PreparedSite
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
+from braintumnet.data.folds import case_folds
 from braintumnet.engine import build_model, evaluate_model, pick_device, train_model
 
 log = logging.getLogger("braintumnet.train")
 
 SYNTHETIC_NOTE = ("Figures computed on the synthetic phantom cohort are NOT clinical results; "
                   "they show that the pipeline works, not how the model does on patients.")
-
-
-def case_folds(sites: Sequence[PreparedSite], classes: Sequence[str], k: int, seed: int) -> list[list[str]]:
-    """Split the pooled training cases into ``k`` folds stratified by tumour type (case level, never slice level,
-    so no case has slices on both sides)."""
-    cases = select_slices(sites, "train", classes).drop_duplicates("case_id")[["case_id", "label"]]
-    if len(cases) < k:
-        raise ValueError(f"--folds {k} needs at least {k} training cases; the data has {len(cases)}")
-    labels = cases["label"].to_numpy()
-    # Stratify when every class has at least k cases; tiny test cohorts fall back to plain folds.
-    if np.bincount(labels).min() >= k:
-        splitter = StratifiedKFold(k, shuffle=True, random_state=seed).split(cases, labels)
-    else:
-        splitter = KFold(k, shuffle=True, random_state=seed).split(cases)
-    return [cases["case_id"].iloc[held].tolist() for _, held in splitter]
 
 
 def train_centralized(

@@ -16,8 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="quick", choices=["quick", "standard", "paper"])
     parser.add_argument("--out", type=Path, help="run folder (default runs/study-<profile>-<time>)")
     parser.add_argument("--phantom", type=Path, help="reuse a phantom cohort folder")
+    parser.add_argument("--data", type=Path, help="a pooled dataset (dataset.json + cases.csv with a hospital "
+                        "column) to split by hospital instead of the synthetic phantom")
+    parser.add_argument("--site-column", default="hospital", help="cases.csv column naming each case's hospital")
+    parser.add_argument("--external", default="external", help="the hospital of --data kept for external "
+                        "validation only (never trained on)")
     parser.add_argument("--scale", type=float, help="phantom scale (default: the profile's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each one repeats the study (mean ± sd)")
+    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the training cases "
+                        "(each site holds out its own fold; every fold trains every arm)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every arm, as in flwr run -c (repeatable)")
+    parser.add_argument("--ray-address", help="run the simulated sites on this running Ray cluster "
+                        "(ray start --head prints it) instead of a private Ray instance")
+    parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs each simulated site reserves")
+    parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs each simulated site reserves")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-federated", action="store_true", help="only the centralized and local arms")
     args = parser.parse_args(argv)
@@ -27,9 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / f"study-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     from simulation.study import run_study
 
+    from simulation.study import Cluster
+
     try:
-        run_study(out, args.profile, phantom=args.phantom, scale=args.scale, seed=args.seed, device=args.device,
-                  skip_federated=args.skip_federated)
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+    if args.folds == 1 or args.folds < 0:
+        parser.error("--folds must be 0 (no cross-validation) or at least 2")
+    try:
+        overrides = dict(_override(item) for item in args.run_config)
+        run_study(out, args.profile, phantom=args.phantom, data=args.data, site_column=args.site_column,
+                  external=args.external, scale=args.scale, seeds=seeds or (0,), folds=args.folds,
+                  device=args.device, skip_federated=args.skip_federated, overrides=overrides,
+                  cluster=Cluster(args.ray_address, args.cpus_per_site, args.gpus_per_site))
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -37,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _override(item: str) -> tuple[str, object]:
+    """``key=value`` with the value read as TOML (``3``, ``0.5``, ``"text"``, ``true``), bare text as a string."""
+    import tomllib
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise BrainTumNetError(f"-c {item!r}: write overrides as key=value, e.g. -c num-server-rounds=5")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
 
 
 if __name__ == "__main__":

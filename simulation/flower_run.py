@@ -43,8 +43,17 @@ def processes_carrying(marker: str) -> list[int]:
 
 
 def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_per_site: int = 1,
+                  gpus_per_site: float = 0.0, ray_address: str | None = None, mlflow_uri: str | None = None,
                   timeout_s: float = 3600.0, log=print) -> Path:
-    """Submit one run and wait for it; returns the server's run folder (``checkpoint-dir/run-<id>``)."""
+    """Submit one run and wait for it; returns the server's run folder (``checkpoint-dir/run-<id>``).
+
+    Args:
+        num_sites: simulated SuperNodes (partition i is site i of the run config's ``sites``).
+        cpus_per_site, gpus_per_site: Ray resources each simulated site reserves.
+        ray_address: join this running Ray cluster (``RAY_ADDRESS``, which the Simulation Engine's ``ray.init()``
+            honours) instead of starting a private Ray instance. Every Ray node must have this package installed.
+        mlflow_uri: the ServerApp's MLflow store (``MLFLOW_TRACKING_URI``).
+    """
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "deploy" / "flwr-home" / "config.toml", home / "config.toml")
@@ -52,8 +61,14 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(cpus_per_site),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    if mlflow_uri:
+        env["MLFLOW_TRACKING_URI"] = mlflow_uri
     spec = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    federation = f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site}"
+    federation = (f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site} "
+                  f"client-resources-num-gpus={gpus_per_site}")
 
     def flwr(*args: str) -> dict:
         res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=REPO, env=env,

@@ -1,70 +1,213 @@
-"""``report.md`` and a self-contained ``report.html`` from the study's ``metrics.json`` (every number shown comes from
-that file)."""
+"""``report.md`` and a self-contained ``report.html`` (figures inlined) from the study's ``metrics.json``: every
+number shown comes from that file.
+
+Tables mirror the paper's (§3): 1 segmentation per tumour type, 2 "accuracy" by region (we show Dice and IoU per
+region: the paper does not define its region accuracy), 3 classification, 4 external segmentation, 5 external
+classification; then the study questions (federated / centralized, federated against the best local model,
+external / internal), every site's test split, and the federated / centralized ratio of every metric. The paper's
+BrainTumNet values sit in their own row, marked as the paper's.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
+import math
+import re
 from pathlib import Path
 
-from braintumnet.metrics import METRIC_NAMES
 from braintumnet.data.contract import TUMOR_TYPES
+from braintumnet.metrics import METRIC_NAMES
+from simulation.paper import paper_value
 
 BANNER = ("SYNTHETIC DATA: these figures come from the phantom cohort, not from patients. They show that the pipeline "
           "works; they are not clinical results.")
+PAPER_ROW = "paper (reference, not ours)"
+CLASSIFICATION = ("acc", "sensitivity", "specificity", "f1", "auc")
+# The study's aims (issue 5): federated / centralized >= 0.98, federated ahead of the best local model, external /
+# internal >= 0.95.
+AIM_PARITY, AIM_EXTERNAL = 0.98, 0.95
 
 
-def _fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def arms_of(doc: dict) -> list[str]:
+    return [k for k in doc if k in ("centralized", "federated") or k.startswith("local:")]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _cell(doc: dict, arm: str, section: str, metric: str, site: str | None = None) -> str:
+    node = doc[arm][section] if site is None else doc[arm][section].get(site, {})
+    value = _number(node.get(metric))
+    if value is None:
+        return "n/a"
+    sd_node = doc.get("sd", {}).get(arm, {}).get(section, {})
+    sd = _number((sd_node if site is None else sd_node.get(site, {})).get(metric))
+    text = f"{value:.3f}" if metric != "n_cases" else f"{value:.0f}"
+    return f"{text} ± {sd:.3f}" if doc.get("n_repetitions", 1) > 1 and sd is not None and metric != "n_cases" else text
+
+
+def _paper(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "—"
+
+
+def _has(doc: dict, section: str) -> bool:
+    return any(doc[a].get(section) for a in arms_of(doc))
 
 
 def _tables(doc: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    arms = [k for k in doc if k == "centralized" or k == "federated" or k.startswith("local:")]
-    tables = []
-    for section, title in (("internal_test", "Pooled internal test set"), ("external", "External site (never trained on)")):
-        tables.append((title, ["arm", *METRIC_NAMES],
-                       [[a, *(_fmt(doc[a][section].get(m)) for m in METRIC_NAMES)] for a in arms]))
-    sites = sorted({s for a in arms for s in doc[a]["per_site"]})
+    arms = arms_of(doc)
+    tables = [("Study questions", ["question", "measured", "aim", "met?"], _questions(doc))]
+
+    types = [t for t in TUMOR_TYPES if any(f"dice_tumor_{t}" in doc[a]["internal_test"] for a in arms)]
+    rows = []
+    for a in arms:
+        for t in types:
+            rows.append([a, t, *(_cell(doc, a, "internal_test", f"{m}_tumor_{t}{u}")
+                                 for m, u in (("dice", ""), ("iou", ""), ("hd95", "_mm"), ("hd", "_mm")))])
+    for t in ("glioma", "meningioma"):
+        rows.append([PAPER_ROW, t, _paper(paper_value("table1", t, "dice")), _paper(paper_value("table1", t, "iou")),
+                     "—", _paper(paper_value("table1", t, "hd"))])
+    tables.append(("Table 1. Tumour segmentation by tumour type, pooled internal test",
+                   ["arm", "type", "DSC", "IoU", "HD95 (mm)", "HD (mm)"], rows))
+
+    rows = [[a, *(_cell(doc, a, "internal_test", f"{m}_{r}") for r in ("tumor", "edema", "whole")
+                  for m in ("dice", "iou"))] for a in arms]
+    rows.append([PAPER_ROW, *(x for r in ("tumor", "edema", "whole")
+                              for x in (f"{_paper(paper_value('table2', r))} (accuracy)", "—"))])
+    tables.append(("Table 2. By region (tumour, edema, whole), pooled internal test: Dice and IoU; the paper's "
+                   "undefined 'accuracy' beside them", ["arm", *(f"{m} {r}" for r in ("tumour", "edema", "whole")
+                                                                 for m in ("DSC", "IoU"))], rows))
+
+    rows = [[a, *(_cell(doc, a, "internal_test", m) for m in CLASSIFICATION)] for a in arms]
+    rows.append([PAPER_ROW, *(_paper(paper_value("table3", m)) for m in CLASSIFICATION)])
+    tables.append(("Table 3. Classification (case level), pooled internal test",
+                   ["arm", "ACC", "sensitivity", "specificity", "F1", "AUC"], rows))
+
+    if _has(doc, "external"):
+        rows = [[a, *(_cell(doc, a, "external", m) for m in ("dice_tumor", "iou_tumor", "hd95_tumor_mm",
+                                                               "hd_tumor_mm", "dice_whole", "n_cases"))]
+                for a in arms]
+        rows.append([PAPER_ROW, _paper(paper_value("table4", "dice")), _paper(paper_value("table4", "iou")), "—",
+                     _paper(paper_value("table4", "hd")), "—", "51"])
+        tables.append((f"Table 4. External site ({doc['sites']['external']}, never trained on): segmentation",
+                       ["arm", "DSC", "IoU", "HD95 (mm)", "HD (mm)", "DSC whole", "cases"], rows))
+        rows = [[a, *(_cell(doc, a, "external", m) for m in CLASSIFICATION)] for a in arms]
+        rows.append([PAPER_ROW, *(_paper(paper_value("table5", m)) for m in CLASSIFICATION)])
+        tables.append(("Table 5. External site: classification", ["arm", "ACC", "sensitivity", "specificity", "F1",
+                                                                  "AUC"], rows))
+
+    sites = doc["sites"]["internal"]
     for metric in ("dice_tumor", "acc"):
-        tables.append((f"{metric} on each site's test split (rows: model, columns: test site)", ["arm", *sites],
-                       [[a, *(_fmt(doc[a]["per_site"].get(s, {}).get(metric, "")) for s in sites)] for a in arms]))
-    tables.append(("Segmentation by tumour type, pooled internal test (paper Table 1)",
-                   ["arm", *(f"{m}_{t}" for t in TUMOR_TYPES for m in ("dice", "hd95"))],
-                   [[a, *(_fmt(doc[a]["internal_test"].get(f"{m}_tumor_{t}" + ("_mm" if m == "hd95" else ""), ""))
-                          for t in TUMOR_TYPES for m in ("dice", "hd95"))] for a in arms]))
+        tables.append((f"{metric} on each site's test split (rows: model; columns: test site)", ["arm", *sites],
+                       [[a, *(_cell(doc, a, "per_site", metric, s) for s in sites)] for a in arms]))
     if "federated" in doc and "centralized" in doc:
         rows = []
         for section in ("internal_test", "external"):
-            fed, cen = doc["federated"][section], doc["centralized"][section]
-            rows.append([section, *(_fmt(fed[m] / cen[m]) if cen.get(m) else "n/a" for m in METRIC_NAMES[:-1])])
-        tables.append(("Federated / centralized ratio (1.0 = parity; for HD lower is better)",
+            if doc["federated"].get(section) and doc["centralized"].get(section):
+                fed, cen = doc["federated"][section], doc["centralized"][section]
+                rows.append([section, *(_ratio(fed.get(m), cen.get(m)) for m in METRIC_NAMES[:-1])])
+        tables.append(("Federated / centralized, every metric (1.0 = parity; for HD lower is better)",
                        ["set", *METRIC_NAMES[:-1]], rows))
+    if "validation" in doc.get(arms[0], {}):
+        tables.append(("Cross-validation: each fold's held-out training cases",
+                       ["arm", *METRIC_NAMES[:-1]],
+                       [[a, *(_cell(doc, a, "validation", m) for m in METRIC_NAMES[:-1])] for a in arms]))
     return tables
 
 
-def write_report(doc: dict, out: Path) -> None:
+def _ratio(a, b) -> str:
+    a, b = _number(a), _number(b)
+    return f"{a / b:.3f}" if a is not None and b else "n/a"
+
+
+def _questions(doc: dict) -> list[list[str]]:
+    rows = []
+    fed, cen = doc.get("federated", {}).get("internal_test"), doc.get("centralized", {}).get("internal_test")
+    for metric in ("dice_tumor", "acc"):
+        if fed and cen:
+            r = _ratio(fed.get(metric), cen.get(metric))
+            met = "yes" if r != "n/a" and float(r) >= AIM_PARITY else "no"
+            rows.append([f"federated / centralized, {metric} (internal)", r, f">= {AIM_PARITY}", met])
+    locals_ = [a for a in arms_of(doc) if a.startswith("local:")]
+    if fed and locals_:
+        for metric in ("dice_tumor", "acc"):
+            best = max(locals_, key=lambda a: _number(doc[a]["internal_test"].get(metric)) or -1)
+            f, b = _number(fed.get(metric)), _number(doc[best]["internal_test"].get(metric))
+            rows.append([f"federated vs best local-only ({best}), {metric} (internal)",
+                         f"{f:.3f} vs {b:.3f}" if f is not None and b is not None else "n/a", "federated ahead",
+                         "yes" if f is not None and b is not None and f > b else "no"])
+    for arm in ("federated", "centralized"):
+        if arm in doc and doc[arm].get("external"):
+            for metric in ("dice_tumor", "acc"):
+                r = _ratio(doc[arm]["external"].get(metric), doc[arm]["internal_test"].get(metric))
+                rows.append([f"external / internal, {arm}, {metric}", r, f">= {AIM_EXTERNAL}",
+                             "yes" if r != "n/a" and float(r) >= AIM_EXTERNAL else "no"])
+    return rows
+
+
+def _intro(doc: dict) -> list[str]:
     budget = doc["budget"]
-    intro = [f"Profile `{doc['profile']}` on {doc['device']}; cases per site: "
+    reps = doc.get("repetitions", [])
+    lines = [f"Profile `{doc['profile']}` on {doc['device']}; cases per site: "
              + ", ".join(f"{k} {v}" for k, v in doc["cases"].items()) + ".",
              f"Compute budget: centralized {budget['centralized_epochs']} epochs on the pooled data; each local arm "
              f"{budget['local_epochs_per_site']} epochs on its own site; federated {budget['federated_rounds']} "
-             f"rounds x {budget['federated_local_epochs']} local epochs (every site passes over its data the same "
-             "number of times in every arm).",
+             f"rounds x {budget['federated_local_epochs']} local epochs. Every site passes over its own training data "
+             "the same number of times in every arm (rounds x local epochs = centralized epochs).",
+             f"Repetitions: {len(reps)} ("
+             + ", ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}/{doc['folds']}" if r.get('fold') is not None
+                                                else "") for r in reps)
+             + "); cells show the mean" + (" ± sd" if len(reps) > 1 else "") + " over them.",
              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in doc["wall_s"].items()) + ".",
-             "Metrics are per case (20 or fewer representative slices), then averaged: docs/metrics.md."]
-    tables = _tables(doc)
-    md = ["# BrainTumNet-FL study report", "", f"**{BANNER}**", "", *intro, ""]
+             "How metrics are computed (docs/metrics.md): per case over its representative slices, then averaged; "
+             "Dice and IoU of the foreground (IoU <= Dice always, so the paper's IoU 0.921 above its DSC 0.91 cannot "
+             "be a per-case foreground IoU); HD and HD95 in mm (MONAI's definition); classification at case level "
+             "(mean of the slices' probabilities); sensitivity, specificity, F1 and AUC macro-averaged one-vs-rest.",
+             "Rows marked 'paper' are the values the paper's text quotes for BrainTumNet on its patients, for "
+             "reference only; they are not results of this study."]
+    return lines
+
+
+def _md_table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    return [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def write_report(doc: dict, out: Path) -> None:
+    out = Path(out)
+    synthetic = doc.get("synthetic", False)
+    tables, intro, figures = _tables(doc), _intro(doc), doc.get("figures", [])
+    md = ["# BrainTumNet-FL study report", ""]
+    md += [f"**{BANNER}**", ""] if synthetic else []
+    md += [*intro, ""]
     for title, head, rows in tables:
-        md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        md += _md_table(title, head, rows)
+    if figures:
+        md += ["## Figures", ""] + [f"![{f['title']}]({f['path']})" for f in figures] + [""]
     (out / "report.md").write_text("\n".join(md))
-    body = [f"<h1>BrainTumNet-FL study report</h1><p class=banner>{html.escape(BANNER)}</p>"]
-    body += [f"<p>{html.escape(p)}</p>" for p in intro]
+
+    body = ["<h1>BrainTumNet-FL study report</h1>"]
+    body += [f"<p class=banner>{html.escape(BANNER)}</p>"] if synthetic else []
+    body += [f"<p>{_inline_code(html.escape(p))}</p>" for p in intro]
     for title, head, rows in tables:
         body.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
                     + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
                                         for r in rows) + "</table>")
+    if figures:
+        body.append("<h2>Figures</h2>")
+        for f in figures:
+            data = base64.b64encode((out / f["path"]).read_bytes()).decode()
+            body.append(f"<figure><img alt='{html.escape(f['title'])}' src='data:image/png;base64,{data}'>"
+                        f"<figcaption>{html.escape(f['title'])}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "img{max-width:100%}figure{margin:1em 0}"
              ".banner{background:#fee;border:1px solid #c00;padding:8px;font-weight:bold}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=utf-8><title>BrainTumNet-FL report"
                                      f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _inline_code(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)

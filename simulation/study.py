@@ -4,6 +4,10 @@ internal test set and the external site (FLamby's triad, field notes §4).
 Compute budget: centralized trains E epochs on the pooled data; each local arm trains E epochs on its own site; the
 federated arm runs R rounds of L local epochs with R·L = E, so every site passes over its own data E times in
 every arm.
+
+Repetitions: every seed, and with ``folds`` ≥ 2 every fold of a per-site stratified k-fold split of the training
+cases (each site holds out its own fold k; the federated sites compute the same folds themselves from the run
+config, so no case id ever crosses the network). Each repetition trains every arm; tables show mean ± sd.
 """
 
 from __future__ import annotations
@@ -14,20 +18,27 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from braintumnet.centralized import SYNTHETIC_NOTE
 from braintumnet.checkpoint import load_checkpoint, save_checkpoint
 from braintumnet.config import Profile, resolve, to_dict
-from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
+from braintumnet.data.dataset import select_slices
+from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
-from braintumnet.engine import build_model, evaluate_model, pick_device, train_model
+from braintumnet.engine import build_model, evaluate_cases, evaluate_model, pick_device, predict_slices, train_model
+from simulation import figures as fig
 from simulation.flower_run import run_federated
+from simulation.pooled import StudySites, phantom_sites, split_pooled
 from simulation.report import write_report
+from simulation.tracking import log_arm, tracking_uri
 
 log = logging.getLogger("simulation")
 
 # Phantom scale per profile: quick fits 15 minutes on 2 cores; paper is the paper's 485 + 51 cases.
 PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
+EXPERIMENT = "braintumnet-study"
 
 
 def say(message: str) -> None:
@@ -35,35 +46,154 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def score(model, sites: dict, profile: Profile, device) -> dict:
-    internal = [sites[s] for s in SITES if s in sites]
-    return {
-        "internal_test": evaluate_model(model, internal, "test", profile, device, progress=False),
-        "external": evaluate_model(model, [sites[EXTERNAL_SITE]], None, profile, device, progress=False),
-        "per_site": {s.site: evaluate_model(model, [s], "test", profile, device, progress=False) for s in internal},
-    }
-
-
-def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, scale: float | None = None,
-              seed: int = 0, device: str = "auto", skip_federated: bool = False,
-              overrides: dict | None = None) -> dict:
-    """Run every arm and write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``.
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where the federated arm's simulated sites run (Flower's Ray backend).
 
     Args:
+        ray_address: join this running Ray cluster (``ray start --head`` prints it) instead of starting a private
+            one; None = a private Ray instance on this machine.
+        cpus_per_site, gpus_per_site: Ray resources each simulated site reserves (``client-resources-num-*``).
+    """
+
+    ray_address: str | None = None
+    cpus_per_site: int = 1
+    gpus_per_site: float = 0.0
+
+
+def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, data: Path | None = None,
+              site_column: str = "hospital", external: str = "external", scale: float | None = None,
+              seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
+              overrides: dict | None = None, cluster: Cluster = Cluster()) -> dict:
+    """Run every arm and write ``metrics.json``, ``report.md``, ``report.html``, ``figures/`` and an MLflow run per
+    arm into ``out``.
+
+    Args:
+        phantom: reuse this phantom cohort (else one is written to ``out/phantom``).
+        data: a pooled dataset to split by ``site_column`` instead of the phantom (simulation.pooled).
+        external: the hospital of ``data`` kept for external validation only.
+        seeds, folds: repetitions (every seed × every fold; ``folds`` < 2 = no cross-validation).
         overrides: run-config keys (``[tool.flwr.app.config]`` names) applied on top of the profile in every arm,
             the federated one included.
     """
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {**(overrides or {}), "train.seed": seed}
-    profile = resolve({"profile": profile_name, **overrides})
-    fed = profile.federation
+    overrides = dict(overrides or {})
+    base = resolve({"profile": profile_name, **overrides})
+    fed = base.federation
     epochs = fed.num_rounds * fed.local_epochs
-    profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=epochs))
     dev = pick_device(device)
     cache = out / "cache"
     started = time.perf_counter()
 
+    layout = _cohort(out, profile_name, phantom, data, site_column, external, scale, seeds[0])
+    say(f"phase 2/5 prepare: {base.data.slices_per_case} slices per case at {base.data.img_size} px")
+    sites = {s.site: s for s in load_sites([layout.root / s for s in layout.all], cache, base.data, progress=False)}
+    internal = [sites[s] for s in layout.internal]
+    ext = [sites[layout.external]] if layout.external else []
+    classes = task_classes(base.data.task)
+    plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
+    repetitions, timings, cases_of, fed_rounds, overlay_model = [], {}, {}, [], None
+
+    for index, (seed, fold) in enumerate(plan):
+        tag = f"seed {seed}" + (f", fold {fold + 1}/{folds}" if fold is not None else "")
+        profile = resolve({"profile": profile_name, **overrides, "train.seed": seed})
+        profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=epochs))
+        held = {s.site: site_folds(s, classes, folds, seed)[fold] for s in internal} if fold is not None else {}
+        rep: dict = {"seed": seed, "fold": fold}
+        first = index == 0
+
+        def keep(name: str, model) -> None:
+            scores, per_case = _score(model, internal, ext, profile, dev, held)
+            rep[name] = scores
+            if first:
+                cases_of[name] = per_case
+            timings[name] = timings.get(name, 0.0) + rep[name].pop("wall_s", 0.0)
+            log_arm(out, EXPERIMENT, name, scores, _flat(to_dict(profile)),
+                    {"seed": str(seed), "fold": str(fold), "synthetic": str(layout.synthetic)})
+            r = scores["internal_test"]
+            say(f"  {name} ({tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
+
+        def arm(name: str, train_sites) -> None:
+            t0 = time.perf_counter()
+            model = build_model(profile, len(classes))
+            ids = _training_cases(train_sites, classes, held)
+            train_model(model, train_sites, profile, dev, epochs=epochs, case_ids=ids, progress=False)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            save_checkpoint(out / "models" / f"{name.replace(':', '-')}-s{seed}{_fold_tag(fold)}.pt",
+                            model.state_dict(), profile, classes,
+                            {"arm": name, "synthetic": layout.synthetic, "epochs": epochs, "seed": seed,
+                             "fold": fold})
+            keep(name, model)
+
+        say(f"phase 3/5 centralized ({tag}): pooled {', '.join(layout.internal)}, {epochs} epochs")
+        arm("centralized", internal)
+        say(f"phase 4/5 local-only ({tag}): each site alone, {epochs} epochs")
+        for site in internal:
+            arm(f"local:{site.site}", [site])
+        if not skip_federated:
+            say(f"phase 5/5 federated ({tag}): FedAvg on Flower's Simulation Engine, {fed.num_rounds} rounds x "
+                f"{fed.local_epochs} local epochs, {len(internal)} simulated sites")
+            t0 = time.perf_counter()
+            run_config = {
+                "profile": profile_name, **overrides, "train.seed": seed, "num-server-rounds": fed.num_rounds,
+                "train.local-epochs": fed.local_epochs, "checkpoint-dir": str(out / "federated"),
+                "cache-dir": str(cache), "phantom-dir": str(layout.root), "device": device,
+                "sites": ",".join(layout.internal), "mlflow-experiment": EXPERIMENT,
+                "external-data": str(layout.root / layout.external) if layout.external else "",
+            }
+            if fold is not None:
+                run_config.update({"cv.folds": folds, "cv.fold": fold})
+            run_dir = run_federated(run_config, out, num_sites=len(internal), cpus_per_site=cluster.cpus_per_site,
+                                    gpus_per_site=cluster.gpus_per_site, ray_address=cluster.ray_address,
+                                    mlflow_uri=tracking_uri(out), log=say)
+            timings["federated"] = timings.get("federated", 0.0) + time.perf_counter() - t0
+            ckpt = load_checkpoint(run_dir / "final.pt")
+            model = build_model(ckpt.profile, len(ckpt.class_names))
+            model.load_state_dict(ckpt.state_dict)
+            if first:
+                fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
+                overlay_model = model
+            keep("federated", model)
+        repetitions.append(rep)
+        if first and overlay_model is None:
+            overlay_model = model_of(out, "centralized", seed, fold, profile, len(classes))
+
+    arms = [k for k in repetitions[0] if k not in ("seed", "fold")]
+    document = {
+        "synthetic": layout.synthetic,
+        "note": SYNTHETIC_NOTE if layout.synthetic else "",
+        "profile": profile_name,
+        "config": to_dict(base),
+        "device": str(dev),
+        "sites": {"internal": list(layout.internal), "external": layout.external},
+        "budget": {"centralized_epochs": epochs, "local_epochs_per_site": epochs,
+                   "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs},
+        "cases": {s.site: int(s.slices["case_id"].nunique()) for s in sites.values()},
+        "n_repetitions": len(plan),
+        "folds": folds if folds >= 2 else None,
+        "seeds": list(seeds),
+        "wall_s": {**{k: round(v, 1) for k, v in timings.items()}, "total": 0.0},
+        **{a: _mean([r[a] for r in repetitions]) for a in arms},
+        "sd": {a: _sd([r[a] for r in repetitions]) for a in arms},
+        "repetitions": repetitions,
+    }
+    say("report: figures and tables")
+    document["figures"] = _figures(out, document, cases_of, fed_rounds, overlay_model, internal, profile, dev, classes)
+    document["wall_s"]["total"] = round(time.perf_counter() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
+    write_report(document, out)
+    say(f"done in {document['wall_s']['total']} s: {out / 'metrics.json'}, {out / 'report.md'}, "
+        f"{out / 'report.html'}" + (" (SYNTHETIC data)" if layout.synthetic else ""))
+    return document
+
+
+def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, scale, seed) -> StudySites:
+    if data is not None:
+        say(f"phase 1/5 cohort: splitting {data} by its {site_column!r} column into {out / 'sites'}")
+        layout = split_pooled(Path(data), site_column, out / "sites", external)
+        say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
+        return layout
     phantom = Path(phantom).absolute() if phantom else out / "phantom"
     if not (phantom / "phantom.json").is_file():
         from braintumnet.data.phantom import generate_cohort
@@ -72,62 +202,113 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}) to {phantom}")
         say("  " + generate_cohort(phantom, scale=scale, seed=seed, progress=False).summary().replace("\n", "\n  "))
     else:
-        say(f"phase 1/5 cohort: reusing {phantom}")
-    say(f"phase 2/5 prepare: {profile.data.slices_per_case} slices per case at {profile.data.img_size} px")
-    sites = {s.site: s for s in load_sites([phantom / s for s in (*SITES, EXTERNAL_SITE)], cache, profile.data,
-                                           progress=False)}
-    internal = [sites[s] for s in SITES]
-    classes = task_classes(profile.data.task)
-    results, timings = {}, {}
+        say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
+    return phantom_sites(phantom)
 
-    def arm(name: str, train_sites) -> None:
-        t0 = time.perf_counter()
-        model = build_model(profile, len(classes))
-        train_model(model, train_sites, profile, dev, epochs=epochs, progress=False)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        save_checkpoint(out / "models" / f"{name.replace(':', '-')}.pt", model.state_dict(), profile, classes,
-                        {"arm": name, "synthetic": True, "epochs": epochs})
-        results[name] = score(model, sites, profile, dev)
-        r = results[name]["internal_test"]
-        say(f"  {name}: {epochs} epochs in {timings[name]} s; internal dice_tumor {r['dice_tumor']:.3f} "
-            f"acc {r['acc']:.3f}")
 
-    say(f"phase 3/5 centralized: pooled {', '.join(SITES)}")
-    arm("centralized", internal)
-    say(f"phase 4/5 local-only: each site alone")
-    for site in internal:
-        arm(f"local:{site.site}", [site])
-    if not skip_federated:
-        say(f"phase 5/5 federated: FedAvg on Flower's Simulation Engine, {fed.num_rounds} rounds x "
-            f"{fed.local_epochs} local epochs")
-        t0 = time.perf_counter()
-        run_dir = run_federated({
-            "profile": profile_name, **overrides, "num-server-rounds": fed.num_rounds,
-            "train.local-epochs": fed.local_epochs, "checkpoint-dir": str(out / "federated"), "cache-dir": str(cache),
-            "phantom-dir": str(phantom), "device": device,
-        }, out, log=say)
-        timings["federated"] = round(time.perf_counter() - t0, 1)
-        ckpt = load_checkpoint(run_dir / "final.pt")
-        model = build_model(ckpt.profile, len(ckpt.class_names))
-        model.load_state_dict(ckpt.state_dict)
-        results["federated"] = score(model, sites, profile, dev)
-        r = results["federated"]["internal_test"]
-        say(f"  federated: {timings['federated']} s; internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
+def _training_cases(train_sites, classes, held: dict) -> list[str] | None:
+    """The training cases left after each site's held-out fold (None = all of them)."""
+    if not held:
+        return None
+    table = select_slices(train_sites, "train", classes)
+    return sorted(set(table["case_id"]) - {c for s in train_sites for c in held.get(s.site, [])})
 
-    document = {
-        "synthetic": True,
-        "note": SYNTHETIC_NOTE,
-        "profile": profile_name,
-        "config": to_dict(profile),
-        "device": str(dev),
-        "budget": {"centralized_epochs": epochs, "local_epochs_per_site": epochs,
-                   "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs},
-        "cases": {s.site: int(s.slices["case_id"].nunique()) for s in sites.values()},
-        "wall_s": {**timings, "total": round(time.perf_counter() - started, 1)},
-        **results,
-    }
-    (out / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
-    write_report(document, out)
-    say(f"done in {document['wall_s']['total']} s: {out / 'metrics.json'}, {out / 'report.md'}, "
-        f"{out / 'report.html'} (SYNTHETIC data)")
-    return document
+
+def _score(model, internal, ext, profile: Profile, dev, held: dict) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    metrics, per_case = {}, {}
+    metrics["internal_test"], per_case["internal_test"] = evaluate_cases(model, internal, "test", profile, dev,
+                                                                         progress=False)
+    if ext:
+        metrics["external"], per_case["external"] = evaluate_cases(model, ext, None, profile, dev, progress=False)
+    scores = {k: _numbers(v) for k, v in metrics.items()}
+    scores.setdefault("external", {})
+    scores["per_site"] = {s.site: _numbers(evaluate_model(model, [s], "test", profile, dev, progress=False))
+                          for s in internal}
+    if held:
+        ids = sorted(c for v in held.values() for c in v)
+        scores["validation"] = _numbers(evaluate_model(model, internal, "train", profile, dev, case_ids=ids,
+                                                       progress=False))
+    scores["wall_s"] = time.perf_counter() - t0
+    return scores, per_case
+
+
+def _numbers(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
+
+
+def _mean(reps: list[dict]) -> dict:
+    return _combine(reps, lambda v: float(np.mean(v)))
+
+
+def _sd(reps: list[dict]) -> dict:
+    return _combine(reps, lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+
+
+def _combine(reps: list[dict], reduce) -> dict:
+    """Reduce the repetitions of one arm metric by metric (NaN, e.g. an undefined AUC, left out of the mean)."""
+    def walk(nodes: list):
+        if isinstance(nodes[0], dict):
+            return {k: walk([n[k] for n in nodes if k in n]) for k in nodes[0]}
+        values = [v for v in nodes if v == v]
+        return reduce(values) if values else float("nan")
+    return walk(reps)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fold_tag(fold) -> str:
+    return "" if fold is None else f"-f{fold + 1}"
+
+
+def model_of(out: Path, arm: str, seed: int, fold, profile: Profile, k: int):
+    ckpt = load_checkpoint(out / "models" / f"{arm.replace(':', '-')}-s{seed}{_fold_tag(fold)}.pt")
+    model = build_model(profile, k)
+    model.load_state_dict(ckpt.state_dict)
+    return model
+
+
+def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal, profile, dev, classes) -> list:
+    folder = out / "figures"
+    shown = []
+
+    def add(path: Path, title: str) -> None:
+        shown.append({"title": title, "path": str(path.relative_to(out))})
+
+    arms = [a for a in doc["sd"]]
+    if rounds:
+        add(fig.learning_curves(rounds, {a: doc[a]["internal_test"] for a in arms}, folder / "learning_curves.png"),
+            "Learning curves: federated Dice and accuracy per round (internal and external); other arms' finals")
+    add(fig.site_bars({a: doc[a] for a in arms}, doc["sites"]["internal"], folder / "per_site.png"),
+        "Every arm on every site's test split")
+    for arm in [a for a in ("federated", "centralized") if a in cases_of]:
+        for section, label in (("internal_test", "pooled internal test"), ("external", "external site")):
+            if section in cases_of[arm]:
+                stem = f"{arm}_{section}"
+                paths = fig.classification_figures(cases_of[arm][section], classes, folder, stem, f"{arm}, {label}")
+                add(paths[0], f"ROC curves, {arm}, {label} (first repetition)")
+                add(paths[1], f"Confusion matrix, {arm}, {label} (first repetition)")
+    if model is not None:
+        table = select_slices(internal, "test", classes)
+        # One slice per tumour type: the middle slice of the first test case of each type.
+        picks = []
+        for _, grp in table.groupby("tumor_type", sort=True):
+            case = grp[grp["case_id"] == grp["case_id"].iloc[0]]
+            picks.append(case.index[len(case) // 2])
+        rows = table.loc[picks]
+        seg, probs = predict_slices(model, internal, rows, dev, profile.train.batch_size, progress=False)
+        images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]
+        targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
+        titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]
+        name = "federated" if "federated" in cases_of else "centralized"
+        add(fig.example_overlays(images, targets, list(seg), titles, folder / "overlays.png"),
+            f"Example internal test slices, {name} model: reference solid, prediction dashed")
+    return shown

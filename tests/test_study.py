@@ -1,26 +1,133 @@
-"""The study's centralized and local-only arms and its report, on the session's tiny SYNTHETIC cohort.
-
-The federated arm (Flower's Simulation Engine through `flwr run . local`) is exercised by
-tests/federation/test_simulation.py.
+"""The whole study (`python -m simulation`) on the session's tiny SYNTHETIC cohort: centralized, local-only and
+federated arms, the federated one on Flower's own Simulation Engine (`flwr run . local` with the committed
+deploy/flwr-home/config.toml), every output file and metric key; and the pooled-dataset split.
 """
 
 import json
+import shutil
+from pathlib import Path
 
+import pandas as pd
+import pytest
+
+import simulation.study as study
+from braintumnet.data.contract import EXTERNAL_SITE, SITES
+from braintumnet.errors import BrainTumNetError
 from braintumnet.metrics import METRIC_NAMES
-from simulation.study import run_study
+from simulation.__main__ import main as simulation_main
+from simulation.pooled import split_pooled
+
+REPO = Path(__file__).resolve().parents[1]
+ARMS = {"centralized", "federated", *(f"local:{s}" for s in SITES)}
 
 
-def test_study_writes_metrics_and_a_report_that_says_synthetic(phantom_root, tiny_run_config, tmp_path):
+@pytest.mark.timeout(1200)
+def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run_config, tmp_path, monkeypatch):
+    trained_on = []
+    real_train = study.train_model
+
+    def recording_train(model, sites, *args, **kwargs):  # the real training, with a note of who trained
+        trained_on.append({s.site for s in sites})
+        return real_train(model, sites, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train_model", recording_train)
     overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
-    overrides.update({"num-server-rounds": 1, "train.local-epochs": 1})
-    run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", skip_federated=True, overrides=overrides)
-    doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc["synthetic"] is True
-    assert {"centralized", "local:yibin", "local:plagh", "local:jinling"} <= set(doc)
-    for arm in ("centralized", "local:plagh"):
-        assert set(METRIC_NAMES) <= set(doc[arm]["internal_test"]) and set(METRIC_NAMES) <= set(doc[arm]["external"])
-        assert set(doc[arm]["per_site"]) == {"yibin", "plagh", "jinling"}
-    assert doc["budget"]["centralized_epochs"] == 1
+    overrides.update({"num-server-rounds": 2, "train.local-epochs": 1})
+    pyproject = (REPO / "pyproject.toml").read_bytes()
+    doc = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", overrides=overrides)
+
+    assert doc["synthetic"] is True and set(doc["sd"]) == ARMS
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for arm in ARMS:
+        for section in ("internal_test", "external"):
+            assert set(METRIC_NAMES) <= set(saved[arm][section]), (arm, section)
+        assert set(saved[arm]["per_site"]) == set(SITES)
+        assert set(METRIC_NAMES) <= set(saved[arm]["per_site"]["plagh"])
+    assert saved["budget"] == {"centralized_epochs": 2, "local_epochs_per_site": 2, "federated_rounds": 2,
+                               "federated_local_epochs": 1}
+    # The external site is never trained on: not by the in-process arms, not by the simulated sites.
+    assert trained_on and all(EXTERNAL_SITE not in sites for sites in trained_on)
+    run_dir = next((tmp_path / "federated").glob("run-*"))
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert len(rounds) == 2 and all(set(r["sites"]) == set(SITES) for r in rounds)  # partition i is site i
+    assert rounds[-1]["external"]["n_cases"] > 0  # the centre evaluated the external site every round
+    assert (REPO / "pyproject.toml").read_bytes() == pyproject  # `flwr run` did not rewrite it
+
     report = (tmp_path / "report.md").read_text()
-    assert "SYNTHETIC" in report and f"{doc['centralized']['internal_test']['dice_tumor']:.3f}" in report
-    assert "SYNTHETIC" in (tmp_path / "report.html").read_text()
+    assert "SYNTHETIC" in report and "paper (reference, not ours)" in report
+    assert f"{saved['federated']['internal_test']['dice_tumor']:.3f}" in report
+    for table in ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "Table 5.", "Study questions"):
+        assert table in report
+    html = (tmp_path / "report.html").read_text()
+    assert "SYNTHETIC" in html and html.count("data:image/png;base64,") == len(saved["figures"]) >= 7
+    for figure in saved["figures"]:
+        assert (tmp_path / figure["path"]).stat().st_size > 1000
+    assert {"learning_curves.png", "per_site.png", "overlays.png", "roc_federated_external.png",
+            "confusion_centralized_internal_test.png"} <= {Path(f["path"]).name for f in saved["figures"]}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(study.EXPERIMENT).experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert ARMS <= names  # one MLflow run per arm, and the ServerApp's per-round run beside them
+    federated = next(r for r in runs if r.info.run_name == "federated")
+    assert federated.data.metrics["internal_test/dice_tumor"] == pytest.approx(
+        saved["federated"]["internal_test"]["dice_tumor"])
+
+
+def _pooled(phantom_root: Path, folder: Path, column: str = "hospital") -> Path:
+    """The phantom's four sites as one pooled folder, images left where they are."""
+    frames = []
+    for site in (*SITES, EXTERNAL_SITE):
+        cases = pd.read_csv(phantom_root / site / "cases.csv", dtype=str, keep_default_na=False)
+        for c in ("image", "mask"):
+            cases[c] = [str(phantom_root / site / p) for p in cases[c]]
+        frames.append(cases.assign(**{column: site}))
+    folder.mkdir()
+    shutil.copy(phantom_root / "yibin" / "dataset.json", folder / "dataset.json")
+    meta = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps({**meta, "site": "pooled",
+                                                     "tumor_types": ["glioma", "metastasis", "meningioma"]}))
+    pd.concat(frames).to_csv(folder / "cases.csv", index=False)
+    return folder
+
+
+def test_pooled_dataset_splits_by_hospital_without_copying_or_sharing_a_case(phantom_root, tmp_path):
+    pooled = _pooled(phantom_root, tmp_path / "pooled")
+    before = {p: p.stat().st_mtime_ns for p in pooled.iterdir()}
+    layout = split_pooled(pooled, "hospital", tmp_path / "sites")
+    assert layout.internal == SITES and layout.external == EXTERNAL_SITE
+    seen: dict[str, str] = {}
+    for site in layout.all:
+        cases = pd.read_csv(tmp_path / "sites" / site / "cases.csv", dtype=str)
+        assert json.loads((tmp_path / "sites" / site / "dataset.json").read_text())["site"] == site
+        for case in cases["case_id"]:
+            assert case not in seen, f"{case} in {seen.get(case)} and {site}"
+            seen[case] = site
+        assert all(Path(p).is_absolute() and Path(p).is_file() for p in cases["image"])
+    assert {p: p.stat().st_mtime_ns for p in pooled.iterdir()} == before  # the pooled folder is only read
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("column", "no column 'site'"),
+    ("duplicate", "appear more than once"),
+    ("one-site", "at least two"),
+])
+def test_pooled_dataset_problems_name_the_file_and_the_fix(phantom_root, tmp_path, problem, expected):
+    pooled = _pooled(phantom_root, tmp_path / "pooled")
+    cases = pd.read_csv(pooled / "cases.csv", dtype=str, keep_default_na=False)
+    if problem == "duplicate":
+        cases.loc[1, "case_id"] = cases.loc[0, "case_id"]
+    if problem == "one-site":
+        cases["hospital"] = cases["hospital"].where(cases["hospital"] == EXTERNAL_SITE, "yibin")
+    cases.to_csv(pooled / "cases.csv", index=False)
+    with pytest.raises(BrainTumNetError, match=expected) as info:
+        split_pooled(pooled, "site" if problem == "column" else "hospital", tmp_path / "sites")
+    assert str(pooled / "cases.csv") in str(info.value)
+
+
+def test_command_line_refuses_a_missing_dataset_with_one_line(tmp_path, capsys):
+    code = simulation_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "nowhere" in err and "Traceback" not in err

@@ -1,0 +1,55 @@
+"""One MLflow run per arm and repetition of the study, in the study folder's own store.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<study>/mlflow.db`` (artifacts beside it); the
+federated arm's ServerApp logs its per-round run into the same store (simulation.flower_run passes the URI on), so
+``mlflow ui --backend-store-uri sqlite:///<study>/mlflow.db`` shows every arm side by side.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger("simulation")
+
+
+def tracking_uri(out: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).absolute() / 'mlflow.db'}"
+
+
+def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], params: Mapping[str, Any],
+            tags: Mapping[str, str]) -> str | None:
+    """Log one arm's final scores (``internal_test/<m>``, ``external/<m>``, ``<site>/<m>``) as an MLflow run.
+
+    Returns the MLflow run id, or None when MLflow could not write (logged once; the study goes on).
+    """
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(out))
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=(Path(out).absolute() / "mlartifacts").as_uri())
+        run = client.create_run(exp_id, run_name=arm, tags={"arm": arm, **tags})
+        rid = run.info.run_id
+        flat = {k: str(v)[:500] for k, v in params.items()}
+        for start in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(rid, params=[mlflow.entities.Param(k, v)
+                                          for k, v in list(flat.items())[start:start + 100]])
+        metrics = []
+        for section in ("internal_test", "external"):
+            metrics += [(f"{section}/{k}", v) for k, v in (scores.get(section) or {}).items()]
+        for site, values in (scores.get("per_site") or {}).items():
+            metrics += [(f"{site}/{k}", v) for k, v in values.items()]
+        entities = [mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics
+                    if isinstance(v, (int, float)) and v == v]  # NaN (undefined AUC) is left out
+        for start in range(0, len(entities), 1000):
+            client.log_batch(rid, metrics=entities[start:start + 1000])
+        client.set_terminated(rid)
+        return rid
+    except Exception as exc:  # a broken tracking store must not lose the study's results
+        log.warning("MLflow: could not log arm %s (%s: %s); metrics.json still has it", arm, type(exc).__name__, exc)
+        return None

@@ -29,6 +29,9 @@ def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], par
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # After the import, which sets its own level: its store-creation INFO lines would break the progress lines.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
         client = MlflowClient(tracking_uri(out))
         found = client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found else client.create_experiment(

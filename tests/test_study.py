@@ -45,7 +45,12 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
         assert set(METRIC_NAMES) <= set(saved[arm]["per_site"]["plagh"])
     assert saved["budget"] == {"centralized_epochs": 2, "local_epochs_per_site": 2, "federated_rounds": 2,
                                "federated_local_epochs": 1}
-    # The external site is never trained on: not by the in-process arms, not by the simulated sites.
+    # No case is in two sites (of the data the arms read), and the external site is never trained on: not by the
+    # in-process arms, not by the simulated sites.
+    owners: dict[str, str] = {}
+    for site in (*SITES, EXTERNAL_SITE):
+        for case in pd.read_csv(tmp_path / "cache" / site / "32px_3sl" / "slices.csv", dtype=str)["case_id"]:
+            assert owners.setdefault(case, site) == site, f"{case} in {owners[case]} and {site}"
     assert trained_on and all(EXTERNAL_SITE not in sites for sites in trained_on)
     run_dir = next((tmp_path / "federated").glob("run-*"))
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]

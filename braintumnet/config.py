@@ -2,20 +2,29 @@
 
 Profiles are named sets of overrides (``quick`` for a 2-core CPU, ``standard`` for the CPU figures we quote,
 ``paper`` for the paper's settings on a GPU, §2.1.2 and §2.1.4). In the run config, a profile-dependent key left at
-``0`` means "the profile's value"; any other value overrides the profile. ``tests/test_config.py`` checks that the
+``0`` means "the profile's value"; any other value overrides the profile. The privacy and robustness keys
+(``dp.*``, ``robust.*``, ``strategy.*``) are the same in every profile and are taken literally, so a ``0`` there
+means zero (e.g. ``robust.norm-factor = 0`` turns the norm check off). ``tests/test_config.py`` checks that the
 defaults here and the ones in ``pyproject.toml`` agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from braintumnet.data.contract import TASKS
+from braintumnet.errors import BrainTumNetError
 
 GATE_REGIONS = ("tumor", "edema", "whole")
 MODEL_MODES = ("multitask", "two-stage")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+
+
+class ConfigError(BrainTumNetError, ValueError):
+    """A run-config value that cannot work; the message names the key and the fix. A ValueError like the others."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +106,82 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy per site: DP-SGD with Opacus, sample level (docs/privacy.md).
+
+    Args:
+        enabled: train with DP-SGD (per-slice clipping and Gaussian noise, Poisson sampling, no AMP).
+        noise_multiplier: σ, the noise's standard deviation relative to ``max_grad_norm``; 0 = derive σ from
+            ``target_epsilon``.
+        target_epsilon: the ε a site reaches after all planned rounds (``num-server-rounds`` × local epochs);
+            σ is computed from it; 0 = use ``noise_multiplier``. Give exactly one of the two.
+        max_grad_norm: the per-slice gradient clipping bound C.
+        delta: δ of (ε, δ)-DP; it must be below 1/n for a site's n training slices (checked at the site).
+        max_epsilon: the budget. A site never trains a round that would take its cumulative ε above it; it still
+            evaluates. 0 = ``target_epsilon`` when that is given, else no cap.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "target_epsilon", "max_epsilon"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"dp.{name.replace('_', '-')}={getattr(self, name)}: use a value >= 0")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"dp.max-grad-norm={self.max_grad_norm}: use a positive clipping bound, e.g. 1.0")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta={self.delta}: use a value in (0, 1) below 1/n for n training slices, "
+                              "e.g. 1e-5")
+        if self.enabled and (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ConfigError(
+                f"dp.enabled=true with dp.noise-multiplier={self.noise_multiplier} and dp.target-epsilon="
+                f"{self.target_epsilon}: set exactly one of them (the other to 0), e.g. dp.noise-multiplier=1.0")
+
+    @property
+    def budget(self) -> float:
+        """The cap on a site's cumulative ε (``inf`` = none)."""
+        cap = self.max_epsilon or self.target_epsilon
+        return cap if cap > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """How the centre screens and combines the sites' updates (docs/privacy.md, "Update validation").
+
+    Args:
+        aggregation: ``fedavg`` (weighted by training slices), ``median`` (coordinate-wise) or ``trimmed-mean``
+            (coordinate-wise, unweighted, dropping ``trim_fraction`` of the sites at each end).
+        trim_fraction: for ``trimmed-mean``, in [0, 0.5).
+        norm_factor: a train reply whose update norm ``||w_site - w_global||`` exceeds ``norm_factor`` × the median
+            of the round's update norms is rejected; 0 turns the check off. Needs 3 or more sites to mean much.
+    """
+
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    norm_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"strategy.aggregation={self.aggregation!r}: use one of {AGGREGATIONS}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"strategy.trim-fraction={self.trim_fraction}: use a value in [0, 0.5)")
+        if self.norm_factor < 0 or 0 < self.norm_factor <= 1:
+            raise ConfigError(f"robust.norm-factor={self.norm_factor}: use 0 (off) or a factor above 1, e.g. 10")
+
+
+@dataclass(frozen=True)
 class Profile:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
     federation: FederationConfig
+    privacy: PrivacyConfig = PrivacyConfig()
+    robust: RobustConfig = RobustConfig()
 
 
 PROFILES: dict[str, Profile] = {
@@ -152,7 +232,18 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "min-available-nodes": ("federation", "min_available_nodes"),
     "wait-for-nodes-s": ("federation", "wait_for_nodes_s"),
     "round-timeout-s": ("federation", "round_timeout_s"),
+    "dp.enabled": ("privacy", "enabled"),
+    "dp.noise-multiplier": ("privacy", "noise_multiplier"),
+    "dp.target-epsilon": ("privacy", "target_epsilon"),
+    "dp.max-grad-norm": ("privacy", "max_grad_norm"),
+    "dp.delta": ("privacy", "delta"),
+    "dp.max-epsilon": ("privacy", "max_epsilon"),
+    "strategy.aggregation": ("robust", "aggregation"),
+    "strategy.trim-fraction": ("robust", "trim_fraction"),
+    "robust.norm-factor": ("robust", "norm_factor"),
 }
+# Sections every profile shares; their run-config values are literal (0 is a value, not "the profile's").
+LITERAL_SECTIONS = {"privacy", "robust"}
 
 
 def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = None) -> Profile:
@@ -165,9 +256,11 @@ def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = N
     base = get_profile(profile or str(run_config.get("profile", "quick")))
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Profile)}
     for key, value in run_config.items():
-        if key not in RUN_CONFIG_KEYS or value in (0, 0.0, "") and not isinstance(value, bool):
+        if key not in RUN_CONFIG_KEYS:
             continue
         section, name = RUN_CONFIG_KEYS[key]
+        if section not in LITERAL_SECTIONS and value in (0, 0.0, "") and not isinstance(value, bool):
+            continue
         sections[section][name] = _cast(getattr(base, section), name, value)
     return Profile(**{s: replace(getattr(base, s), **v) for s, v in sections.items()})
 
@@ -175,7 +268,11 @@ def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = N
 def _cast(obj: Any, name: str, value: Any) -> Any:
     kind = type(getattr(obj, name))
     if kind is bool:
-        return bool(value)
+        # bool("false") is True: accept only what clearly means one or the other.
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("true", "false", "1", "0"):
+            return value if isinstance(value, bool) else text in ("true", "1")
+        raise ValueError(f"{name}={value!r}: expected true or false")
     try:
         return kind(value)
     except (TypeError, ValueError):
@@ -193,5 +290,6 @@ def from_dict(flat: Mapping[str, Any]) -> Profile:
     for key, value in flat.items():
         section, name = key.split(".", 1)
         sections[section][name] = value
-    types = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig}
+    types = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig,
+             "privacy": PrivacyConfig, "robust": RobustConfig}  # a checkpoint older than issue 7 has neither
     return Profile(**{s: types[s](**v) for s, v in sections.items()})

@@ -25,6 +25,7 @@ from braintumnet.errors import BrainTumNetError
 from braintumnet.losses import MultiTaskLoss
 from braintumnet.metrics import evaluation_summary
 from braintumnet.model import BrainTumNet
+from braintumnet.privacy import PrivateTraining
 
 log = logging.getLogger("braintumnet.engine")
 
@@ -87,6 +88,7 @@ def train_model(
     proximal_to: Mapping[str, torch.Tensor] | None = None,
     case_ids: Sequence[str] | None = None,
     progress: bool = True,
+    privacy: PrivateTraining | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on the train split of ``sites`` for ``epochs`` epochs.
 
@@ -97,10 +99,16 @@ def train_model(
         proximal_to: FedProx anchor (the global weights received this round); adds ``mu/2·||w - w_global||²`` with
             ``mu = train.fedprox_mu``. None or mu = 0 is plain FedAvg.
         case_ids: restrict to these cases (cross-validation folds).
+        privacy: DP-SGD (``braintumnet.privacy``, when ``dp.enabled``): Poisson-sampled batches, per-slice clipping
+            and noise, no AMP. ``privacy.history`` holds the accountant's history afterwards; ``model`` keeps its
+            plain state-dict keys. FedProx is refused under DP: its proximal gradient would bypass the clipping.
 
     Returns:
         ``train_loss``, ``train_loss_seg``, ``train_loss_cls`` (means over the last epoch's slices) and
         ``num-examples``: the number of training slices, which FedAvg weights by.
+
+    Raises:
+        PrivacyBudgetSpent: (DP) this round would exceed ``dp.max-epsilon``; raised before any step.
     """
     cfg = profile.train
     classes = task_classes(profile.data.task)
@@ -121,9 +129,17 @@ def train_model(
     model.to(device).train()
     total_epochs = total_epochs or epochs
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     mu = cfg.fedprox_mu if proximal_to is not None else 0.0
+    net = model  # what the loop calls: the model itself, or Opacus's wrapper around it
+    if privacy is not None:
+        if mu > 0:
+            raise BrainTumNetError(f"dp.enabled with train.fedprox-mu={mu:g}: the proximal term's gradient would "
+                                   "skip DP-SGD's per-slice clipping; set train.fedprox-mu=0 or dp.enabled=false")
+        privacy.plan(len(table), len(loader), epochs, total_epochs)
+        net, optimizer, loader = privacy.attach(model, optimizer, loader)
+    # AMP is off under DP: Opacus clips fp32 per-sample gradients and its noise calibration assumes them.
+    use_amp = cfg.amp and device.type == "cuda" and privacy is None
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     anchor = {k: v.detach().to(device) for k, v in (proximal_to or {}).items()} if mu > 0 else {}
     steps = len(loader)
     sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
@@ -144,12 +160,14 @@ def train_model(
         for step, batch in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.learning_rate, (global_epoch + step / steps) / total_epochs)
+            # Default (contiguous) memory format: Opacus's Conv2d per-sample gradients are wrong for channels-last
+            # input (found in this project), so nothing here may switch to it.
             image = batch["image"].to(device, non_blocking=True)
             mask = batch["mask"].to(device, non_blocking=True)
             label = batch["label"].to(device, non_blocking=True)
             autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
             with autocast:
-                out = model(image)
+                out = net(image)
                 loss = criterion(out.seg_logits.float(), mask, out.cls_logits.float(), label)
             total = loss.total
             if anchor:
@@ -160,11 +178,15 @@ def train_model(
             scaler.step(optimizer)
             scaler.update()
             n = image.shape[0]
+            if n == 0:  # a Poisson-sampled empty batch (DP): a noise-only step above, no loss to average
+                continue
             seen += n
             sums["loss"] += float(total.detach()) * n
             sums["seg"] += float(loss.seg.detach()) * n
             sums["cls"] += float(loss.cls.detach()) * n
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+    if privacy is not None:
+        privacy.detach(net)
     for p in model.parameters():
         p.requires_grad_(True)
     seen = max(seen, 1)

@@ -6,7 +6,10 @@ needs and nothing patient-level (issue 7):
 
 - ``arrays``: the model's state dict (train replies only);
 - ``metrics``: aggregate numbers with the same keys at every site, ``num-examples`` = training **slices** (train)
-  or test **cases** (evaluate), which FedAvg weights by;
+  or test **cases** (evaluate), which FedAvg weights by. With ``dp.enabled`` a train reply adds ``dp_epsilon``
+  (the site's cumulative ε) and ``dp_budget_spent`` (1 when the site refused to train: then no arrays and
+  ``num-examples`` 0; the centre leaves it out of the aggregation and the site still evaluates), and its losses are
+  NaN: a training loss is not covered by DP-SGD's guarantee, so it stays in the site's log;
 - ``site``: a ConfigRecord with the site's name only, so the centre can log per-site metrics when node names are not
   registered (no TLS / node authentication, simulation).
 
@@ -35,6 +38,9 @@ app = ClientApp()
 EVAL_KEYS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "dice_whole", "acc",
              "sensitivity", "specificity", "f1", "auc", "n_cases")
 TRAIN_KEYS = ("train_loss", "train_loss_seg", "train_loss_cls")
+DP_KEYS = ("dp_epsilon", "dp_budget_spent")  # train replies, only when dp.enabled (every site shares the run config)
+# Every key a reply's MetricRecord may hold; the message audit (tests/privacy) allows nothing else.
+REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + ("num-examples", "seconds"))
 
 
 class SiteFailure(RuntimeError):
@@ -56,6 +62,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     from braintumnet.config import resolve
     from braintumnet.engine import pick_device, train_model
+    from braintumnet.privacy import PrivacyBudgetSpent
 
     start = time.perf_counter()
     profile = resolve(context.run_config)
@@ -68,17 +75,50 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     model = _model(msg, profile)
     anchor = ({k: v.detach().clone() for k, v in model.state_dict().items()}
               if profile.train.fedprox_mu > 0 else None)
-    log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g)", site.name, server_round, epochs,
-             device, profile.train.fedprox_mu)
-    stats = train_model(model, [prepared], profile, device, epochs=epochs, epoch_offset=(server_round - 1) * epochs,
-                        total_epochs=total_rounds * epochs, proximal_to=anchor, progress=False)
+    ledger, dp = _privacy(profile, site, cfg, context)
+    log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g%s)", site.name, server_round, epochs,
+             device, profile.train.fedprox_mu, f", DP-SGD, epsilon so far {dp.epsilon:.3f}" if dp else "")
+    try:
+        stats = train_model(model, [prepared], profile, device, epochs=epochs,
+                            epoch_offset=(server_round - 1) * epochs, total_epochs=total_rounds * epochs,
+                            proximal_to=anchor, progress=False, privacy=dp)
+    except PrivacyBudgetSpent as spent:
+        # Not an error: the site has done its share. One clear line here; the centre logs it by site name.
+        log.warning("site %s: round %d not trained: %s", site.name, server_round, spent)
+        metrics = {**{k: math.nan for k in TRAIN_KEYS}, "num-examples": 0, "dp_epsilon": spent.spent,
+                   "dp_budget_spent": 1, "seconds": time.perf_counter() - start}
+        return _reply(msg, site, metrics)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics = {k: _finite(stats[k]) for k in TRAIN_KEYS}
     metrics["num-examples"] = int(stats["num-examples"])
+    loss = metrics["train_loss"]
+    if dp is not None:
+        spent = dp.epsilon
+        ledger.save(dp.history, spent, profile.privacy.delta, server_round)
+        # The losses are plain means over the training slices, outside DP-SGD's guarantee: they stay here.
+        metrics.update({**{k: math.nan for k in TRAIN_KEYS}, "dp_epsilon": spent, "dp_budget_spent": 0})
+        log.info("site %s: round %d: DP-SGD with sigma %.3f, sample rate %.4f; epsilon now %.3f at delta %g "
+                 "(budget %g); ledger %s", site.name, server_round, dp.noise_multiplier, dp.sample_rate, spent,
+                 profile.privacy.delta, profile.privacy.budget, ledger.path)
     metrics["seconds"] = time.perf_counter() - start
     log.info("site %s: round %d trained on %d slices in %.1f s, loss %.4f", site.name, server_round,
-             metrics["num-examples"], metrics["seconds"], metrics["train_loss"])
+             metrics["num-examples"], metrics["seconds"], loss)
     return _reply(msg, site, metrics, ArrayRecord(state))
+
+
+def _privacy(profile, site: SiteRuntime, cfg, context: Context):
+    """The site's privacy ledger for this federation and its DP-SGD state, or (None, None) without DP.
+
+    The ledger is keyed by the federation id the centre sends (it survives ``resume-from``); a centre that sends
+    none gets a ledger per Flower run.
+    """
+    if not profile.privacy.enabled:
+        return None, None
+    from braintumnet.privacy import PrivacyLedger, PrivateTraining
+
+    federation = str(cfg.get("federation-id", "") or f"run-{context.run_id}")
+    ledger = PrivacyLedger(site.cache, site.name, federation)
+    return ledger, PrivateTraining(profile.privacy, ledger.load())
 
 
 def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:

@@ -113,7 +113,7 @@ def _check_compatible(saved, profile, path: Path) -> None:
 
 def _settings_params(settings: ServerSettings) -> dict:
     return {"server.resume-from": settings.resume_from or "-", "server.external-data": settings.external_data or "-",
-            "server.sites": ",".join(settings.sites) or "-"}
+            "server.sites": ",".join(settings.sites) or "-", "server.audit-messages": settings.audit_messages}
 
 
 def _external_evaluator(settings: ServerSettings, profile):

@@ -8,7 +8,10 @@ Layout (absolute paths: a ServerApp runs in the SuperLink's working directory)::
             round-0001.pt ...          the global model after each round (braintumnet.checkpoint format)
             latest.pt, best.pt         hard links to the newest and the best round (best = federated dice_tumor)
             final.pt                   the model when the run finished
-            metrics.json               per round: aggregated train / evaluate, per-site, external, timings, bytes
+            metrics.json               per round: aggregated train / evaluate, per-site, external, timings, bytes,
+                                       rejected replies, the sites' cumulative privacy ε
+            audit.jsonl                with audit-messages = true: one line per message sent or received (what
+                                       records, keys, shapes; never array contents)
 
 Every file is written to a temporary name and renamed, so a crash leaves the previous version intact. A checkpoint's
 ``meta`` records the global round, so ``resume-from`` continues the numbering.
@@ -64,6 +67,16 @@ class RunFolder:
 
     def write_metrics(self, document: dict) -> Path:
         return write_json(self.dir / "metrics.json", document)
+
+    @property
+    def audit_path(self) -> Path:
+        return self.dir / "audit.jsonl"
+
+    def append_audit(self, entries: list[dict]) -> None:
+        """Append one JSON line per message description (appends: a crash loses at most the current exchange)."""
+        with open(self.audit_path, "a", encoding="utf-8") as f:
+            for entry in entries:
+                f.write(json.dumps(_strict(entry), sort_keys=True) + "\n")
 
 
 def find_resume_point(root: Path, spec: str) -> ResumePoint | None:

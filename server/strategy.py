@@ -9,6 +9,15 @@
   exits) when one site sends different keys; here each reply is checked (one ArrayRecord with the global model's keys,
   shapes and finite values; one MetricRecord with a positive ``num-examples`` and the same keys as the other sites)
   and a bad one is logged with the site's name and left out.
+- **Update-norm bound** (``robust.norm-factor``, ``server/robust.py``): with three or more train replies, one whose
+  update norm is far above the round's median is rejected, logged with the site and the reason.
+- **Robust aggregation** (``strategy.aggregation``): FedAvg's weighted mean, or a coordinate-wise median or trimmed
+  mean.
+- **Privacy budgets.** A site whose DP budget is spent replies ``dp_budget_spent = 1`` without arrays; it is left out
+  of the aggregation with a log line naming it (it still evaluates). Each round's ``privacy`` entry in
+  ``metrics.json`` and MLflow holds every site's cumulative ε.
+- **Message audit** (``audit-messages = true``): every message the centre sends or receives is described (record
+  names, keys, shapes, dtypes, config and metric values; never array contents) in ``audit.jsonl`` in the run folder.
 - **Dropout.** A round counts when at least ``min-train-nodes`` sites replied; otherwise the global model stays as
   it was and the log says so. A site that comes back is sampled again next round.
 - **Undefined metrics** (NaN, e.g. AUC on a one-class test split) are averaged over the sites where they are defined.
@@ -35,17 +44,19 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from braintumnet.errors import BrainTumNetError
 from server.checkpoints import RunFolder
+from server.robust import aggregate, norm_outliers, update_norm
 from server.tracking import Tracker, metric_key
 
 log = logging.getLogger("braintumnet.server")
 
 WEIGHT_KEY = "num-examples"
 BEST_METRIC = "dice_tumor"  # federated (case-weighted) tumour Dice on the sites' test splits; higher is better
-NOT_AVERAGED = {"seconds"}  # per-site timings: logged per site, meaningless as a weighted mean
+# Per-site timings and privacy figures: logged per site; a weighted mean of them means nothing (the federation's ε
+# is each site's own, summarised as the maximum in the round's ``privacy`` entry).
+NOT_AVERAGED = {"seconds", "dp_epsilon", "dp_budget_spent"}
 WAIT_LOG_EVERY_S = 15.0
 # Seconds between reply polls, as Flower's own Grid.send_and_receive. Each poll is a write at the SuperLink (it marks
 # replies delivered); polling faster saved ~1 s a step but, on a busy machine, made its SQLite state time out on locks.
@@ -69,6 +80,7 @@ class ServerSettings:
         cache_dir: where the centre prepares ``external_data``; "" = ``$BRAINTUMNET_CACHE`` or ``.cache/braintumnet``.
         sites: the sites expected (for the waiting log) and, in simulation, partition i's name.
         mlflow_experiment: MLflow experiment name; "" turns MLflow off.
+        audit_messages: describe every message sent and received in ``audit.jsonl`` in the run folder.
     """
 
     checkpoint_dir: Path
@@ -77,6 +89,7 @@ class ServerSettings:
     cache_dir: str = ""
     sites: tuple[str, ...] = ()
     mlflow_experiment: str = "braintumnet-fl"
+    audit_messages: bool = False
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
@@ -88,6 +101,7 @@ class ServerSettings:
             cache_dir=str(cfg.get("cache-dir", "") or ""),
             sites=tuple(s.strip() for s in str(cfg.get("sites", "")).split(",") if s.strip()),
             mlflow_experiment=str(cfg.get("mlflow-experiment", "braintumnet-fl")),
+            audit_messages=str(cfg.get("audit-messages", False)).lower() in ("true", "1"),
         )
 
 
@@ -104,11 +118,15 @@ class _Exchange:
 
 
 class _RecordingGrid(Grid):
-    """Flower's Grid, plus a record of each exchange (for site names, bytes and timing) and retried reads."""
+    """Flower's Grid, plus a record of each exchange (for site names, bytes and timing) and retried reads.
 
-    def __init__(self, grid: Grid):
+    ``audit``, when given, receives a description (:func:`describe_message`) of every message sent and received.
+    """
+
+    def __init__(self, grid: Grid, audit: Callable[[list[dict]], Any] | None = None):
         self._grid = grid
         self.last = _Exchange()
+        self.audit = audit
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -153,7 +171,43 @@ class _RecordingGrid(Grid):
                 exchange.bytes_in[node] = _array_bytes(m.content)
         exchange.seconds = time.monotonic() - start
         self.last = exchange
+        if self.audit is not None:
+            self.audit([describe_message(m, "to-site", node=m.metadata.dst_node_id) for m in messages]
+                       + [describe_message(m, "from-site", node=exchange.sent.get(m.metadata.reply_to_message_id))
+                          for m in exchange.replies])
         return exchange.replies
+
+
+def describe_message(msg: Message, direction: str, node: int | None = None) -> dict:
+    """What a message carries, for the audit: record names and kinds; arrays by shape and dtype only; config and
+    metric items with their values (they are what the centre sees anyway); the error reason of an error reply."""
+    entry: dict[str, Any] = {"direction": direction, "type": msg.metadata.message_type,
+                             "group": msg.metadata.group_id, "node": node}
+    if msg.has_error():
+        entry["error"] = {"code": msg.error.code, "reason": msg.error.reason}
+        return entry
+    records: dict[str, Any] = {}
+    content = msg.content
+    for name, record in content.items():
+        if name in content.array_records:
+            records[name] = {"kind": "array", "items": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                                                        for k, a in record.items()}}
+        elif name in content.metric_records or name in content.config_records:
+            kind = "metric" if name in content.metric_records else "config"
+            records[name] = {"kind": kind, "items": {k: _plain(v) for k, v in record.items()}}
+        else:
+            records[name] = {"kind": type(record).__name__}
+    entry["records"] = records
+    return entry
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able copy of a config or metric value (bytes by length only: they could hold anything)."""
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def retry_busy(read: Callable[[], Any], what: str) -> Any:
@@ -256,6 +310,7 @@ class SiteAwareFedAvg(FedAvg):
             train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
         )
         self.profile, self.settings, self.folder, self.tracker = profile, settings, folder, tracker
+        self.robust = profile.robust
         self.class_names = tuple(class_names)
         self.round_offset = round_offset
         self.total_rounds = fed.num_rounds
@@ -276,7 +331,7 @@ class SiteAwareFedAvg(FedAvg):
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn=None):
-        self._grid = _RecordingGrid(grid)
+        self._grid = _RecordingGrid(grid, self.folder.append_audit if self.settings.audit_messages else None)
         self._dtypes = {k: a.numpy().dtype for k, a in initial_arrays.items()}
         return super().start(self._grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
                              evaluate_fn or self.end_of_round)
@@ -286,6 +341,14 @@ class SiteAwareFedAvg(FedAvg):
         log.info("rounds %d..%d of %d; checkpoints in %s; waiting at most %.0f s for nodes",
                  self.round_offset + 1, self.total_rounds, self.total_rounds, self.folder.dir,
                  self.profile.federation.wait_for_nodes_s)
+        r, dp = self.robust, self.profile.privacy
+        log.info("aggregation %s%s; update-norm bound %s; site DP %s%s", r.aggregation,
+                 f" (trim-fraction {r.trim_fraction:g})" if r.aggregation == "trimmed-mean" else "",
+                 f"{r.norm_factor:g} x median (3+ sites)" if r.norm_factor > 0 else "off",
+                 "on" if dp.enabled else "off", f", budget epsilon {dp.budget:g} at delta {dp.delta:g}"
+                 if dp.enabled else "")
+        if self.settings.audit_messages:
+            log.info("message audit on: %s", self.folder.audit_path)
 
     # ---- train ---------------------------------------------------------------------------------------------------
 
@@ -299,6 +362,8 @@ class SiteAwareFedAvg(FedAvg):
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, "train", g)
         config["server-round"] = g
         config["total-rounds"] = self.total_rounds
+        if self.meta.get("federation-id"):
+            config["federation-id"] = str(self.meta["federation-id"])  # keys a site's privacy ledger (resume-proof)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         log.info("round %d/%d: training at %s", g, self.total_rounds, self._names_of(nodes))
         return self._construct_messages(record, nodes, MessageType.TRAIN)
@@ -307,7 +372,7 @@ class SiteAwareFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return None, None
         exchange = self._exchange()
-        valid = self._screen(list(replies), exchange, "train", self._sent_arrays)
+        valid = self._bound_norms(self._screen(list(replies), exchange, "train", self._sent_arrays))
         self._round["train_s"] = exchange.seconds
         self._round["bytes"] = {"down_train": self._by_site(exchange.bytes_out),
                                 "up_train": self._by_site(exchange.bytes_in)}
@@ -317,7 +382,8 @@ class SiteAwareFedAvg(FedAvg):
             self._round["skipped"] = True
             return None, None
         contents = [m.content for _, m in valid]
-        arrays = _cast_like(aggregate_arrayrecords(contents, self.weighted_by_key), self._dtypes)
+        arrays = _cast_like(aggregate(contents, self.robust.aggregation, self.weighted_by_key,
+                                      self.robust.trim_fraction), self._dtypes)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         self._round["train"] = dict(metrics)
         return arrays, metrics
@@ -413,9 +479,17 @@ class SiteAwareFedAvg(FedAvg):
         expected = set(keys.most_common(1)[0][0]) if keys else None
         kept = []
         for site, msg in good:
+            if reference is not None and _budget_spent(msg, expected):
+                metrics = dict(next(iter(msg.content.metric_records.values())))
+                self._round["sites"].setdefault(site, {})[phase] = metrics
+                log.info("round %d: %s's privacy budget is spent (epsilon %.3f, dp.max-epsilon %g): it no longer "
+                         "trains and is left out of the aggregation; it still evaluates", self._round["round"], site,
+                         float(metrics.get("dp_epsilon", math.nan)), self.profile.privacy.budget)
+                continue
             problem = reply_problem(msg.content, reference, expected)
             if problem:
                 log.warning("round %d: %s reply from %s rejected: %s", self._round["round"], phase, site, problem)
+                self._round.setdefault("rejected", {}).setdefault(phase, {})[site] = problem
                 continue
             metrics = dict(next(iter(msg.content.metric_records.values())))
             self._round["sites"].setdefault(site, {})[phase] = metrics
@@ -429,6 +503,18 @@ class SiteAwareFedAvg(FedAvg):
         log.info("round %d: %s replies from %d of %d site(s): %s", self._round["round"], phase, len(kept),
                  len(sent_to), ", ".join(s for s, _ in kept) or "none")
         return kept
+
+    def _bound_norms(self, kept: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+        """Drop train replies whose update norm is far above the round's median (``robust.norm-factor``)."""
+        norms = {site: update_norm(next(iter(m.content.array_records.values())), self._sent_arrays)
+                 for site, m in kept}
+        for site, norm in norms.items():
+            self._round["sites"][site]["train"]["update_norm"] = norm  # metrics.json and MLflow, per site
+        outliers = norm_outliers(norms, self.robust.norm_factor)
+        for site, reason in outliers.items():
+            log.warning("round %d: train reply from %s rejected: %s", self._round["round"], site, reason)
+            self._round.setdefault("rejected", {}).setdefault("train", {})[site] = reason
+        return [(site, m) for site, m in kept if site not in outliers]
 
     def _sample(self, grid: Grid, fraction: float, min_nodes: int, phase: str, g: int) -> list[int]:
         """Wait (bounded, loudly) until enough nodes are connected, then sample like FedAvg does."""
@@ -483,6 +569,24 @@ class SiteAwareFedAvg(FedAvg):
         return ", ".join(sorted(self._name(n) for n in nodes))
 
 
+def _budget_spent(msg: Message, expected: set[str] | None) -> bool:
+    """A train reply of a site that refused to train (privacy budget spent), with the round's metric keys."""
+    if len(msg.content.metric_records) != 1:
+        return False
+    metrics = next(iter(msg.content.metric_records.values()))
+    return (expected is None or set(metrics) == expected) and metrics.get("dp_budget_spent") == 1
+
+
+def _privacy(rec: dict) -> dict:
+    """Every site's cumulative ε as it reported this round, the maximum, and the sites whose budget is spent."""
+    epsilons = {site: p["train"]["dp_epsilon"] for site, p in rec["sites"].items()
+                if "dp_epsilon" in p.get("train", {})}
+    if not epsilons:
+        return {}
+    spent = sorted(site for site, p in rec["sites"].items() if p.get("train", {}).get("dp_budget_spent") == 1)
+    return {"epsilon": epsilons, "epsilon_max": max(epsilons.values()), "budget_spent": spent}
+
+
 def _cast_like(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecord:
     """FedAvg's mean is float64 for integer buffers: give every array its initial dtype back."""
     out = {}
@@ -526,6 +630,8 @@ def _public(rec: dict) -> dict:
                     if k in rec},
         "overhead": rec.get("overhead"),
         "bytes_per_site": _bytes_per_site(rec),
+        "rejected": rec.get("rejected", {}),
+        "privacy": _privacy(rec),
     }
 
 
@@ -542,6 +648,11 @@ def _mlflow_metrics(rec: dict) -> dict[str, float]:
     out["round/sites_train"] = sum("train" in p for p in rec["sites"].values())
     out["round/sites_evaluate"] = sum("evaluate" in p for p in rec["sites"].values())
     out["round/skipped"] = float(rec.get("skipped", False))
+    out["round/rejected_train"] = len(rec.get("rejected", {}).get("train", {}))
+    privacy = _privacy(rec)
+    if privacy:
+        out["privacy/epsilon_max"] = privacy["epsilon_max"]
+        out["privacy/sites_budget_spent"] = len(privacy["budget_spent"])
     per_site = _bytes_per_site(rec)
     if per_site:
         out["round/bytes_down_site_max"] = max(v["down"] for v in per_site.values())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from braintumnet.config import PROFILES, RUN_CONFIG_KEYS, from_dict, resolve, to_dict
+from braintumnet.config import PROFILES, RUN_CONFIG_KEYS, ConfigError, from_dict, resolve, to_dict
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -53,3 +53,20 @@ def test_bad_values_name_themselves(bad):
 def test_round_trip_through_flat_dict():
     p = PROFILES["standard"]
     assert from_dict(to_dict(p)) == p
+
+
+def test_privacy_and_robust_keys_are_literal_and_checked():
+    p = resolve({"robust.norm-factor": 0.0, "dp.enabled": True, "dp.target-epsilon": 8.0, "dp.noise-multiplier": 0.0,
+                 "strategy.aggregation": "median"})
+    assert p.robust.norm_factor == 0.0  # 0 turns the norm bound off; it does not mean "the profile's"
+    assert p.privacy.enabled and p.privacy.budget == 8.0  # max-epsilon 0 = the target
+    assert resolve({"dp.enabled": True, "dp.noise-multiplier": 1.0}).privacy.budget == float("inf")
+    with pytest.raises(ConfigError, match="strategy.aggregation='krum'"):
+        resolve({"strategy.aggregation": "krum"})
+    with pytest.raises(ConfigError, match="robust.norm-factor=0.5"):
+        resolve({"robust.norm-factor": 0.5})
+
+
+def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
+    flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if not k.startswith(("privacy.", "robust."))}
+    assert from_dict(flat) == PROFILES["quick"]

@@ -106,12 +106,12 @@ def gone(msg: Message):
 
 @pytest.fixture()
 def make_strategy(tmp_path):
-    def make(rounds=1, **federation):
-        base = resolve({"profile": "quick", "data.img-size": 32, "model.feature-size": 8})
+    def make(rounds=1, run_config=None, audit=False, **federation):
+        base = resolve({"profile": "quick", "data.img-size": 32, "model.feature-size": 8, **(run_config or {})})
         settings = {"num_rounds": rounds, "min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1,
                     **federation}
         profile = replace(base, federation=replace(base.federation, **settings))
-        settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"))
+        settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"), audit_messages=audit)
         tracker = Tracker(tmp_path, "", "t", "f", {}, {}, enabled=False)
         return SiteAwareFedAvg(profile=profile, settings=settings, folder=RunFolder(tmp_path, 7), tracker=tracker,
                                class_names=("glioma", "metastasis", "meningioma"), meta={"federation-id": "f"})
@@ -234,3 +234,131 @@ def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_pro
     with pytest.raises(BrainTumNetError, match="neither a site folder"):
         _external_evaluator(ServerSettings(checkpoint_dir=cache_root, external_data=str(cache_root / "nothing")),
                             tiny_profile)
+
+
+# ---- issue 7: update validation, robust aggregation, privacy budgets, the message audit --------------------------
+
+
+def test_a_poisoned_and_a_scaled_update_are_rejected_and_the_model_stays_sane(make_strategy, prepared_sites,
+                                                                              tiny_profile, caplog):
+    """Real tiny BrainTumNet updates from two honest sites, a NaN one and one scaled x100: the run completes with
+    FedAvg of the honest two, and the log names each rejected site and why."""
+    from braintumnet.engine import build_model, train_model
+
+    torch.manual_seed(0)
+    initial = {k: v.detach().clone() for k, v in build_model(tiny_profile).state_dict().items()}
+    trained = {}
+
+    def trained_on(name: str, got: ArrayRecord) -> dict:
+        if name not in trained:
+            model = build_model(tiny_profile)
+            model.load_state_dict(got.to_torch_state_dict())
+            stats = train_model(model, [prepared_sites[name]], tiny_profile, torch.device("cpu"), epochs=1,
+                                progress=False)
+            trained[name] = ({k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+                             stats["num-examples"])
+        return trained[name]
+
+    def real(name: str, poison=None):
+        def answer(msg: Message):
+            if msg.metadata.message_type != MessageType.TRAIN:
+                return RecordDict({"metrics": MetricRecord({"dice_tumor": 0.5, "num-examples": 3, "seconds": 0.1}),
+                                   "site": ConfigRecord({"name": name})})
+            got = msg.content["arrays"]
+            state, n = trained_on("yibin" if name == "nan-site" else name, got)
+            if poison:
+                state = poison({k: v.numpy() for k, v in got.items()}, state)
+            return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
+                               "metrics": MetricRecord({"train_loss": 1.0, "num-examples": n, "seconds": 0.1}),
+                               "site": ConfigRecord({"name": name})})
+        return answer
+
+    def scaled(sent, state):
+        return {k: sent[k] + 100.0 * (v - sent[k]) if v.dtype.kind == "f" else v for k, v in state.items()}
+
+    def with_nan(sent, state):
+        first = next(k for k, v in state.items() if v.dtype.kind == "f")
+        return {**state, first: np.full_like(state[first], np.nan)}
+
+    grid = ScriptedGrid({11: real("yibin"), 12: real("plagh"), 13: real("jinling", scaled),
+                         14: real("nan-site", with_nan)})
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1, timeout=5,
+                            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
+    (a, na), (b, nb) = trained["yibin"], trained["plagh"]
+    for key, array in result.arrays.items():
+        got = array.numpy()
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, (na * a[key] + nb * b[key]) / (na + nb), rtol=1e-5, atol=1e-6)
+    assert "nan-site rejected: array" in caplog.text and "NaN or infinite" in caplog.text
+    assert "train reply from jinling rejected: update norm" in caplog.text
+    rejected = strategy.history[0]["rejected"]["train"]
+    assert set(rejected) == {"jinling", "nan-site"} and "robust.norm-factor 10" in rejected["jinling"]
+    norms = {s: strategy.history[0]["sites"][s]["train"]["update_norm"] for s in ("yibin", "plagh", "jinling")}
+    assert norms["jinling"] > 10 * max(norms["yibin"], norms["plagh"]) > 0
+
+
+@pytest.mark.parametrize("rule, extra, expected", [
+    ("median", {}, 2.0),
+    ("trimmed-mean", {"strategy.trim-fraction": 0.34}, 2.0),  # drops one site at each end of three
+    ("fedavg", {}, (10 * 1.0 + 10 * 2.0 + 40 * 9.0) / 60),
+])
+def test_robust_aggregation_rules(make_strategy, rule, extra, expected):
+    strategy = make_strategy(run_config={"strategy.aggregation": rule, "robust.norm-factor": 0.0, **extra})
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 2.0), 13: site("jinling", 40, 9.0)})
+    result = run(strategy, grid)
+    np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, expected))
+    assert result.arrays["n"].numpy().dtype == np.int64
+
+
+def test_the_norm_bound_needs_three_sites_and_can_be_switched_off(make_strategy):
+    two = run(make_strategy(), ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 500.0)}))
+    np.testing.assert_allclose(two.arrays["w"].numpy(), 250.5)  # with two, the median is no reference: kept
+    off = run(make_strategy(run_config={"robust.norm-factor": 0.0}),
+              ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 1.0), 13: site("x", 10, 500.0)}))
+    np.testing.assert_allclose(off.arrays["w"].numpy(), 502.0 / 3)
+
+
+def test_a_site_whose_budget_is_spent_is_left_out_but_still_evaluates(make_strategy, caplog):
+    def spent(msg: Message):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return RecordDict({"metrics": MetricRecord({"train_loss": math.nan, "num-examples": 0, "seconds": 0.1,
+                                                        "dp_epsilon": 2.5, "dp_budget_spent": 1}),
+                               "site": ConfigRecord({"name": "plagh"})})
+        return site("plagh", 10, 3.0)(msg)
+
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy(run_config={"dp.enabled": True, "dp.noise-multiplier": 1.0, "dp.max-epsilon": 2.5})
+    sent = []
+    trains, evaluates = site("yibin", 10, 1.0, extra={"dp_epsilon": 1.5, "dp_budget_spent": 0}), site("yibin", 10, 1.0)
+
+    def honest(msg: Message):
+        sent.append(msg.content["config"])
+        return (trains if msg.metadata.message_type == MessageType.TRAIN else evaluates)(msg)
+
+    result = run(strategy, ScriptedGrid({11: honest, 12: spent}))
+    np.testing.assert_allclose(result.arrays["w"].numpy(), 1.0)  # yibin's update alone
+    assert "plagh's privacy budget is spent (epsilon 2.500, dp.max-epsilon 2.5)" in caplog.text
+    record = strategy.history[0]
+    assert record["privacy"] == {"epsilon": {"yibin": 1.5, "plagh": 2.5}, "epsilon_max": 2.5,
+                                 "budget_spent": ["plagh"]}
+    assert record["evaluate"]["dice_tumor"] == pytest.approx(2.0)  # plagh evaluated: (10*1 + 10*3) / 20
+    assert "dp_epsilon" not in record["train"]  # a site's own figure, not averaged
+    assert sent[0]["federation-id"] == "f"  # keys the sites' privacy ledgers
+
+
+def test_the_audit_describes_every_message_without_array_contents(make_strategy):
+    strategy = make_strategy(audit=True)
+    run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0), 12: gone}))
+    import json
+
+    lines = [json.loads(x) for x in strategy.folder.audit_path.read_text().splitlines()]
+    assert [(e["direction"], e["type"]) for e in lines] == [
+        ("to-site", "train"), ("to-site", "train"), ("from-site", "train"), ("from-site", "train"),
+        ("to-site", "evaluate"), ("to-site", "evaluate"), ("from-site", "evaluate"), ("from-site", "evaluate")]
+    reply = next(e for e in lines if e["direction"] == "from-site" and "records" in e and e["type"] == "train")
+    assert reply["records"]["arrays"] == {"kind": "array", "items": {"w": {"shape": [3], "dtype": "float32"},
+                                                                     "n": {"shape": [], "dtype": "float64"}}}
+    assert reply["records"]["site"] == {"kind": "config", "items": {"name": "yibin"}}
+    assert any(e.get("error", {}).get("reason") == "Node Unavailable" for e in lines)

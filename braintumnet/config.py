@@ -75,7 +75,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings (§2.1.4): Adam, lr 1e-4 with cosine decay, batch 16, loss weights 1.0 / 0.7."""
+    """Training settings (§2.1.4): Adam, lr 1e-4 with cosine decay, batch 16, loss weights 1.0 / 0.7.
+
+    ``cv_folds`` / ``cv_fold`` (cross-validation, docs/study.md): with ``cv_folds`` = k ≥ 2 every site splits its own
+    training cases into k folds stratified by tumour type (seeded by ``seed``) and leaves fold ``cv_fold`` (1..k)
+    out of training; 0 = train on every training case.
+    """
 
     epochs: int = 250
     batch_size: int = 16
@@ -88,6 +93,13 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only
     num_workers: int = 0
     fedprox_mu: float = 0.0
+    cv_folds: int = 0
+    cv_fold: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cv_folds and not (self.cv_folds >= 2 and 1 <= self.cv_fold <= self.cv_folds):
+            raise ConfigError(f"cv.folds={self.cv_folds}, cv.fold={self.cv_fold}: use cv.folds >= 2 with cv.fold "
+                              "between 1 and cv.folds, or cv.folds=0 for no cross-validation")
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,7 @@ PROFILES: dict[str, Profile] = {
     ),
     # One to two hours on a CPU: the figures we quote for CPU.
     "standard": Profile(
-        DataConfig(img_size=96, slices_per_case=12),
+        DataConfig(img_size=64, slices_per_case=10),
         ModelConfig(feature_size=16, num_heads=4),
         TrainConfig(epochs=40, batch_size=16, learning_rate=3e-4),
         FederationConfig(num_rounds=20, local_epochs=2),
@@ -224,6 +236,8 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "train.learning-rate": ("train", "learning_rate"),
     "train.seed": ("train", "seed"),
     "train.fedprox-mu": ("train", "fedprox_mu"),
+    "cv.folds": ("train", "cv_folds"),
+    "cv.fold": ("train", "cv_fold"),
     "num-server-rounds": ("federation", "num_rounds"),
     "fraction-train": ("federation", "fraction_train"),
     "fraction-evaluate": ("federation", "fraction_evaluate"),

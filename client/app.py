@@ -76,12 +76,13 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     anchor = ({k: v.detach().clone() for k, v in model.state_dict().items()}
               if profile.train.fedprox_mu > 0 else None)
     ledger, dp = _privacy(profile, site, cfg, context)
+    case_ids = _cross_validation_cases(prepared, profile, site)
     log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g%s)", site.name, server_round, epochs,
              device, profile.train.fedprox_mu, f", DP-SGD, epsilon so far {dp.epsilon:.3f}" if dp else "")
     try:
         stats = train_model(model, [prepared], profile, device, epochs=epochs,
                             epoch_offset=(server_round - 1) * epochs, total_epochs=total_rounds * epochs,
-                            proximal_to=anchor, progress=False, privacy=dp)
+                            proximal_to=anchor, case_ids=case_ids, progress=False, privacy=dp)
     except PrivacyBudgetSpent as spent:
         # Not an error: the site has done its share. One clear line here; the centre logs it by site name.
         log.warning("site %s: round %d not trained: %s", site.name, server_round, spent)
@@ -104,6 +105,22 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     log.info("site %s: round %d trained on %d slices in %.1f s, loss %.4f", site.name, server_round,
              metrics["num-examples"], metrics["seconds"], loss)
     return _reply(msg, site, metrics, ArrayRecord(state))
+
+
+def _cross_validation_cases(prepared, profile, site: SiteRuntime) -> list[str] | None:
+    """With ``cv.folds`` = k, the site's training cases minus its own fold ``cv.fold``: every site derives its folds
+    from its own cache and the seed, so no case id ever crosses the network (None = every training case)."""
+    train = profile.train
+    if not train.cv_folds:
+        return None
+    from braintumnet.data.contract import class_names
+    from braintumnet.data.folds import training_cases_without_fold
+
+    cases = training_cases_without_fold(prepared, class_names(profile.data.task), train.cv_folds, train.cv_fold - 1,
+                                        train.seed)
+    log.info("site %s: cross-validation fold %d/%d held out; training on %d cases", site.name, train.cv_fold,
+             train.cv_folds, len(cases))
+    return cases
 
 
 def _privacy(profile, site: SiteRuntime, cfg, context: Context):

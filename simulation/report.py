@@ -160,6 +160,9 @@ def _intro(doc: dict) -> list[str]:
              + ", ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}/{doc['folds']}" if r.get('fold') is not None
                                                 else "") for r in reps)
              + "); cells show the mean" + (" ± sd" if len(reps) > 1 else "") + " over them.",
+             *(["Differential privacy (DP-SGD, docs/privacy.md) is on in the federated arm only: it protects what "
+                "leaves a site; the centralized and local-only arms never send anything."]
+               if doc.get("config", {}).get("privacy.enabled") else []),
              "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in doc["wall_s"].items()) + ".",
              "How metrics are computed (docs/metrics.md): per case over its representative slices, then averaged; "
              "Dice and IoU of the foreground (IoU <= Dice always, so the paper's IoU 0.921 above its DSC 0.91 cannot "

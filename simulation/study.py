@@ -143,7 +143,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
                 "external-data": str(layout.root / layout.external) if layout.external else "",
             }
             if fold is not None:
-                run_config.update({"cv.folds": folds, "cv.fold": fold})
+                run_config.update({"cv.folds": folds, "cv.fold": fold + 1})  # 1-based in the run config
             run_dir = run_federated(run_config, out, num_sites=len(internal), cpus_per_site=cluster.cpus_per_site,
                                     gpus_per_site=cluster.gpus_per_site, ray_address=cluster.ray_address,
                                     mlflow_uri=tracking_uri(out), log=say)

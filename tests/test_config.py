@@ -70,3 +70,16 @@ def test_privacy_and_robust_keys_are_literal_and_checked():
 def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
     flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if not k.startswith(("privacy.", "robust."))}
     assert from_dict(flat) == PROFILES["quick"]
+
+
+def test_the_committed_simulation_connection_runs_one_supernode_per_default_site():
+    """`flwr run . local` (deploy/flwr-home/config.toml) maps partition i to site i of `sites`: as many SuperNodes
+    as sites, or a site would never train (the study passes the count explicitly; a bare `flwr run` relies on this)."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    local = tomllib.loads((repo / "deploy" / "flwr-home" / "config.toml").read_text())["superlink"]["local"]
+    sites = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]["sites"]
+    assert local["address"] == ":local:"
+    assert local["options"]["num-supernodes"] == len(sites.split(","))

@@ -109,7 +109,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
             if first:
                 cases_of[name] = per_case
             timings[name] = timings.get(name, 0.0) + rep[name].pop("wall_s", 0.0)
-            log_arm(out, EXPERIMENT, name, scores, _flat(to_dict(profile)),
+            log_arm(out, EXPERIMENT, name, scores, to_dict(profile),
                     {"seed": str(seed), "fold": str(fold), "synthetic": str(layout.synthetic)})
             r = scores["internal_test"]
             say(f"  {name} ({tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
@@ -253,16 +253,6 @@ def _combine(reps: list[dict], reduce) -> dict:
         values = [v for v in nodes if v == v]
         return reduce(values) if values else float("nan")
     return walk(reps)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _fold_tag(fold) -> str:

@@ -11,10 +11,12 @@ from torch import nn
 from braintumnet.data.contract import EDEMA_LABEL, TUMOUR_LABEL
 from braintumnet.model.blocks.attention import AdaptiveMaskedAttention
 from braintumnet.model.blocks.bt_block import BTBlock
-from braintumnet.model.blocks.conv import NORM_GROUPS
+from braintumnet.model.blocks.cbam import CBAM
+from braintumnet.model.blocks.conv import NORM_GROUPS, ConvNormAct
 from braintumnet.model.blocks.decoder_stage import DecoderStage
 from braintumnet.model.blocks.multikernel_conv import EncoderStage, MultiKernelConv
 from braintumnet.model.blocks.pyramid import PyramidFusion
+from braintumnet.model.blocks.t_inception import TInceptionBlock
 from braintumnet.model.blocks.t_inceptionnet import TInceptionNet
 
 # Segmentation labels whose softmax probabilities, summed, gate the classifier (the paper's Table 2 regions).
@@ -60,6 +62,11 @@ class BrainTumNet(nn.Module):
 
     Only GroupNorm and LayerNorm: no BatchNorm, so FedAvg and Opacus (DP-SGD) work unchanged.
 
+    Ablation switches (the paper's component ablations; ``bench/accuracy.py`` trains them): ``use_transformer=False``
+    replaces the three BT Blocks (the adaptive masked transformer) by ``nn.Identity``, ``use_inception=False`` the
+    classifier's T-Inception blocks by one plain 3×3 ``ConvNormAct`` of the same width, ``use_cbam=False`` the
+    decoder's CBAM skip weighting by ``nn.Identity``. The defaults are the full model, with its state-dict keys.
+
     Args:
         in_channels: image channels (CE-T1: 1). Default 1.
         seg_classes: segmentation classes, 0 background, 1 tumour, 2 edema. Default 3.
@@ -73,6 +80,9 @@ class BrainTumNet(nn.Module):
         gate_region: ``"tumor"``, ``"edema"`` or ``"whole"``. Default ``"tumor"``.
         mode: ``"multitask"`` or ``"two-stage"``. Default ``"multitask"``.
         dropout_rate: Dropout of the classification head, in [0, 1). Default 0.3.
+        use_transformer: the BT Blocks at the bottleneck and at 1/8. Default True.
+        use_inception: T-Inception blocks in the classifier (else plain 3×3 convolutions). Default True.
+        use_cbam: CBAM on the skip connections (else the skips pass unweighted). Default True.
 
     Raises:
         ValueError: naming the argument, for a size, width, class count, region or mode it cannot use.
@@ -98,27 +108,33 @@ class BrainTumNet(nn.Module):
         gate_region: str = "tumor",
         mode: str = "multitask",
         dropout_rate: float = 0.3,
+        use_transformer: bool = True,
+        use_inception: bool = True,
+        use_cbam: bool = True,
     ):
         super().__init__()
         _check_args(**locals())
         self.img_size, self.mode, self.gate_region = img_size, mode, gate_region
         self.gate_labels = list(GATE_LABELS[gate_region])
         f = feature_size
-        bt_block = partial(BTBlock, num_heads=num_heads, window_size=window_size, topk_ratio=topk_ratio)
+        bt_block = (partial(BTBlock, num_heads=num_heads, window_size=window_size, topk_ratio=topk_ratio)
+                    if use_transformer else nn.Identity)
+        decoder_stage = partial(DecoderStage, skip_layer=CBAM if use_cbam else nn.Identity)
 
         self.enc1 = MultiKernelConv(in_channels, f)
         self.enc2 = EncoderStage(f, 2 * f)
         self.enc3 = EncoderStage(2 * f, 4 * f)
         self.enc4 = EncoderStage(4 * f, 8 * f)
         self.bottleneck = nn.Sequential(EncoderStage(8 * f, 8 * f), bt_block(8 * f), bt_block(8 * f))
-        self.dec4 = DecoderStage(8 * f, 8 * f, 8 * f, transformer=bt_block(8 * f))
-        self.dec3 = DecoderStage(8 * f, 4 * f, 4 * f)
-        self.dec2 = DecoderStage(4 * f, 2 * f, 2 * f)
-        self.dec1 = DecoderStage(2 * f, f, f)
+        self.dec4 = decoder_stage(8 * f, 8 * f, 8 * f, transformer=bt_block(8 * f))
+        self.dec3 = decoder_stage(8 * f, 4 * f, 4 * f)
+        self.dec2 = decoder_stage(4 * f, 2 * f, 2 * f)
+        self.dec1 = decoder_stage(2 * f, f, f)
         self.pyramid = PyramidFusion([f, 2 * f, 4 * f, 8 * f], f, seg_classes)
 
         self.gate_grad = Detach() if mode == "two-stage" else nn.Identity()
-        self.classifier = TInceptionNet(in_channels + 1, num_classes, f, num_heads, dropout_rate)
+        self.classifier = TInceptionNet(in_channels + 1, num_classes, f, num_heads, dropout_rate,
+                                        block_layer=TInceptionBlock if use_inception else ConvNormAct)
 
     def forward_segmentation(self, x: torch.Tensor) -> torch.Tensor:
         """B×C_in×H×W -> B×seg_classes×H×W logits."""

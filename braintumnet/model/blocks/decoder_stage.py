@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,8 @@ class DecoderStage(nn.Module):
         transformer: applied after fusion. Default ``nn.Identity()``.
         norm_layer: default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
+        skip_layer: called with C_skip, weights the skip connection. Default ``CBAM``; ``nn.Identity`` passes it
+            through unweighted (the ablation without CBAM).
 
     Examples::
 
@@ -42,10 +46,11 @@ class DecoderStage(nn.Module):
         transformer: nn.Module | None = None,
         norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
+        skip_layer: Callable[[int], nn.Module] = CBAM,
     ):
         super().__init__()
         self.up = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.skip_attn = CBAM(skip_channels)
+        self.skip_attn = skip_layer(skip_channels)
         self.fuse = ConvNormAct(out_channels + skip_channels, out_channels, 3, 1, 1, norm_layer, act_layer)
         self.transformer = transformer if transformer is not None else nn.Identity()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -28,6 +30,9 @@ class TInceptionNet(nn.Module):
         dropout_rate: before the last FC. Default 0.3.
         norm_layer: default ``group_norm``.
         act_layer: default ``nn.LeakyReLU``.
+        block_layer: the stages' block, called as ``block_layer(C_in, C_out, norm_layer=..., act_layer=...)``.
+            Default ``TInceptionBlock``; ``ConvNormAct`` (one plain 3×3 convolution) is the ablation without the
+            Inception module.
 
     Examples::
 
@@ -44,13 +49,16 @@ class TInceptionNet(nn.Module):
         dropout_rate: float = 0.3,
         norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
+        block_layer: Callable[..., nn.Module] = TInceptionBlock,
     ):
         super().__init__()
         c = feature_size
         self.stem = ConvNormAct(in_channels, c, 3, stride=2, norm_layer=norm_layer, act_layer=act_layer)
         self.stages = nn.Sequential(
             *(
-                nn.Sequential(nn.MaxPool2d(2), TInceptionBlock(c_in, 2 * c_in, norm_layer, act_layer))
+                nn.Sequential(
+                    nn.MaxPool2d(2), block_layer(c_in, 2 * c_in, norm_layer=norm_layer, act_layer=act_layer)
+                )
                 for c_in in (c, 2 * c, 4 * c)
             )
         )

@@ -1,0 +1,177 @@
+"""Accuracy against baselines on the phantom cohort (issue 8, part 2), in the simulation report's metric names.
+
+Arms, all trained centrally on the pooled internal training split with the project's own ``train_model`` (same
+data, augmentation, Adam + cosine schedule, batch, epochs and seed) and scored with ``evaluate_model`` on the pooled
+internal test split and the external site:
+
+* BrainTumNet multi-task (the reference) and two-stage (``mode="two-stage"``: the segmenter trains for the first
+  half of the epochs, then the classifier on the detached predicted-tumour gate, i.e. on the image masked by the
+  predicted tumour);
+* ablations: without the adaptive masked transformer (BT Blocks), without the Inception module (T-Inception blocks
+  -> plain 3×3 convolutions), without CBAM;
+* segmentation baselines (``bench.models``): BasicUNet, DynUNet (nnU-Net), SwinUNETR (2-D) — DiceCE only, no
+  classification figures;
+* classification baselines on the whole slice: DenseNet121, ResNet-18, ResNet-50 — cross-entropy only, no
+  segmentation figures.
+
+``full`` mode uses the simulation's ``standard`` profile and its phantom cohort (scale 0.3, seed 0: the same cases
+and splits as ``python -m simulation --profile standard``); ``--quick`` is a tiny version that proves the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from bench import models
+from bench.common import SYNTHETIC, Context, fmt, ratio, table, write_result
+from braintumnet.config import resolve
+from braintumnet.data.contract import EXTERNAL_SITE, SITES
+from braintumnet.data.contract import class_names as task_classes
+from braintumnet.metrics import METRIC_NAMES
+
+REFERENCE = "BrainTumNet (multi-task)"
+SEG_METRICS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "dice_whole")
+CLS_METRICS = ("acc", "sensitivity", "specificity", "f1", "auc")
+PAPER_CLAIM = {"dice_tumor_points": 2.1, "acc_points": 2.7}  # multi-task over two-stage, the paper's claim
+FULL_COMMAND = "python -m bench --only accuracy"
+
+
+def _settings(ctx: Context) -> dict:
+    if ctx.tiny:
+        return {"run_config": {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3,
+                               "model.feature-size": 8, "train.batch-size": 8},
+                "phantom": 0.03, "epochs": 1, "subset": True}
+    if ctx.quick:
+        return {"run_config": {"profile": "quick", "data.slices-per-case": 4},
+                "phantom": 0.1, "epochs": 3, "subset": False}
+    from simulation.study import PHANTOM_SCALE
+
+    profile = resolve({"profile": "standard"})
+    return {"run_config": {"profile": "standard"}, "phantom": PHANTOM_SCALE["standard"],
+            "epochs": profile.federation.num_rounds * profile.federation.local_epochs, "subset": False}
+
+
+def arms(profile, num_classes: int, subset: bool = False) -> dict[str, tuple[str, object]]:
+    """name -> (kind, factory); kind is ``multitask``, ``two-stage``, ``seg`` or ``cls``."""
+    width = {"feature_size": profile.model.feature_size, "num_heads": profile.model.num_heads,
+             "img_size": profile.data.img_size, "num_classes": num_classes}
+    btn = lambda **kw: (lambda: models.braintumnet(**width, **kw))  # noqa: E731
+    found = {
+        REFERENCE: ("multitask", btn()),
+        "BrainTumNet two-stage": ("two-stage", btn(mode="two-stage")),
+        "without adaptive masked transformer": ("multitask", btn(use_transformer=False)),
+        "without Inception module": ("multitask", btn(use_inception=False)),
+        "without CBAM": ("multitask", btn(use_cbam=False)),
+    }
+    target = models.params(models.braintumnet(**width))
+    segs = models.segmentation_baselines(profile.model.feature_size, profile.data.img_size, num_classes, target)
+    swins = [n for n in segs if n.startswith("SwinUNETR")]
+    if len(swins) > 1:  # train only the SwinUNETR closest to BrainTumNet in parameters
+        closest = min(swins, key=lambda n: abs(models.params(segs[n]()) - target))
+        segs = {n: f for n, f in segs.items() if not n.startswith("SwinUNETR") or n == closest}
+    found.update({n: ("seg", f) for n, f in segs.items()})
+    found.update({n: ("cls", f) for n, f in models.classifier_baselines(num_classes).items()})
+    if subset:
+        keep = (REFERENCE, "BrainTumNet two-stage", "without CBAM", "BasicUNet", "ResNet-18")
+        found = {n: v for n, v in found.items() if n in keep}
+    return found
+
+
+def run(ctx: Context, sites: dict | None = None) -> dict:
+    from braintumnet.data.loading import load_sites
+    from braintumnet.engine import evaluate_model, train_model
+
+    if ctx.device == "cpu":
+        torch.set_num_threads(1)
+    s = _settings(ctx)
+    profile = resolve(s["run_config"])
+    epochs = s["epochs"]
+    profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=epochs))
+    classes = task_classes(profile.data.task)
+    if sites is None:
+        phantom = ctx.phantom(s["phantom"]).out
+        loaded = load_sites([phantom / n for n in (*SITES, EXTERNAL_SITE)], ctx.cache, profile.data,
+                            progress=False)
+        sites = {p.site: p for p in loaded}
+    internal = [sites[n] for n in SITES]
+    dev = torch.device(ctx.device)
+    results = {}
+    for name, (kind, factory) in arms(profile, len(classes), s["subset"]).items():
+        arm_profile = profile
+        if kind == "two-stage":
+            arm_profile = dataclasses.replace(profile, model=dataclasses.replace(profile.model, mode="two-stage"))
+        torch.manual_seed(profile.train.seed)
+        model = factory()
+        t0 = time.perf_counter()
+        stats = train_model(model, internal, arm_profile, dev, epochs=epochs, progress=False)
+        train_s = time.perf_counter() - t0
+        scored = {"internal_test": evaluate_model(model, internal, "test", arm_profile, dev, progress=False),
+                  "external": evaluate_model(model, [sites[EXTERNAL_SITE]], None, arm_profile, dev, progress=False)}
+        for section in scored.values():  # a task the arm does not do has no figures, not chance-level ones
+            for k in (CLS_METRICS if kind == "seg" else SEG_METRICS if kind == "cls" else ()):
+                section[k] = None
+        results[name] = {"kind": kind, "params": models.params(model), "train_s": round(train_s, 1),
+                         "train_loss": stats["train_loss"], **scored}
+        r = scored["internal_test"]
+        ctx.say(f"accuracy: {name}: {train_s:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
+    ref = results[REFERENCE]
+    for r in results.values():
+        r["ratio_to_braintumnet"] = {
+            section: {m: ratio(r[section].get(m), ref[section].get(m)) for m in ("dice_tumor", "dice_whole", "acc",
+                                                                                "auc")}
+            for section in ("internal_test", "external")}
+    two = results.get("BrainTumNet two-stage")
+    claim = None
+    if two:
+        claim = {section: {"dice_tumor_points": 100 * (ref[section]["dice_tumor"] - two[section]["dice_tumor"]),
+                           "acc_points": 100 * (ref[section]["acc"] - two[section]["acc"])}
+                 for section in ("internal_test", "external")}
+    doc = {
+        "synthetic": True, "note": SYNTHETIC, "profile": s["run_config"], "epochs": epochs,
+        "phantom_scale": s["phantom"], "cases": {n: int(p.slices["case_id"].nunique()) for n, p in sites.items()},
+        "train_slices": int(sum(len(p.indices("train", profile.data.task)) for p in internal)),
+        "arms": results, "multitask_minus_two_stage": claim, "paper_claim": PAPER_CLAIM,
+        "full_scale_command": FULL_COMMAND,
+    }
+    return write_result(ctx, "accuracy", "Accuracy against baselines and ablations (SYNTHETIC phantom cohort)", doc,
+                        _sections(doc), _notes(ctx, doc))
+
+
+def _notes(ctx: Context, doc: dict) -> list[str]:
+    notes = [f"**{SYNTHETIC}**",
+             f"Run config {doc['profile']}, {doc['epochs']} epochs, phantom scale {doc['phantom_scale']} (cases per "
+             f"site: {', '.join(f'{k} {v}' for k, v in doc['cases'].items())}; {doc['train_slices']} training "
+             "slices). Every arm: the same train_model (data, augmentation, Adam with cosine decay, batch, seed) "
+             "and evaluate_model; metrics per case, then averaged (docs/metrics.md). '—': a task the arm does not "
+             "do."]
+    if ctx.quick or ctx.tiny:
+        notes.append(f"This is the `--quick` version (tiny cohort, few epochs): it proves the pipeline, and its "
+                     f"figures are far too noisy to compare methods. The standard-scale table (the simulation's "
+                     f"`standard` profile, phantom scale 0.3, 40 epochs; hours on a CPU) is `{FULL_COMMAND}`.")
+    return notes
+
+
+def _sections(doc: dict) -> list[tuple[str, list[str]]]:
+    sections = []
+    for section, title in (("internal_test", "Pooled internal test set"),
+                           ("external", "External site (never trained on)")):
+        rows = [[name, a["kind"], a["params"] / 1e6, *(a[section].get(m) for m in METRIC_NAMES)]
+                for name, a in doc["arms"].items()]
+        sections.append((title, table(["arm", "kind", "params (M)", *METRIC_NAMES], rows)))
+    rows = [[name, *(a["ratio_to_braintumnet"][s][m] for s in ("internal_test", "external")
+                     for m in ("dice_tumor", "acc"))] for name, a in doc["arms"].items()]
+    sections.append(("Ratio to BrainTumNet multi-task (1.0 = parity)",
+                     table(["arm", "internal dice_tumor", "internal acc", "external dice_tumor", "external acc"],
+                           rows)))
+    if doc["multitask_minus_two_stage"]:
+        c = doc["multitask_minus_two_stage"]
+        rows = [[s, c[s]["dice_tumor_points"], c[s]["acc_points"]] for s in c]
+        rows.append(["paper's claim", PAPER_CLAIM["dice_tumor_points"], PAPER_CLAIM["acc_points"]])
+        sections.append(("Multi-task minus two-stage, in points (×100)",
+                         table(["set", "dice_tumor points", "acc points"], rows, digits=1)))
+    sections.append(("Wall time", table(["arm", "train s", "last-epoch train loss"],
+                                        [[n, a["train_s"], a["train_loss"]] for n, a in doc["arms"].items()])))
+    return sections

@@ -1,0 +1,321 @@
+"""Federation cost (issue 8, part 3): round overhead, bytes per site per round, and wall time as sites are added.
+
+* **Round overhead** = a round's wall time / the slowest site's own train + evaluate time (the ClientApps'
+  ``seconds``), as the ServerApp records it in the run folder's ``metrics.json`` (``server.strategy._overhead``).
+  On a machine with fewer cores than sites the sites queue for cores, so the table also gives the overhead against
+  the best this machine could do: ``max(slowest site, total site time / parallel slots)``.
+* **Bytes per site per round**, also from ``metrics.json`` (array payload bytes of the messages, not gRPC framing):
+  received = train + evaluate instructions, against twice the fp32 model size; sent = the train reply, against
+  once the model size.
+* **Sites scaling**: the same pooled cases dealt round-robin (by split and tumour type) to N = 3, 6, 12, 24 simulated
+  sites, each written as its own prepared cache (``part00`` ...) that the ClientApp opens as it opens any site's;
+  the run config's ``sites`` maps Flower's partitions to them. **Data scaling**: 3 sites with half and all of the
+  cases, for "linear in total data".
+
+The simulation side runs ``simulation.flower_run.run_federated`` (Flower's Simulation Engine, one CPU per site).
+The loopback deployment side (full mode only) runs a real ``flower-superlink`` with TLS and node authentication and
+three ``python client/run.py`` sites, through the test suite's harness (``tests/federation/harness.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import Context, fmt, median, ratio, table, write_result
+from braintumnet.config import resolve
+from braintumnet.data.cache import PreparedSite, prepared_dir, read_quarantine, write_prepared
+from braintumnet.data.contract import SITES
+
+REPO = Path(__file__).resolve().parents[1]
+# Figures taken as the median over a run's repetitions.
+REPEATED = ("run_wall_s", "round_wall_s_total", "overhead_median", "overhead_vs_cores_median", "overhead_round1")
+
+
+def _settings(ctx: Context) -> dict:
+    tiny_data = {"data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8, "train.batch-size": 8}
+    if ctx.quick or ctx.tiny:
+        s = {"data": tiny_data, "phantom": 0.1, "rounds": 2, "sites": [3, 6], "fractions": [0.5, 1.0],
+             "heavy_local_epochs": 10, "deployment": False, "repeat": False}
+        if ctx.tiny:
+            s["heavy_local_epochs"] = 0
+    else:
+        s = {"data": {"data.img-size": 64, "data.slices-per-case": 8}, "phantom": 0.25, "rounds": 3,
+             "sites": [3, 6, 12, 24], "fractions": [0.5, 1.0], "heavy_local_epochs": 10, "deployment": True,
+             "repeat": True}
+    if ctx.deployment is not None:
+        s["deployment"] = ctx.deployment
+    return s
+
+
+def model_bytes(run_config: dict) -> int:
+    """Bytes of the model's state dict in fp32 (what one copy of the model weighs as arrays)."""
+    from braintumnet.data.contract import class_names
+    from braintumnet.engine import build_model
+
+    profile = resolve(run_config)
+    model = build_model(profile, len(class_names(profile.data.task)))
+    return int(sum(v.numel() * 4 for v in model.state_dict().values()))
+
+
+def partition(sites: list[PreparedSite], n: int, cache_root: Path, data_cfg, fraction: float = 1.0,
+              prefix: str = "part") -> list[str]:
+    """Deal the pooled cases of ``sites`` to ``n`` new prepared sites under ``cache_root``; returns their names.
+
+    Cases go round-robin within each (split, tumour type) group, so every part gets a share of each; ``fraction``
+    keeps that share of each group's cases first (for the data-scaling runs). Every part needs a test case.
+    """
+    frames = []
+    for i, site in enumerate(sites):
+        frames.append(site.slices.assign(_site=i, _row=np.arange(len(site.slices))))
+    pooled = pd.concat(frames, ignore_index=True)
+    cases = pooled.drop_duplicates(["_site", "case_id"])[["_site", "case_id", "split", "tumor_type"]]
+    cases = cases.sort_values(["split", "tumor_type", "_site", "case_id"]).reset_index(drop=True)
+    kept = []
+    for _, group in cases.groupby(["split", "tumor_type"], sort=True):
+        kept.append(group.iloc[:max(1, math.ceil(fraction * len(group)))])
+    cases = pd.concat(kept, ignore_index=True)
+    cases["part"] = -1
+    for split in ("train", "test"):
+        rows = cases.index[cases["split"] == split]
+        if len(rows) < n:
+            raise ValueError(f"{len(rows)} {split} cases cannot be dealt to {n} sites; use a larger phantom scale")
+        cases.loc[rows, "part"] = np.arange(len(rows)) % n
+    names = [f"{prefix}{i:02d}" for i in range(n)]
+    for part, name in enumerate(names):
+        chosen = cases[cases["part"] == part][["_site", "case_id"]]
+        table_ = pooled.merge(chosen, on=["_site", "case_id"]).sort_values(["_site", "_row"])
+        images = np.concatenate([np.asarray(sites[s].images[table_["_row"][table_["_site"] == s].to_numpy()])
+                                 for s in sorted(table_["_site"].unique())])
+        masks = np.concatenate([np.asarray(sites[s].masks[table_["_row"][table_["_site"] == s].to_numpy()])
+                                for s in sorted(table_["_site"].unique())])
+        meta = {**sites[0].meta, "site": name, "partition_of": [s.site for s in sites], "fraction": fraction,
+                "n_cases": int(len(chosen)), "n_slices": int(len(table_))}
+        write_prepared(prepared_dir(cache_root, name, data_cfg), images, masks,
+                       table_.drop(columns=["_site", "_row"]).reset_index(drop=True), meta,
+                       read_quarantine(sites[0].path).iloc[0:0])
+    return names
+
+
+def analyse(run_dir: Path, size: int, parallel_slots: int) -> dict:
+    """Per-round overhead (raw and against this machine's cores) and bytes per site, from ``metrics.json``."""
+    doc = json.loads((Path(run_dir) / "metrics.json").read_text())
+    rounds = []
+    for rec in doc["rounds"]:
+        per_site = {site: sum(v.get("seconds", 0.0) for v in phases.values()) for site, phases in rec["sites"].items()}
+        wall = rec["seconds"].get("wall_s")
+        slowest = max(per_site.values()) if per_site else None
+        best_here = max(slowest, sum(per_site.values()) / max(1, min(parallel_slots, len(per_site)))) if per_site \
+            else None
+        down = [v["down"] for v in rec["bytes_per_site"].values()]
+        up = [v["up"] for v in rec["bytes_per_site"].values()]
+        rounds.append({
+            "round": rec["round"], "wall_s": wall, "slowest_site_s": slowest, "overhead": rec.get("overhead"),
+            "overhead_vs_cores": ratio(wall, best_here), "sites": len(per_site),
+            "site_seconds": per_site, "train_s": rec["seconds"].get("train_s"),
+            "evaluate_s": rec["seconds"].get("evaluate_s"),
+            "bytes_down_per_site": median(down) if down else None, "bytes_up_per_site": median(up) if up else None,
+            "down_vs_2x_model": ratio(median(down), 2 * size) if down else None,
+            "up_vs_1x_model": ratio(median(up), size) if up else None,
+            "bytes_spread": (max(down) - min(down)) if down else None,
+        })
+    later = rounds[1:] or rounds  # round 1 pays the ClientApps' cold start
+    return {"rounds": rounds,
+            "overhead_median": median([r["overhead"] for r in later]),
+            "overhead_vs_cores_median": median([r["overhead_vs_cores"] for r in later]),
+            "overhead_round1": rounds[0]["overhead"] if rounds else None,
+            "round_wall_s_total": sum(r["wall_s"] for r in rounds),
+            "round_wall_s_median_later": median([r["wall_s"] for r in later]),
+            "down_vs_2x_model": median([r["down_vs_2x_model"] for r in rounds]),
+            "up_vs_1x_model": median([r["up_vs_1x_model"] for r in rounds])}
+
+
+def simulate(ctx: Context, names: list[str], settings: dict, cache: Path, phantom: Path, tag: str,
+             local_epochs: int = 1) -> dict:
+    from simulation.flower_run import run_federated
+
+    n = len(names)
+    run_config = {"profile": "quick", **settings["data"], "num-server-rounds": settings["rounds"],
+                  "train.local-epochs": local_epochs, "checkpoint-dir": str(ctx.workdir / "runs" / tag),
+                  "cache-dir": str(cache), "phantom-dir": str(phantom), "device": "cpu", "sites": ",".join(names),
+                  "min-train-nodes": n, "min-evaluate-nodes": n, "min-available-nodes": n}
+    t0 = time.perf_counter()
+    run_dir = run_federated(run_config, ctx.workdir / tag, num_sites=n, cpus_per_site=1, timeout_s=3600,
+                            log=lambda m: None)
+    wall = time.perf_counter() - t0
+    return {"run_dir": str(run_dir), "run_wall_s": wall, "run_config": run_config}
+
+
+def deployment(ctx: Context, settings: dict, phantom: Path, size: int) -> dict:
+    """Three sites on loopback (real SuperLink, TLS, node auth), via the test suite's harness."""
+    sys.path.insert(0, str(REPO / "tests" / "federation"))
+    from harness import Federation  # noqa: E402  (the test suite's loopback harness, read-only reuse)
+
+    fed = Federation(ctx.workdir / "loopback", phantom, ctx.workdir / "loopback-cache")
+    try:
+        fed.deploy()
+        fed.wait_nodes(3, 300)
+        t0 = time.perf_counter()
+        run_id = fed.submit(**{"num-server-rounds": settings["rounds"]})
+        status = fed.wait_finished(run_id, 1800)
+        wall = time.perf_counter() - t0
+        found = {"run_wall_s": wall}
+        if (fed.run_dir(run_id) / "metrics.json").is_file():  # the rounds it finished, even if it then failed
+            found.update(analyse(fed.run_dir(run_id), size, ctx.machine.get("cpus_usable", 1)))
+        if status["status"] != "finished:completed":
+            found["error"] = f"run ended as {status['status']} after {len(found.get('rounds', []))} round(s)"
+        return found
+    finally:
+        fed.stop_all()
+
+
+def run(ctx: Context) -> dict:
+    from braintumnet.data.loading import load_sites
+
+    s = _settings(ctx)
+    cores = ctx.machine.get("cpus_usable") or 1
+    data_cfg = resolve({"profile": "quick", **s["data"]}).data
+    size = model_bytes({"profile": "quick", **s["data"]})
+    phantom = ctx.phantom(s["phantom"]).out
+    base = load_sites([phantom / n for n in SITES], ctx.cache, data_cfg, progress=False)
+    runs: dict[str, dict] = {}
+    # (sites, share of the cases, local epochs): the scaling runs, then one with ten times the work per site.
+    plan = [(n, 1.0, 1) for n in s["sites"]] + [(3, f, 1) for f in s["fractions"] if f != 1.0]
+    if s["heavy_local_epochs"]:
+        plan.append((3, 1.0, s["heavy_local_epochs"]))
+    # Full mode repeats the plan in reverse (A B C C B A), so a drift in the machine's load cancels out of the
+    # ratios; each figure is then the median over the repetitions.
+    order = plan + plan[::-1] if s["repeat"] else plan
+    for n, fraction, epochs in order:
+        tag = f"sites{n}-data{fraction:g}" + (f"-epochs{epochs}" if epochs != 1 else "")
+        cache = ctx.workdir / "fed-cache" / tag
+        if not cache.exists():
+            partition(base, n, cache, data_cfg, fraction)
+        names = [f"part{i:02d}" for i in range(n)]
+        ctx.say(f"federation: simulation with {n} sites, {fraction:g} of the data, {s['rounds']} rounds of "
+                f"{epochs} local epoch(s)")
+        sim = simulate(ctx, names, s, cache, phantom, f"{tag}-{len(runs.get(tag, {}).get('repeats', []))}", epochs)
+        found = {**sim, **analyse(Path(sim["run_dir"]), size, min(cores, n))}
+        r = runs.setdefault(tag, {"sites": n, "fraction": fraction, "local_epochs": epochs, "repeats": []})
+        r["repeats"].append(found)
+        r.update({**found, **{k: median([x[k] for x in r["repeats"]]) for k in REPEATED}})
+        ctx.say(f"  {tag}: run {found['run_wall_s']:.0f} s, rounds {found['round_wall_s_total']:.0f} s, overhead "
+                f"{fmt(found['overhead_median'])} (vs cores {fmt(found['overhead_vs_cores_median'])}), bytes "
+                f"down/2x {fmt(found['down_vs_2x_model'], 4)}")
+    loop = None
+    if s["deployment"]:
+        ctx.say("federation: loopback deployment, 3 sites")
+        try:
+            loop = deployment(ctx, s, phantom, model_bytes({"profile": "quick", "data.img-size": 32,
+                                                            "data.slices-per-case": 3, "model.feature-size": 8}))
+        except Exception as exc:
+            loop = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    doc = {"model_bytes_fp32": size, "rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
+           "repeated": s["repeat"],
+           "parallel_slots": cores, "runs": runs, "deployment": loop, "scaling": _scaling(runs),
+           "aims": {}}
+    doc["aims"] = _aims(doc)
+    return write_result(ctx, "federation", "Federation cost: round overhead, bytes, sites and data scaling", doc,
+                        _sections(doc), _notes(ctx, doc))
+
+
+def _scaling(runs: dict) -> dict:
+    runs = {k: r for k, r in runs.items() if r.get("local_epochs", 1) == 1}
+    full = {r["sites"]: r for r in runs.values() if r["fraction"] == 1.0}
+    if 3 not in full:
+        return {}
+    base = full[3]
+    sites = {}
+    for n, r in sorted(full.items()):
+        rel = ratio(r["round_wall_s_total"], base["round_wall_s_total"])
+        sites[n] = {"round_wall_s_total": r["round_wall_s_total"], "run_wall_s": r["run_wall_s"],
+                    "vs_3_sites": rel, "run_vs_3_sites": ratio(r["run_wall_s"], base["run_wall_s"]),
+                    "per_added_site": (rel - 1) / (n - 3) if n > 3 and rel is not None else None}
+    data = {}
+    for r in runs.values():
+        if r["sites"] == 3:
+            data[r["fraction"]] = {"round_wall_s_total": r["round_wall_s_total"],
+                                   "vs_full": ratio(r["round_wall_s_total"], base["round_wall_s_total"])}
+    return {"sites": sites, "data": data}
+
+
+def _aims(doc: dict) -> dict:
+    runs = doc["runs"]
+    aims = {}
+    three = next((r for r in runs.values() if r["sites"] == 3 and r["fraction"] == 1.0
+                  and r.get("local_epochs", 1) == 1), None)
+    if three:
+        aims["round_overhead_simulation"] = {"value": three["overhead_median"], "aim": 1.10,
+                                             "met": (three["overhead_median"] or 99) <= 1.10}
+    for r in runs.values():
+        if r.get("local_epochs", 1) > 1:
+            aims[f"round_overhead_simulation_{r['local_epochs']}_local_epochs"] = {
+                "value": r["overhead_median"], "aim": 1.10, "met": (r["overhead_median"] or 99) <= 1.10}
+        aims["bytes_down_vs_2x_model"] = {"value": three["down_vs_2x_model"], "aim": "within 2%",
+                                          "met": abs((three["down_vs_2x_model"] or 0) - 1) <= 0.02}
+    if doc["deployment"] and "overhead_median" in doc["deployment"] and "error" not in doc["deployment"]:
+        d = doc["deployment"]
+        aims["round_overhead_deployment"] = {"value": d["overhead_median"], "aim": 1.10,
+                                             "met": d["overhead_median"] <= 1.10}
+    per_site = [v["per_added_site"] for v in doc["scaling"].get("sites", {}).values() if v["per_added_site"]]
+    if per_site:
+        aims["cost_per_added_site"] = {"value": max(per_site), "aim": 0.05, "met": max(per_site) < 0.05}
+    half = doc["scaling"].get("data", {}).get(0.5)
+    if half:
+        aims["half_data_vs_full"] = {"value": half["vs_full"], "aim": "0.5 (linear, no fixed cost)",
+                                     "met": abs(half["vs_full"] - 0.5) <= 0.1}
+    return aims
+
+
+def _notes(ctx: Context, doc: dict) -> list[str]:
+    notes = [f"Model: {doc['model_bytes_fp32'] / 2**20:.2f} MiB of fp32 arrays (run config {doc['data']}); "
+             f"{doc['rounds']} rounds of 1 local epoch, phantom scale {doc['phantom_scale']} (SYNTHETIC). "
+             "Overhead medians leave out round 1, whose ClientApps pay the cold start (shown separately). "
+             f"Flower's Simulation Engine gives each site one CPU; this machine has {doc['parallel_slots']} usable "
+             "core(s), so sites queue for cores and the raw overhead cannot reach 1 here with more sites than "
+             "cores: 'vs cores' divides by max(slowest site, total site time / cores) instead."]
+    if not doc["repeated"]:
+        notes.append("Each configuration ran once, one after another (not interleaved): on a loaded machine the "
+                     "sites- and data-scaling ratios carry the load's drift. The full mode runs the plan forwards "
+                     "then backwards and takes medians.")
+    if doc["deployment"] is None:
+        notes.append("Loopback deployment: not run in this mode (`--quick` without `--deployment`); the full mode "
+                     "(`python -m bench --only federation`) runs it through tests/federation/harness.py.")
+    return notes
+
+
+def _sections(doc: dict) -> list[tuple[str, list[str]]]:
+    head = ["run", "sites", "data", "local epochs", "run wall s", "rounds wall s", "round-1 overhead",
+            "overhead (median)", "overhead vs cores", "down bytes/site/round", "down / 2× model", "up / 1× model"]
+    rows = [[tag, r["sites"], r["fraction"], r.get("local_epochs", 1), r["run_wall_s"], r["round_wall_s_total"],
+             r["overhead_round1"], r["overhead_median"], r["overhead_vs_cores_median"],
+             r["rounds"][0]["bytes_down_per_site"], r["down_vs_2x_model"], r["up_vs_1x_model"]]
+            for tag, r in doc["runs"].items()]
+    d = doc["deployment"]
+    if d and "overhead_median" in d and "error" not in d:
+        rows.append(["loopback deployment (TLS, node auth)", 3, 1.0, 1, d["run_wall_s"], d["round_wall_s_total"],
+                     d["overhead_round1"], d["overhead_median"], d["overhead_vs_cores_median"],
+                     d["rounds"][0]["bytes_down_per_site"], d["down_vs_2x_model"], d["up_vs_1x_model"]])
+    elif d:
+        rows.append(["loopback deployment", 3, 1.0, 1, d.get("error"), d.get("round_wall_s_total"),
+                     d.get("overhead_round1"), *[None] * 5])
+    sections = [("Runs (simulation: Flower Simulation Engine, one CPU per site)", table(head, rows, digits=4))]
+    sc = doc["scaling"]
+    if sc:
+        rows = [[n, v["round_wall_s_total"], v["vs_3_sites"], v["per_added_site"], v["run_vs_3_sites"]]
+                for n, v in sc["sites"].items()]
+        sections.append(("Sites scaling, same total data (ratios to 3 sites)",
+                         table(["sites", "rounds wall s", "rounds wall / 3 sites", "cost per added site",
+                                "whole run / 3 sites"], rows)))
+        rows = [[f, v["round_wall_s_total"], v["vs_full"]] for f, v in sorted(sc["data"].items())]
+        sections.append(("Data scaling, 3 sites", table(["share of the cases", "rounds wall s", "vs all cases"],
+                                                         rows)))
+    rows = [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()]
+    sections.append(("Aims (issue 8)", table(["figure", "aim", "measured", "met"], rows, digits=4)))
+    return sections

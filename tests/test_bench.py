@@ -1,0 +1,105 @@
+"""``python -m bench`` at the test suite's size: every benchmark's pipeline runs, its JSON has the keys the tables are
+built from, and its markdown table is written. Figures at this size mean nothing; ``--quick`` and the full mode
+measure (bench/results/)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from bench import accuracy, compute, data_pipeline, federation
+from bench.__main__ import main, parse_args
+from bench.common import Context, interleaved, ratio
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture()
+def ctx(tmp_path, phantom_root, cache_root) -> Context:
+    ctx = Context(out=tmp_path / "results", workdir=tmp_path / "work", quick=True, device="cpu", tiny=True,
+                  cache=cache_root)
+    ctx.register_phantom(SimpleNamespace(out=phantom_root, seconds=0.0), scale=0.03)
+    return ctx
+
+
+def _written(ctx: Context, name: str) -> dict:
+    doc = json.loads((ctx.out / f"{name}.json").read_text())
+    md = (ctx.out / f"{name}.md").read_text()
+    assert doc["benchmark"] == name and doc["mode"] == "tiny (test)"
+    assert {"cpu", "cpus_usable", "load_average", "torch", "flwr"} <= set(doc["machine"])
+    assert md.startswith("# ") and "| " in md and doc["machine"]["cpu"] in md
+    return doc
+
+
+def test_interleaved_takes_turns_and_ratio_handles_missing():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a"] and all(len(t) == 2 for t in times.values())
+    assert ratio(2.0, 4.0) == 0.5 and ratio(1.0, None) is None and ratio(1.0, 0) is None
+
+
+def test_compute_pipeline(ctx):
+    compute.run(ctx)
+    doc = _written(ctx, "compute")
+    models = doc["widths"]["quick"]["models"]
+    assert {"BrainTumNet", "BasicUNet"} <= set(models)
+    assert models["BrainTumNet"]["train_ratio"] == 1.0
+    assert all(m["train_slices_s"] > 0 and m["infer_slices_s"] > 0 and m["params"] > 0 for m in models.values())
+    sparse = doc["sparse_vs_dense"]
+    assert sparse["speed"]["quick"]["speedup"] > 0 and abs(sparse["dice_tumor_difference"]) <= 1
+    assert 0 <= sparse["tumor_mask_agreement_dice"] <= 1 and "sparse_dice_difference" in doc["aims"]
+
+
+def test_accuracy_pipeline(ctx, prepared_sites):
+    accuracy.run(ctx, sites=prepared_sites)
+    doc = _written(ctx, "accuracy")
+    arms = doc["arms"]
+    assert {accuracy.REFERENCE, "BrainTumNet two-stage", "without CBAM", "BasicUNet", "ResNet-18"} == set(arms)
+    assert arms["BasicUNet"]["internal_test"]["acc"] is None  # a segmenter has no classification figures
+    assert arms["ResNet-18"]["internal_test"]["dice_tumor"] is None
+    assert arms[accuracy.REFERENCE]["ratio_to_braintumnet"]["internal_test"]["acc"] in (1.0, None)
+    assert set(doc["multitask_minus_two_stage"]["internal_test"]) == {"dice_tumor_points", "acc_points"}
+    assert "dice_tumor" in (ctx.out / "accuracy.md").read_text()
+
+
+def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tmp_path):
+    """The sites-scaling partition and the metrics.json analysis (the Flower runs themselves are covered by
+    tests/federation; ``--quick`` runs them)."""
+    from braintumnet.data.cache import load_prepared, prepared_dir
+
+    internal = [prepared_sites[s] for s in ("yibin", "plagh", "jinling")]
+    names = federation.partition(internal, 3, tmp_path / "parts", tiny_profile.data)
+    parts = [load_prepared(prepared_dir(tmp_path / "parts", n, tiny_profile.data)) for n in names]
+    assert sum(len(p) for p in parts) == sum(len(s) for s in internal)  # the same total data, dealt
+    assert all(len(p.indices("test")) and len(p.indices("train")) for p in parts)
+    size = 1000
+    rounds = [{"round": r, "sites": {n: {"train": {"seconds": 2.0}, "evaluate": {"seconds": 1.0}} for n in names},
+               "seconds": {"wall_s": 3.3}, "overhead": 1.1,
+               "bytes_per_site": {n: {"down": 2 * size, "up": size} for n in names}} for r in (1, 2)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"rounds": rounds}))
+    found = federation.analyse(run_dir, size, parallel_slots=2)
+    assert found["down_vs_2x_model"] == 1.0 and found["up_vs_1x_model"] == 1.0
+    assert found["overhead_median"] == 1.1
+    assert found["overhead_vs_cores_median"] == pytest.approx(3.3 / 4.5)  # 3 sites × 3 s on 2 cores
+    assert federation.model_bytes({"profile": "quick", "model.feature-size": 8}) > 0
+
+
+def test_data_pipeline(ctx):
+    data_pipeline.run(ctx)
+    doc = _written(ctx, "data")
+    assert doc["prepare"]["tiny"]["nifti"]["cases_per_min"] > 0
+    load = doc["cache_load"]["tiny"]
+    assert load["load_s"] > 0 and load["n_slices"] > 0
+
+
+def test_gpu_without_a_gpu_says_so_and_the_cli_writes_it(tmp_path):
+    assert main(["--only", "gpu", "--device", "cpu", "--out", str(tmp_path), "--workdir", str(tmp_path / "w")]) == 0
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["run"] is False and "no CUDA" in doc["reason"]
+    assert "Not run" in (tmp_path / "gpu.md").read_text()
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "compute,nonsense"])

@@ -58,9 +58,14 @@ BEST_METRIC = "dice_tumor"  # federated (case-weighted) tumour Dice on the sites
 # is each site's own, summarised as the maximum in the round's ``privacy`` entry).
 NOT_AVERAGED = {"seconds", "dp_epsilon", "dp_budget_spent"}
 WAIT_LOG_EVERY_S = 15.0
-# Seconds between reply polls, as Flower's own Grid.send_and_receive. Each poll is a write at the SuperLink (it marks
-# replies delivered); polling faster saved ~1 s a step but, on a busy machine, made its SQLite state time out on locks.
+# Seconds between reply polls. Flower's own Grid.send_and_receive waits a flat 3 s, which costs up to 3 s per phase
+# (6 s a round) whatever the sites do: round overhead x2-x4 on short rounds (bench/results/federation.md). Each poll is
+# a write at the SuperLink (it marks replies delivered), and flat fast polling made its SQLite state time out on locks
+# on a busy machine. So the wait grows with the phase: a tenth of the time waited so far (the polling delay stays
+# within ~10 % of the phase), never under POLL_MIN_S nor over POLL_S.
 POLL_S = 3.0
+POLL_MIN_S = 0.25
+POLL_FRACTION = 0.1
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
 
@@ -164,7 +169,7 @@ class _RecordingGrid(Grid):
             exchange.replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
             if waiting:
-                time.sleep(POLL_S)
+                time.sleep(min(POLL_S, max(POLL_MIN_S, POLL_FRACTION * (time.monotonic() - start))))
         for m in exchange.replies:
             node = exchange.sent.get(m.metadata.reply_to_message_id)
             if node is not None and not m.has_error():

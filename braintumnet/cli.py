@@ -107,6 +107,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    from braintumnet.certs import make_certs
+
+    report = make_certs(args.folder, dns=args.dns, ips=args.ip, sites=args.site, rotate=args.rotate,
+                        keys_only=args.keys_only, force=args.force)
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["3class", "binary"], help="refuse a checkpoint trained for another task")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("certs", help="make or reuse the CA, the SuperLink's TLS certificate and the sites' keys",
+                       description="Make (or reuse) the federation's CA, the SuperLink's TLS certificate and one "
+                                   "SuperNode authentication key pair per site; see deploy/README.md.")
+    p.add_argument("folder", type=Path, help="where the files go (created 0700; e.g. /etc/braintumnet/pki)")
+    p.add_argument("--dns", action="append", default=[], metavar="NAME",
+                   help="a host name sites use to reach the SuperLink (repeat; localhost is always added)")
+    p.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                   help="an IP address sites use to reach the SuperLink (repeat; 127.0.0.1, ::1 always added)")
+    p.add_argument("--site", action="append", default=[], metavar="NAME",
+                   help="make a key pair for this site unless it has one (repeat)")
+    p.add_argument("--rotate", action="append", default=[], metavar="NAME",
+                   help="replace this site's key pair (the old one goes to a backup folder; repeat)")
+    p.add_argument("--keys-only", action="store_true", help="only site key pairs (at a hospital): no CA, no "
+                                                            "certificate")
+    p.add_argument("--force", action="store_true",
+                   help="make a NEW CA although one exists (old files go to a backup folder; sites need the new "
+                        "ca.crt)")
+    p.set_defaults(func=cmd_certs)
     return parser
 
 

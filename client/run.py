@@ -118,31 +118,45 @@ def check_security(args: argparse.Namespace, settings: SiteSettings) -> str:
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise LaunchError(f"{ca}: not a readable PEM CA certificate ({exc}); ask the centre for its CA file "
                               "(-----BEGIN CERTIFICATE-----)") from None
-    if key is not None:
-        _check_private_key(key)
+    fp = _check_private_key(key) if key is not None else None
     if args.insecure:
         print("\n" + "!" * 78 + "\n!! WARNING: --insecure: this site talks to the SuperLink WITHOUT TLS. Model\n"
               "!! weights and metrics cross the network in plain text and anyone on the path can\n"
               "!! impersonate the centre. Use only for tests on a trusted network.\n" + "!" * 78 + "\n",
               file=sys.stderr, flush=True)
         return "OFF (--insecure)"
-    return f"on (CA {ca})" + (f", node authentication with {key}" if key else ", no node authentication")
+    return f"on (CA {ca})" + (f", node authentication with {key} ({fp})" if key else ", no node authentication")
 
 
-def _check_private_key(key: Path) -> None:
+def _check_private_key(key: Path) -> str:
+    """The key as ``flower-supernode --auth-supernode-private-key`` loads it (an OpenSSH elliptic-curve key on a NIST
+    curve, unencrypted); returns its public key's fingerprint, the one ``braintumnet certs`` printed."""
     if not key.is_file():
-        raise LaunchError(f"{key}: no such private key; give the site's key file (see docs/federation.md)")
+        raise LaunchError(f"{key}: no such private key; give the site's key file (deploy/README.md, "
+                          "\"Certificates and keys\")")
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
+    from braintumnet.certs import fingerprint
+
+    make = ("make one with braintumnet certs DIR --keys-only --site NAME (or ssh-keygen -t ecdsa -b 384 -N \"\" "
+            "-f KEY) and have the centre register its .pub")
     data = key.read_bytes()
-    for loader in (serialization.load_ssh_private_key, serialization.load_pem_private_key):
-        try:
-            loader(data, password=None)
-            return
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
-            continue
-    raise LaunchError(f"{key}: not an unencrypted private key in OpenSSH or PEM format; create one with "
-                      "ssh-keygen -t ecdsa -b 384 -N \"\" -f KEY and register KEY.pub with the centre")
+    try:
+        private = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        form = "a PEM key" if data.lstrip().startswith(b"-----BEGIN") and b"OPENSSH" not in data[:60] else "unusable"
+        raise LaunchError(f"{key}: {form} ({exc}); Flower 1.42 loads only unencrypted OpenSSH private keys: {make}"
+                          ) from None
+    curves = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1, ec.SECP224R1, ec.SECP192R1)
+    if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(private.curve, curves):
+        raise LaunchError(f"{key}: not an elliptic-curve key on a NIST curve ({type(private).__name__}), which "
+                          f"Flower's node authentication needs: {make}")
+    if key.stat().st_mode & 0o077:
+        log.warning("%s can be read by other users (mode %o): chmod 600 %s", key, key.stat().st_mode & 0o777, key)
+    return fingerprint(private.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                          serialization.PublicFormat.OpenSSH))
 
 
 def check_device(pref: str) -> str:
@@ -267,6 +281,10 @@ def preflight(settings: SiteSettings, report, profile, device: str, tls: str, re
              f"TLS:            {tls}",
              f"local port:     127.0.0.1:{port} (this SuperNode's Runtime API)",
              f"node config:    {settings.node_config()}", ""]
+    if settings.auth_key is not None:
+        lines.insert(-1, "If the SuperNode stops with \"Failed to activate SuperNode\" (exit code 305), the centre has "
+                         f"not registered this key: it runs flwr supernode register {settings.name}.pub CONNECTION "
+                         f"--name {settings.name}, comparing the fingerprint above.")
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ WAIT_LOG_EVERY_S = 15.0
 # on a busy machine. So the wait grows with the phase: a tenth of the time waited so far (the polling delay stays
 # within ~10 % of the phase), never under POLL_MIN_S nor over POLL_S.
 POLL_S = 3.0
-POLL_MIN_S = 0.25
+POLL_MIN_S = 0.5
 POLL_FRACTION = 0.1
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 

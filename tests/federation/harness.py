@@ -1,5 +1,6 @@
 """The loopback harness: a ``flower-superlink``, sites started with ``python client/run.py``, runs submitted with
-``flwr run`` and watched with ``flwr ls``, all real processes.
+``flwr run`` and watched with ``flwr ls``, all real processes, deployed as deploy/README.md says: TLS with a CA made
+by ``braintumnet certs``, SuperNode authentication, each site's public key registered under its name.
 
 Every process is started in its own session and stopped in teardown by its process group, together with any
 descendant that left the group (Flower's SuperExec starts its children in new sessions). Ports come from probing;
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from braintumnet.certs import make_certs
 
 # The study's Flower runner has the same needs; one copy of each helper.
 from simulation.flower_run import free_port
@@ -24,10 +28,11 @@ from simulation.flower_run import processes_carrying as _carrying
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SITES = ("yibin", "plagh", "jinling")
+ROGUE = "rogue"  # has a key pair made by the same command, never registered
 # Small enough for a 2-core CI machine: the data settings of tests/conftest.py's TINY_RUN_CONFIG (so the session's
 # prepared caches are reused), the narrowest network, one local epoch.
 TINY = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
-        "train.batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 600.0}
+        "train.batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 240.0}
 
 
 def _children(pid: int) -> list[int]:
@@ -105,15 +110,20 @@ class Federation:
         self.ckpt = root / "runs"
         self.home = root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
+        # The centre's CA and certificate (localhost names) and a key pair per site, as the runbook makes them.
+        self.pki = root / "pki"
+        make_certs(self.pki, sites=[*SITES, ROGUE])
+        self.ca = self.pki / "ca.crt"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+            f'root-certificates = "{self.ca}"\n')
         self.sites_file = root / "sites.toml"
         run_config = "".join(f'"{k}" = {json.dumps(v)}\n' for k, v in TINY.items())
         self.sites_file.write_text(
-            f'[defaults]\nsuperlink = "127.0.0.1:{self.port}"\ncache = "{cache}"\ndevice = "cpu"\n\n'
+            f'[defaults]\nsuperlink = "127.0.0.1:{self.port}"\ncache = "{cache}"\ndevice = "cpu"\n'
+            f'root-certificates = "{self.ca}"\n\n'
             f"[defaults.run-config]\n{run_config}\n"
-            + "".join(f'[site.{s}]\ndata = "{phantom / s}"\n\n' for s in SITES))
+            + "".join(f'[site.{s}]\ndata = "{phantom / s}"\nauth-key = "{self.site_key(s)}"\n\n' for s in SITES))
         self.env = dict(os.environ)
         self.env.update({
             "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -123,28 +133,75 @@ class Federation:
         })
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.superlink: Proc | None = None
+        self.superexec: Proc | None = None
         self.sites: dict[str, Proc] = {}
         self._all: list[Proc] = []
 
     # ---- processes ---------------------------------------------------------------------------------------------
 
+    def site_key(self, site: str) -> Path:
+        return self.pki / "sites" / site / f"{site}.key"
+
     def start_superlink(self) -> Proc:
-        cmd = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [str(BIN / "flower-superlink"),
+               "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.pki / "superlink.crt"),
+               "--ssl-keyfile", str(self.pki / "superlink.key"), "--enable-supernode-auth",
+               "--host", "127.0.0.1", "--port", str(self.port), "--isolation", "process",
                "--database", str(self.db), "--disable-runtime-dependency-installation"]
-        # Its SuperExec looks for new runs with a write to the SQLite state every second by default; every 3 s is
-        # enough here and leaves the lock to the uploads (docs/federation.md, "Known limits").
-        self.superlink = self._start("superlink", cmd, cwd=self.root,
-                                     env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "3"})
+        self.superlink = self._start("superlink", cmd, cwd=self.root)
         self._wait_port(self.port, 30, self.superlink)
+        # The ServerApp runtime beside it, under a supervisor, as deploy/ runs it (systemd Restart=always, compose
+        # restart: unless-stopped): Flower's SuperExec exits on the first 500 from the SuperLink ("database is locked"
+        # on a saturated machine), and a SuperLink's own SuperExec is never restarted, so new runs stayed pending.
+        # It looks for new runs with a write to the SQLite state every second by default; every 3 s is enough here
+        # and leaves the lock to the uploads (docs/federation.md, "Known limits").
+        superexec = [str(BIN / "flower-superexec"), "--root-certificates", str(self.ca),
+                     "--runtime-api-address", f"127.0.0.1:{self.port}"]
+        loop = f"while :; do {shlex.join(superexec)}; echo 'superexec exited; restarting'; sleep 1; done"
+        self.superexec = self._start("superexec", ["bash", "-c", loop], cwd=self.root,
+                                     env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "3"})
         return self.superlink
 
+    def kill_centre(self, sig: int) -> None:
+        """The centre's machine fails: the SuperLink, its SuperExec and the ServerApp under it."""
+        self.superexec.stop(sig)
+        self.superlink.stop(sig)
+
+    def register(self, site: str) -> str:
+        """``flwr supernode register`` the site's public key under its name; returns the node id."""
+        out = self.flwr("supernode", "register", str(self.site_key(site).with_suffix(".pub")), "loop",
+                        "--name", site)
+        assert out.get("success"), out
+        return out["node-id"]
+
     def start_site(self, site: str) -> Proc:
-        cmd = [sys.executable, str(REPO / "client" / "run.py"), "--site", site, "--config", str(self.sites_file),
-               "--insecure"]
+        cmd = [sys.executable, str(REPO / "client" / "run.py"), "--site", site, "--config", str(self.sites_file)]
         # Three sites share this machine with the centre: niced, so their CPU-heavy ClientApps cannot starve the
         # SuperLink (its SQLite state then times out on locks and answers 500s, which Flower does not retry).
         self.sites[site] = self._start(site, cmd, cwd=REPO, nice=10)
         return self.sites[site]
+
+    def deploy(self) -> None:
+        """The centre and the three sites, as the runbook starts them: once per module (idempotent)."""
+        if self.superlink is not None:
+            return
+        self.start_superlink()
+        for site in SITES:
+            self.register(site)
+        for site in SITES:
+            self.start_site(site)
+
+    def start_supernode(self, name: str, key: Path) -> Proc:
+        """A bare ``flower-supernode`` with ``key``: what a host with a key the centre never registered runs."""
+        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+               str(self.ca), "--auth-supernode-private-key", str(key), "--node-config", f'site-name="{name}"',
+               "--host", "127.0.0.1", "--port", str(free_port()), "--max-retries", "2"]
+        return self._start(name, cmd, cwd=self.root)
+
+    def launcher(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """``python client/run.py ARGS`` to completion (for the launcher's refusals; it never gets to the SuperNode)."""
+        return subprocess.run([sys.executable, str(REPO / "client" / "run.py"), *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
 
     def _start(self, name: str, cmd: list[str], cwd: Path, nice: int = 0, env: dict | None = None) -> Proc:
         proc = Proc(name, cmd, self.root / f"{name}-{len(self._all)}.log", {**self.env, **(env or {})}, cwd, nice)

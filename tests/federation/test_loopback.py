@@ -1,8 +1,11 @@
-"""A real federation on loopback: ``flower-superlink`` with a database, three ``python client/run.py`` sites over a
-tiny phantom cohort, runs submitted with ``flwr run`` and watched with ``flwr ls`` (issue 4, point 8).
+"""A real federation on loopback: ``flower-superlink`` with a database, TLS and SuperNode authentication, three
+``python client/run.py`` sites over a tiny phantom cohort, runs submitted with ``flwr run`` and watched with
+``flwr ls`` (issue 4, point 8; issue 6, points 2, 3 and 5).
 
-The two tests share one federation and run in order: the second resumes the first one's federation for a third
-round, restarts the site the first one stopped, and kills the SuperLink during that round.
+The tests share one federation and run in order: the first deploys it as deploy/README.md does (``braintumnet
+certs``, ``--enable-supernode-auth``, ``flwr supernode register``) and checks what must be refused; the second trains
+two rounds; the third resumes the federation for a third round, restarts the site the second one stopped, and kills
+the SuperLink during that round.
 Figures for the issue's closing note (round overhead, bytes per site) are written to ``measurements.json`` in the
 federation's tmp folder and printed (``pytest -s``).
 """
@@ -16,6 +19,7 @@ import time
 
 import pytest
 
+from braintumnet.certs import make_certs
 from braintumnet.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(1500)
@@ -56,11 +60,40 @@ def received(proc, kind: str) -> int:
     return proc.text().count(f"Receiving: {kind} message")
 
 
+def test_tls_and_node_auth_admit_registered_sites_only(federation, tmp_path):
+    """Registered sites join over TLS; an unregistered key, plaintext and a foreign CA are refused, each saying why."""
+    from harness import ROGUE
+
+    fed = federation
+    fed.deploy()  # the three sites start (their preflight takes a while): meanwhile, what must not get in
+    rogue = fed.start_supernode(ROGUE, fed.site_key(ROGUE))
+    wait_for(lambda: not rogue.alive(), 60, "the unregistered SuperNode to be refused")
+    assert rogue.popen.returncode != 0 and "Failed to activate SuperNode" in rogue.text(), rogue.text()[-2000:]
+    assert "No SuperNode found with the given public key" in fed.superlink.text()
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'[site.yibin]\ndata = "{fed.phantom / "yibin"}"\nsuperlink = "127.0.0.1:{fed.port}"\n')
+    res = fed.launcher("--site", "yibin", "--config", str(plain))
+    assert res.returncode == 2 and "refusing to connect without TLS" in res.stderr, res.stderr
+    res = fed.launcher("--site", "yibin", "--config", str(plain), "--insecure")
+    assert res.returncode == 3 and "WITHOUT TLS" in res.stderr, res.stderr
+    assert "probably uses TLS: pass --root-certificates" in res.stderr, res.stderr
+
+    make_certs(tmp_path / "other-pki")
+    res = fed.launcher("--site", "yibin", "--config", str(plain), "--root-certificates",
+                       str(tmp_path / "other-pki" / "ca.crt"))
+    assert res.returncode == 3 and "is not the CA that signed the SuperLink's certificate" in res.stderr, res.stderr
+
+    fed.wait_nodes(3, timeout=300)
+    nodes = fed.flwr("supernode", "ls", "loop")["nodes"]
+    assert sorted(n["status"] for n in nodes) == ["online"] * 3, nodes  # the rogue key left no node behind
+    assert "TLS:            on (CA" in fed.sites["yibin"].text()
+    assert "node authentication with" in fed.sites["yibin"].text()
+
+
 def test_two_rounds_three_sites_one_drops_out(federation):
     fed = federation
-    fed.start_superlink()
-    for site in SITES:
-        fed.start_site(site)
+    fed.deploy()
     fed.wait_nodes(3, timeout=300)
 
     started = time.monotonic()
@@ -89,14 +122,21 @@ def test_two_rounds_three_sites_one_drops_out(federation):
     assert "train error from jinling" in log or "no train reply from jinling" in log, log[-4000:]
 
     # MLflow: per-site metrics, and round 1's aggregate is the num-examples-weighted mean of the sites' replies.
+    # On a saturated machine the SQLite-backed SuperLink now and then answers an upload with "500: database is
+    # locked", which Flower's SuperNode does not retry: that reply is lost and left out like a dropout
+    # (docs/federation.md, "Known limits"). So the sums run over the sites that did reply in round 1.
     client, mrun = mlflow_run(fed, run_id)
     metrics = mrun.data.metrics
-    for site in SITES:
-        assert f"{site}/eval/dice_tumor" in metrics and f"{site}/train/train_loss" in metrics
+    phases = {"train": "train", "eval": "evaluate"}
+    replied = {p: [s for s in SITES if phases[p] in rounds[0]["sites"].get(s, {})] for p in phases}
+    assert len(replied["train"]) >= 2 and len(replied["eval"]) >= 2, rounds[0]["sites"]
+    for phase, key in (("eval", "dice_tumor"), ("train", "train_loss")):
+        assert all(f"{site}/{phase}/{key}" in metrics for site in replied[phase]), sorted(metrics)
     for phase, key in (("eval", "dice_tumor"), ("eval", "hd95_tumor_mm"), ("train", "train_loss")):
-        values = {s: history(client, mrun.info.run_id, f"{s}/{phase}/{key}")[1] for s in SITES}
-        weights = {s: history(client, mrun.info.run_id, f"{s}/{phase}/num-examples")[1] for s in SITES}
-        expected = sum(weights[s] * values[s] for s in SITES) / sum(weights.values())
+        sites = replied[phase]
+        values = {s: history(client, mrun.info.run_id, f"{s}/{phase}/{key}")[1] for s in sites}
+        weights = {s: history(client, mrun.info.run_id, f"{s}/{phase}/num-examples")[1] for s in sites}
+        expected = sum(weights[s] * values[s] for s in sites) / sum(weights.values())
         assert history(client, mrun.info.run_id, f"{phase}/{key}")[1] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert history(client, mrun.info.run_id, "round/sites_train")[2] == 2
     assert set(history(client, mrun.info.run_id, "external/dice_tumor")) == {1, 2}  # the centre's own cohort
@@ -117,10 +157,10 @@ def test_superlink_killed_mid_run_then_resume_latest(federation):
     # Federated evaluation is the first test's business: skipping it here saves a ClientApp start per site and round.
     extended = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
                              "wait-for-nodes-s": 120.0, "fraction-evaluate": 0.0})
-    # Kill the SuperLink (and the ServerApp under it) while round 3 is in flight at the sites.
+    # Kill the centre (SuperLink, SuperExec, ServerApp) while round 3 is in flight at the sites.
     wait_for(lambda: all(received(p, "train") > before[s] for s, p in fed.sites.items()), 900,
              "round 3's train messages", poll=0.3)
-    fed.superlink.stop(signal.SIGKILL)
+    fed.kill_centre(signal.SIGKILL)
     fed.start_superlink()  # same --database, same port: runs and nodes survive
     fed.wait_nodes(3, timeout=300)
     assert not (fed.run_dir(extended) / "round-0003.pt").exists()

@@ -19,7 +19,8 @@ from braintumnet.data.cache import PreparedSite
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import case_folds
-from braintumnet.engine import build_model, evaluate_model, pick_device, train_model
+from braintumnet.engine import (aggregate_metrics, build_model, evaluate_model, evaluate_sites, pick_device,
+                                train_model)
 
 log = logging.getLogger("braintumnet.train")
 
@@ -56,11 +57,11 @@ def train_centralized(
         t0 = time.perf_counter()
         train_metrics = train_model(model, sites, profile, dev, epochs=epochs, case_ids=case_ids, progress=progress)
         train_s = time.perf_counter() - t0
+        pooled, _, per_site = evaluate_sites(model, sites, "test", profile, dev, progress=progress)
         result = {
             "train": {**train_metrics, "epochs": epochs, "wall_s": round(train_s, 2)},
-            "internal_test": evaluate_model(model, sites, "test", profile, dev, progress=progress),
-            "per_site": {s.site: evaluate_model(model, [s], "test", profile, dev, progress=progress)
-                         for s in sites if _has_split(s, "test", classes)},
+            "internal_test": aggregate_metrics(pooled),
+            "per_site": {site: aggregate_metrics(m) for site, m in per_site.items()},
         }
         if external:
             result["external"] = evaluate_model(model, external, None, profile, dev, progress=progress)
@@ -96,10 +97,6 @@ def train_centralized(
     report["wall_s"] = round(time.perf_counter() - started, 2)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
     return report
-
-
-def _has_split(site: PreparedSite, split: str, classes) -> bool:
-    return bool(((site.slices["split"] == split) & site.slices["tumor_type"].isin(classes)).any())
 
 
 def _load_last(out: Path, name: str, profile: Profile, k: int, dev):

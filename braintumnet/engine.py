@@ -9,7 +9,7 @@ import logging
 import math
 import random
 from contextlib import nullcontext
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -226,11 +226,42 @@ def evaluate_cases(
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Case-level metrics (docs/metrics.md) and the per-case table (kept at the site; never sent anywhere)."""
     classes = task_classes(profile.data.task)
-    table = select_slices(sites, split, classes, case_ids)
+    table = _slices_to_score(sites, split, profile, case_ids)
+    seg, probs = predict_slices(model, sites, table, device, profile.train.batch_size, progress)
+    return _summarize(sites, table, seg, probs, classes)
+
+
+def evaluate_sites(
+    model: nn.Module, sites: Sequence, split: str | None, profile: Profile, device: torch.device, *,
+    progress: bool = True,
+) -> tuple[dict[str, float], pd.DataFrame, dict[str, dict[str, float]]]:
+    """:func:`evaluate_cases` on the pooled ``sites`` plus each site's own metrics, from one pass of predictions
+    (scoring the pool and then every site again would predict every slice twice). Sites without slices of ``split``
+    have no entry; with one site, its entry is the pooled metrics."""
+    classes = task_classes(profile.data.task)
+    table = _slices_to_score(sites, split, profile, None)
+    seg, probs = predict_slices(model, sites, table, device, profile.train.batch_size, progress)
+    metrics, per_case = _summarize(sites, table, seg, probs, classes)
+    per_site = {}
+    for index, site in enumerate(sites):
+        rows = (table["site_index"] == index).to_numpy()
+        if len(sites) == 1:
+            per_site[site.site] = metrics
+        elif rows.any():
+            per_site[site.site] = _summarize(sites, table[rows], seg[rows], probs[rows], classes)[0]
+    return metrics, per_case, per_site
+
+
+def _slices_to_score(sites: Sequence, split: str | None, profile: Profile, case_ids) -> pd.DataFrame:
+    table = select_slices(sites, split, task_classes(profile.data.task), case_ids)
     if len(table) == 0:
         raise BrainTumNetError(
             f"no {split or 'any'} slices for task {profile.data.task!r} in sites {[s.site for s in sites]}")
-    seg, probs = predict_slices(model, sites, table, device, profile.train.batch_size, progress)
+    return table
+
+
+def _summarize(sites: Sequence, table: pd.DataFrame, seg: np.ndarray, probs: np.ndarray,
+               classes: Sequence[str]) -> tuple[dict[str, float], pd.DataFrame]:
     targets = np.stack([sites[i].masks[r] for i, r in zip(table["site_index"], table["row"])])
     # A case id is unique within its site; prefix the site so pooled evaluation never merges two sites' cases.
     case_keys = (table["site"] + "/" + table["case_id"]).tolist()
@@ -248,6 +279,12 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Aggregate metrics only (safe to send to the server); ``num-examples`` = the number of cases."""
     metrics, _ = evaluate_cases(model, sites, split, profile, device, case_ids=case_ids, progress=progress)
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    metrics["num-examples"] = int(metrics["n_cases"])
-    return metrics
+    return aggregate_metrics(metrics)
+
+
+def aggregate_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of an evaluation summary (no per-class lists such as the confusion matrix), with
+    ``num-examples`` = the number of cases, which FedAvg weights evaluation by."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out["num-examples"] = int(out["n_cases"])
+    return out

@@ -20,7 +20,7 @@ from braintumnet.config import to_dict
 from braintumnet.data.contract import TASKS
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.loading import default_cache_root, load_sites
-from braintumnet.engine import build_model, evaluate_cases, pick_device, predict_slices
+from braintumnet.engine import build_model, evaluate_sites, pick_device, predict_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.report import plots
 
@@ -133,13 +133,7 @@ def evaluate_checkpoint(
     profile, classes = ckpt.profile, ckpt.class_names
     sites = load_sites([Path(d) for d in site_dirs], Path(cache_root or default_cache_root()), profile.data,
                        progress=progress)
-    metrics, per_case = evaluate_cases(model, sites, split, profile, dev, progress=progress)
-    per_site = {}
-    for site in sites:
-        if len(sites) == 1:
-            per_site[site.site] = metrics
-        elif len(select_slices([site], split, classes)):
-            per_site[site.site] = evaluate_cases(model, [site], split, profile, dev, progress=progress)[0]
+    metrics, per_case, per_site = evaluate_sites(model, sites, split, profile, dev, progress=progress)
     synthetic = any(bool(s.meta.get("synthetic")) for s in sites)
     out.mkdir(parents=True, exist_ok=True)
     per_case.to_csv(out / "per_case.csv", index=False)

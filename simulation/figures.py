@@ -1,5 +1,6 @@
 """The study report's figures (PNG, matplotlib object API): learning curves per round, ROC curves, confusion
-matrices, per-site bars and example overlays. Each takes what the study already holds and returns the paths it wrote.
+matrices and per-site bars (the example overlays are ``braintumnet.report.plots.overlay_examples``). Each takes what
+the study already holds and returns the paths it wrote.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from braintumnet.report.plots import _save, confusion_matrix_plot, overlay_examples, roc_curves
+from sklearn.metrics import confusion_matrix
+
+from braintumnet.report.plots import _save, confusion_matrix_plot, roc_curves
 
 
 def learning_curves(rounds: Sequence[Mapping], finals: Mapping[str, Mapping], path: Path) -> Path:
@@ -64,12 +67,6 @@ def classification_figures(cases: pd.DataFrame, classes: Sequence[str], folder: 
     """ROC curves and the confusion matrix of one arm on one test set, from its per-case probabilities."""
     probs = cases[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     y = cases["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)
-    matrix = np.zeros((len(classes), len(classes)), dtype=int)
-    np.add.at(matrix, (y, probs.argmax(1)), 1)
+    matrix = confusion_matrix(y, probs.argmax(1), labels=range(len(classes)))
     return [roc_curves(y, probs, classes, folder / f"roc_{stem}.png", title=f"ROC, {label}"),
             confusion_matrix_plot(matrix, classes, folder / f"confusion_{stem}.png", title=f"Confusion, {label}")]
-
-
-def example_overlays(images: Sequence[np.ndarray], targets: Sequence[np.ndarray], preds: Sequence[np.ndarray],
-                     titles: Sequence[str], path: Path) -> Path:
-    return overlay_examples(images, targets, preds, path, titles)

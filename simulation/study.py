@@ -27,7 +27,9 @@ from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
-from braintumnet.engine import build_model, evaluate_cases, evaluate_model, pick_device, predict_slices, train_model
+from braintumnet.engine import (build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device,
+                               predict_slices, train_model)
+from braintumnet.report.plots import overlay_examples
 from simulation import figures as fig
 from simulation.flower_run import run_federated
 from simulation.pooled import StudySites, phantom_sites, split_pooled
@@ -217,14 +219,13 @@ def _training_cases(train_sites, classes, held: dict) -> list[str] | None:
 def _score(model, internal, ext, profile: Profile, dev, held: dict) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     metrics, per_case = {}, {}
-    metrics["internal_test"], per_case["internal_test"] = evaluate_cases(model, internal, "test", profile, dev,
-                                                                         progress=False)
+    metrics["internal_test"], per_case["internal_test"], per_site = evaluate_sites(model, internal, "test", profile,
+                                                                                   dev, progress=False)
     if ext:
         metrics["external"], per_case["external"] = evaluate_cases(model, ext, None, profile, dev, progress=False)
     scores = {k: _numbers(v) for k, v in metrics.items()}
     scores.setdefault("external", {})
-    scores["per_site"] = {s.site: _numbers(evaluate_model(model, [s], "test", profile, dev, progress=False))
-                          for s in internal}
+    scores["per_site"] = {site: _numbers(m) for site, m in per_site.items()}
     if held:
         ids = sorted(c for v in held.values() for c in v)
         scores["validation"] = _numbers(evaluate_model(model, internal, "train", profile, dev, case_ids=ids,
@@ -299,6 +300,6 @@ def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal
         targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
         titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]
         name = "federated" if "federated" in cases_of else "centralized"
-        add(fig.example_overlays(images, targets, list(seg), titles, folder / "overlays.png"),
+        add(overlay_examples(images, targets, list(seg), folder / "overlays.png", titles),
             f"Example internal test slices, {name} model: reference solid, prediction dashed")
     return shown

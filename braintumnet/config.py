@@ -95,6 +95,7 @@ class TrainConfig:
     fedprox_mu: float = 0.0
     cv_folds: int = 0
     cv_fold: int = 0
+    keep_optimizer_state: bool = True  # federated: each site continues its Adam across rounds (optimizer_state.py)
 
     def __post_init__(self) -> None:
         if self.cv_folds and not (self.cv_folds >= 2 and 1 <= self.cv_fold <= self.cv_folds):
@@ -236,6 +237,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "train.learning-rate": ("train", "learning_rate"),
     "train.seed": ("train", "seed"),
     "train.fedprox-mu": ("train", "fedprox_mu"),
+    "train.keep-optimizer-state": ("train", "keep_optimizer_state"),
     "cv.folds": ("train", "cv_folds"),
     "cv.fold": ("train", "cv_fold"),
     "num-server-rounds": ("federation", "num_rounds"),

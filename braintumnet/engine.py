@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from monai.data.utils import worker_init_fn as monai_worker_init
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from braintumnet.errors import BrainTumNetError
 from braintumnet.losses import MultiTaskLoss
 from braintumnet.metrics import evaluation_summary
 from braintumnet.model import BrainTumNet
+from braintumnet.optimizer_state import make_optimizer
 from braintumnet.privacy import PrivateTraining
 
 log = logging.getLogger("braintumnet.engine")
@@ -89,6 +91,7 @@ def train_model(
     case_ids: Sequence[str] | None = None,
     progress: bool = True,
     privacy: PrivateTraining | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on the train split of ``sites`` for ``epochs`` epochs.
 
@@ -102,6 +105,8 @@ def train_model(
         privacy: DP-SGD (``braintumnet.privacy``, when ``dp.enabled``): Poisson-sampled batches, per-slice clipping
             and noise, no AMP. ``privacy.history`` holds the accountant's history afterwards; ``model`` keeps its
             plain state-dict keys. FedProx is refused under DP: its proximal gradient would bypass the clipping.
+        optimizer: an Adam over ``model``'s parameters to continue (a site's state kept between federated rounds,
+            ``braintumnet.optimizer_state``); None = a fresh one. It holds the new state afterwards.
 
     Returns:
         ``train_loss``, ``train_loss_seg``, ``train_loss_cls`` (means over the last epoch's slices) and
@@ -119,16 +124,17 @@ def train_model(
             "check that cases.csv has split=train rows of the task's tumour types")
     generator = seed_everything(cfg.seed + epoch_offset)
     loader = DataLoader(
-        SliceDataset(sites, table, augmentation(cfg)),
+        SliceDataset(sites, table, augmentation(cfg, seed=cfg.seed + epoch_offset)),
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=generator,
         num_workers=cfg.num_workers,
+        worker_init_fn=monai_worker_init if cfg.num_workers else None,
         drop_last=len(table) > cfg.batch_size,  # a batch of one destabilises GroupNorm statistics less than BN, still noisy
     )
     model.to(device).train()
     total_epochs = total_epochs or epochs
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    optimizer = optimizer or make_optimizer(model, cfg.learning_rate)
     mu = cfg.fedprox_mu if proximal_to is not None else 0.0
     net = model  # what the loop calls: the model itself, or Opacus's wrapper around it
     if privacy is not None:

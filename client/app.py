@@ -72,17 +72,19 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     epochs = profile.federation.local_epochs
     device = pick_device(site.device)
     prepared = open_site(site, profile.data)
-    model = _model(msg, profile)
+    model = _model(msg, profile).to(device)  # before the optimizer, so a restored Adam state lands on the device
     anchor = ({k: v.detach().clone() for k, v in model.state_dict().items()}
               if profile.train.fedprox_mu > 0 else None)
     ledger, dp = _privacy(profile, site, cfg, context)
+    memory, optimizer = _optimizer(profile, site, cfg, context, model)
     case_ids = _cross_validation_cases(prepared, profile, site)
     log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g%s)", site.name, server_round, epochs,
              device, profile.train.fedprox_mu, f", DP-SGD, epsilon so far {dp.epsilon:.3f}" if dp else "")
     try:
         stats = train_model(model, [prepared], profile, device, epochs=epochs,
                             epoch_offset=(server_round - 1) * epochs, total_epochs=total_rounds * epochs,
-                            proximal_to=anchor, case_ids=case_ids, progress=False, privacy=dp)
+                            proximal_to=anchor, case_ids=case_ids, progress=False, privacy=dp,
+                            optimizer=optimizer)
     except PrivacyBudgetSpent as spent:
         # Not an error: the site has done its share. One clear line here; the centre logs it by site name.
         log.warning("site %s: round %d not trained: %s", site.name, server_round, spent)
@@ -90,6 +92,10 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
                    "dp_budget_spent": 1, "seconds": time.perf_counter() - start}
         return _reply(msg, site, metrics)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if memory is not None and server_round < total_rounds:
+        memory.save(optimizer)
+    elif memory is not None:
+        memory.forget()  # the last round: nothing continues from it
     metrics = {k: _finite(stats[k]) for k in TRAIN_KEYS}
     metrics["num-examples"] = int(stats["num-examples"])
     loss = metrics["train_loss"]
@@ -133,9 +139,27 @@ def _privacy(profile, site: SiteRuntime, cfg, context: Context):
         return None, None
     from braintumnet.privacy import PrivacyLedger, PrivateTraining
 
-    federation = str(cfg.get("federation-id", "") or f"run-{context.run_id}")
-    ledger = PrivacyLedger(site.cache, site.name, federation)
+    ledger = PrivacyLedger(site.cache, site.name, _federation_id(cfg, context))
     return ledger, PrivateTraining(profile.privacy, ledger.load())
+
+
+def _optimizer(profile, site: SiteRuntime, cfg, context: Context, model):
+    """The site's Adam, continued from its previous round of this federation (``train.keep-optimizer-state``):
+    ``(memory, optimizer)``, or ``(None, None)`` for a fresh Adam every round."""
+    if not profile.train.keep_optimizer_state:
+        return None, None
+    from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
+
+    memory = OptimizerMemory(site.cache, site.name, _federation_id(cfg, context))
+    optimizer = make_optimizer(model, profile.train.learning_rate)
+    if memory.restore(optimizer):
+        log.info("site %s: Adam continues from this site's previous round (%s)", site.name, memory.path)
+    return memory, optimizer
+
+
+def _federation_id(cfg, context: Context) -> str:
+    """Keys what a site keeps between rounds; a centre that sends no federation id gets one per Flower run."""
+    return str(cfg.get("federation-id", "") or f"run-{context.run_id}")
 
 
 def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:

@@ -77,6 +77,18 @@ def test_train_counts_slices_and_evaluate_counts_cases(prepared_sites, tiny_prof
     assert 0.0 <= result["iou_tumor"] <= result["dice_tumor"] <= 1.0
 
 
+def test_the_same_seed_trains_the_same_weights_augmentation_included(prepared_sites, tiny_profile):
+    """MONAI's random transforms have their own generators: unseeded, two runs of one seed used to differ."""
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(tiny_profile)
+        train_model(model, [prepared_sites["plagh"]], tiny_profile, CPU, epochs=1, progress=False)
+        weights.append(model.state_dict())
+    assert tiny_profile.train.rotation_deg > 0 and tiny_profile.train.flip_prob > 0
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_cosine_schedule_continues_across_rounds():
     assert cosine_lr(1e-4, 0.0) == pytest.approx(1e-4)
     assert cosine_lr(1e-4, 0.5) == pytest.approx(5e-5)

@@ -57,6 +57,9 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
     assert len(rounds) == 2 and all(set(r["sites"]) == set(SITES) for r in rounds)  # partition i is site i
     assert rounds[-1]["external"]["n_cases"] > 0  # the centre evaluated the external site every round
     assert (REPO / "pyproject.toml").read_bytes() == pyproject  # `flwr run` did not rewrite it
+    # Each simulated site kept its Adam state after round 1 and deleted it after the last round.
+    kept = tmp_path / "cache" / "optimizer"
+    assert {p.name for p in kept.iterdir()} == set(SITES) and not list(kept.glob("*/*.pt"))
 
     report = (tmp_path / "report.md").read_text()
     assert "SYNTHETIC" in report and "paper (reference, not ours)" in report

@@ -41,10 +41,15 @@ def select_slices(
     return table
 
 
-def augmentation(train: TrainConfig) -> Compose:
-    """Random horizontal/vertical flips (p = flip_prob each) and rotation within ±rotation_deg (§2.1.2)."""
+def augmentation(train: TrainConfig, seed: int | None = None) -> Compose:
+    """Random horizontal/vertical flips (p = flip_prob each) and rotation within ±rotation_deg (§2.1.2).
+
+    ``seed``: MONAI's random transforms draw from their own NumPy generators, seeded from OS entropy unless set, so
+    without it two runs with the same ``train.seed`` augment differently. A DataLoader with workers must reseed each
+    worker's copy (``monai.data.utils.worker_init_fn``), or every worker repeats the same draws.
+    """
     keys = ("image", "mask")
-    return Compose(
+    transform = Compose(
         [
             RandFlipd(keys, prob=train.flip_prob, spatial_axis=0),
             RandFlipd(keys, prob=train.flip_prob, spatial_axis=1),
@@ -58,6 +63,7 @@ def augmentation(train: TrainConfig) -> Compose:
             ),
         ]
     )
+    return transform if seed is None else transform.set_random_state(seed=seed % 2**32)
 
 
 class SliceDataset(Dataset):

@@ -2,10 +2,11 @@
 
 Why: §2.1.4 trains with Adam. A site that builds a fresh Adam for every round restarts its moment estimates from 0
 every few epochs, and Adam's first steps after a restart are sign-like steps of size ``lr`` on every weight. Measured
-on the quick study (tests/test_optimizer_state.py documents the set-up): centralized training cut into 10 chunks of
-3 epochs with a fresh Adam per chunk ended at Dice 0.000 where the same 30 epochs with one Adam reached 0.233, the
-same failure the federated arm showed. With the moments kept, each site continues its own Adam across rounds while
-the weights it starts from are the new global average (the usual "local optimizer state" FedAvg variant).
+on the quick study's data: centralized training cut into 10 chunks of 3 epochs with a fresh Adam per chunk ended at
+tumour Dice 0.000, where the same 30 epochs with one Adam reached 0.233. With the moments kept, each site continues
+its own Adam across rounds while the weights it starts from are the new global average (the usual "local optimizer
+state" FedAvg variant). It does not make up for the other cost of FedAvg at equal epochs: the global model moves by
+one site's steps per round, not by the sum of them (docs/study.md).
 
 The state is keyed by the federation id the centre sends (it survives ``resume-from`` and a SuperNode restart) and
 lives at ``<cache>/optimizer/<site>/<federation-id>.pt``. The file is deleted after the last round. Adam's moments

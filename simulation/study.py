@@ -170,7 +170,8 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         "device": str(dev),
         "sites": {"internal": list(layout.internal), "external": layout.external},
         "budget": {"centralized_epochs": epochs, "local_epochs_per_site": epochs,
-                   "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs},
+                   "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
+                   **_optimizer_steps(internal, classes, profile.train.batch_size, epochs, fed)},
         "cases": {s.site: int(s.slices["case_id"].nunique()) for s in sites.values()},
         "n_repetitions": len(plan),
         "folds": folds if folds >= 2 else None,
@@ -303,3 +304,22 @@ def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal
         add(overlay_examples(images, targets, list(seg), folder / "overlays.png", titles),
             f"Example internal test slices, {name} model: reference solid, prediction dashed")
     return shown
+
+
+def _optimizer_steps(internal: list, classes, batch_size: int, epochs: int, fed) -> dict:
+    """Adam steps each arm's model takes (no cross-validation), to put beside the equal-epochs budget.
+
+    Equal epochs are not equal progress: centralized takes one step per pooled batch, while FedAvg's global model
+    moves each round by an average of the sites' steps, not their sum, so along its trajectory it takes about
+    rounds x local epochs x one site's batches per epoch. A local arm takes the same steps as one federated site.
+    """
+    def steps(n_slices: int) -> int:  # engine.train_model drops the last partial batch when there is more than one
+        return max(n_slices // batch_size, 1) if n_slices > batch_size else 1
+
+    per_site = {s.site: len(select_slices([s], "train", classes)) for s in internal}
+    per_round = {site: fed.local_epochs * steps(n) for site, n in per_site.items()}
+    return {"train_slices": per_site,
+            "centralized_steps": epochs * steps(sum(per_site.values())),
+            "local_steps": {site: epochs * steps(n) for site, n in per_site.items()},
+            "federated_steps_per_site": {site: fed.num_rounds * n for site, n in per_round.items()}}
+

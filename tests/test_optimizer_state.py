@@ -1,8 +1,7 @@
 """A site's Adam state between federated rounds (braintumnet.optimizer_state), on the tiny synthetic cohort.
 
 Why it exists: on the quick study, centralized training cut into 10 chunks of 3 epochs with a fresh Adam per chunk
-ended at tumour Dice 0.000 where one Adam over the same 30 epochs reached 0.233; the federated arm, which built a
-fresh Adam every round, showed the same 0.000.
+ended at tumour Dice 0.000 where one Adam over the same 30 epochs reached 0.233.
 """
 
 from __future__ import annotations

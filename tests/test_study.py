@@ -43,8 +43,16 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
             assert set(METRIC_NAMES) <= set(saved[arm][section]), (arm, section)
         assert set(saved[arm]["per_site"]) == set(SITES)
         assert set(METRIC_NAMES) <= set(saved[arm]["per_site"]["plagh"])
-    assert saved["budget"] == {"centralized_epochs": 2, "local_epochs_per_site": 2, "federated_rounds": 2,
-                               "federated_local_epochs": 1}
+    budget = saved["budget"]
+    assert {k: budget[k] for k in ("centralized_epochs", "local_epochs_per_site", "federated_rounds",
+                                   "federated_local_epochs")} == {"centralized_epochs": 2, "local_epochs_per_site": 2,
+                                                                  "federated_rounds": 2, "federated_local_epochs": 1}
+    # Adam steps beside the equal-epochs budget: a site's batches per epoch x its epochs (batch 8, last one dropped).
+    slices = budget["train_slices"]
+    assert set(slices) == set(SITES)
+    assert budget["centralized_steps"] == 2 * (sum(slices.values()) // 8)
+    assert budget["federated_steps_per_site"] == budget["local_steps"] == {s: 2 * (n // 8) for s, n in slices.items()}
+    assert "Equal epochs are not equal optimizer steps" in (tmp_path / "report.md").read_text()
     # No case is in two sites (of the data the arms read), and the external site is never trained on: not by the
     # in-process arms, not by the simulated sites.
     owners: dict[str, str] = {}

@@ -6,7 +6,8 @@ needs and nothing patient-level (issue 7):
 
 - ``arrays``: the model's state dict (train replies only);
 - ``metrics``: aggregate numbers with the same keys at every site, ``num-examples`` = training **slices** (train)
-  or test **cases** (evaluate), which FedAvg weights by. With ``dp.enabled`` a train reply adds ``dp_epsilon``
+  or test **cases** (evaluate), which FedAvg weights by. A train message with ``evaluate-received`` also gets the
+  received global model's evaluation metrics, prefixed ``received_`` (scored before training). With ``dp.enabled`` a train reply adds ``dp_epsilon``
   (the site's cumulative ε) and ``dp_budget_spent`` (1 when the site refused to train: then no arrays and
   ``num-examples`` 0; the centre leaves it out of the aggregation and the site still evaluates), and its losses are
   NaN: a training loss is not covered by DP-SGD's guarantee, so it stays in the site's log;
@@ -39,8 +40,13 @@ EVAL_KEYS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_ed
              "sensitivity", "specificity", "f1", "auc", "n_cases")
 TRAIN_KEYS = ("train_loss", "train_loss_seg", "train_loss_cls")
 DP_KEYS = ("dp_epsilon", "dp_budget_spent")  # train replies, only when dp.enabled (every site shares the run config)
+# A train message with ``evaluate-received`` asks the site to score the global model it received (the previous
+# round's) before training: the reply carries those metrics under this prefix, so a round needs one model download
+# per site instead of two (docs/federation.md, "evaluate-in-train").
+RECEIVED_PREFIX = "received_"
+RECEIVED_KEYS = tuple(RECEIVED_PREFIX + k for k in EVAL_KEYS + ("num-examples",))
 # Every key a reply's MetricRecord may hold; the message audit (tests/privacy) allows nothing else.
-REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + ("num-examples", "seconds"))
+REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + RECEIVED_KEYS + ("num-examples", "seconds"))
 
 
 class SiteFailure(RuntimeError):
@@ -78,6 +84,10 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     ledger, dp = _privacy(profile, site, cfg, context)
     memory, optimizer = _optimizer(profile, site, cfg, context, model)
     case_ids = _cross_validation_cases(prepared, profile, site)
+    received = {}
+    if cfg.get("evaluate-received"):  # the previous round's global model, before this round changes it
+        received = {RECEIVED_PREFIX + k: v for k, v in _evaluation(model, prepared, profile, device, site,
+                                                                    server_round - 1).items()}
     log.info("site %s: round %d, training %d epoch(s) on %s (FedProx mu=%g%s)", site.name, server_round, epochs,
              device, profile.train.fedprox_mu, f", DP-SGD, epsilon so far {dp.epsilon:.3f}" if dp else "")
     try:
@@ -89,7 +99,7 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
         # Not an error: the site has done its share. One clear line here; the centre logs it by site name.
         log.warning("site %s: round %d not trained: %s", site.name, server_round, spent)
         metrics = {**{k: math.nan for k in TRAIN_KEYS}, "num-examples": 0, "dp_epsilon": spent.spent,
-                   "dp_budget_spent": 1, "seconds": time.perf_counter() - start}
+                   "dp_budget_spent": 1, **received, "seconds": time.perf_counter() - start}
         return _reply(msg, site, metrics)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if memory is not None and server_round < total_rounds:
@@ -107,6 +117,7 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
         log.info("site %s: round %d: DP-SGD with sigma %.3f, sample rate %.4f; epsilon now %.3f at delta %g "
                  "(budget %g); ledger %s", site.name, server_round, dp.noise_multiplier, dp.sample_rate, spent,
                  profile.privacy.delta, profile.privacy.budget, ledger.path)
+    metrics.update(received)
     metrics["seconds"] = time.perf_counter() - start
     log.info("site %s: round %d trained on %d slices in %.1f s, loss %.4f", site.name, server_round,
              metrics["num-examples"], metrics["seconds"], loss)
@@ -164,22 +175,31 @@ def _federation_id(cfg, context: Context) -> str:
 
 def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:
     from braintumnet.config import resolve
-    from braintumnet.engine import evaluate_model, pick_device
+    from braintumnet.engine import pick_device
 
     start = time.perf_counter()
     profile = resolve(context.run_config)
     prepared = open_site(site, profile.data)
-    model = _model(msg, profile)
-    found = evaluate_model(model, [prepared], "test", profile, pick_device(site.device), progress=False)
+    metrics = _evaluation(_model(msg, profile), prepared, profile, pick_device(site.device), site,
+                          msg.content["config"].get("server-round"))
+    metrics["seconds"] = time.perf_counter() - start
+    return _reply(msg, site, metrics)
+
+
+def _evaluation(model, prepared, profile, device, site: SiteRuntime, server_round) -> dict[str, Any]:
+    """The model on the site's test split: every key of EVAL_KEYS and ``num-examples`` (test cases)."""
+    from braintumnet.engine import evaluate_model
+
+    start = time.perf_counter()
+    found = evaluate_model(model, [prepared], "test", profile, device, progress=False)
     # Keys fixed and always present; an undefined value (e.g. AUC with one class in the test split) stays NaN and
     # the centre averages each metric over the sites where it is defined (server.strategy.nan_weighted_mean).
     metrics: dict[str, Any] = {k: float(found.get(k, math.nan)) for k in EVAL_KEYS}
     metrics["num-examples"] = int(found["num-examples"])
-    metrics["seconds"] = time.perf_counter() - start
-    log.info("site %s: round %s evaluated %d test cases in %.1f s: dice_tumor %.4f, acc %.4f", site.name,
-             msg.content["config"].get("server-round"), metrics["num-examples"], metrics["seconds"],
-             metrics["dice_tumor"], metrics["acc"])
-    return _reply(msg, site, metrics)
+    log.info("site %s: round %s's global model evaluated on %d test cases in %.1f s: dice_tumor %.4f, acc %.4f",
+             site.name, server_round, metrics["num-examples"], time.perf_counter() - start, metrics["dice_tumor"],
+             metrics["acc"])
+    return metrics
 
 
 def _model(msg: Message, profile):

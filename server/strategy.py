@@ -66,6 +66,9 @@ WAIT_LOG_EVERY_S = 15.0
 POLL_S = 3.0
 POLL_MIN_S = 0.5
 POLL_FRACTION = 0.1
+# A train reply's scores of the model the site received (evaluate-in-train): client.app.RECEIVED_PREFIX, which the
+# centre does not import (the ClientApp module is the sites' code).
+RECEIVED_PREFIX = "received_"
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
 
@@ -86,6 +89,9 @@ class ServerSettings:
         sites: the sites expected (for the waiting log) and, in simulation, partition i's name.
         mlflow_experiment: MLflow experiment name; "" turns MLflow off.
         audit_messages: describe every message sent and received in ``audit.jsonl`` in the run folder.
+        evaluate_in_train: each train message asks the sites to score the global model they receive (the previous
+            round's) before training, and only the last round has an evaluate message: one model download per site
+            per round instead of two. Round r's federated metrics then arrive with round r+1's train replies.
     """
 
     checkpoint_dir: Path
@@ -95,6 +101,7 @@ class ServerSettings:
     sites: tuple[str, ...] = ()
     mlflow_experiment: str = "braintumnet-fl"
     audit_messages: bool = False
+    evaluate_in_train: bool = True
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
@@ -107,6 +114,7 @@ class ServerSettings:
             sites=tuple(s.strip() for s in str(cfg.get("sites", "")).split(",") if s.strip()),
             mlflow_experiment=str(cfg.get("mlflow-experiment", "braintumnet-fl")),
             audit_messages=str(cfg.get("audit-messages", False)).lower() in ("true", "1"),
+            evaluate_in_train=str(cfg.get("evaluate-in-train", True)).lower() in ("true", "1"),
         )
 
 
@@ -369,6 +377,8 @@ class SiteAwareFedAvg(FedAvg):
         config["total-rounds"] = self.total_rounds
         if self.meta.get("federation-id"):
             config["federation-id"] = str(self.meta["federation-id"])  # keys a site's privacy ledger (resume-proof)
+        if self._evaluates_in_train() and self.history:  # score the global model of the round before, at each site
+            config["evaluate-received"] = True
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         log.info("round %d/%d: training at %s", g, self.total_rounds, self._names_of(nodes))
         return self._construct_messages(record, nodes, MessageType.TRAIN)
@@ -378,6 +388,7 @@ class SiteAwareFedAvg(FedAvg):
             return None, None
         exchange = self._exchange()
         valid = self._bound_norms(self._screen(list(replies), exchange, "train", self._sent_arrays))
+        self._previous_round_evaluated(_split_received(self._round["sites"]))
         self._round["train_s"] = exchange.seconds
         self._round["bytes"] = {"down_train": self._by_site(exchange.bytes_out),
                                 "up_train": self._by_site(exchange.bytes_in)}
@@ -389,7 +400,8 @@ class SiteAwareFedAvg(FedAvg):
         contents = [m.content for _, m in valid]
         arrays = _cast_like(aggregate(contents, self.robust.aggregation, self.weighted_by_key,
                                       self.robust.trim_fraction), self._dtypes)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        metrics = MetricRecord({k: v for k, v in self.train_metrics_aggr_fn(contents, self.weighted_by_key).items()
+                                if not k.startswith(RECEIVED_PREFIX)})
         self._round["train"] = dict(metrics)
         return arrays, metrics
 
@@ -400,6 +412,9 @@ class SiteAwareFedAvg(FedAvg):
         g = self.round_offset + server_round
         if self.fraction_evaluate == 0.0:
             return []
+        if self._evaluates_in_train() and g < self.total_rounds:
+            self._round["evaluate_later"] = True  # with the next round's train replies
+            return []
         nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate", g)
         config["server-round"] = g
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -407,7 +422,7 @@ class SiteAwareFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self._round["ended"] = time.monotonic()
-        if self.fraction_evaluate == 0.0:
+        if self.fraction_evaluate == 0.0 or self._round.get("evaluate_later"):
             return None
         exchange = self._exchange()
         valid = self._screen(list(replies), exchange, "evaluate", None)
@@ -446,10 +461,7 @@ class SiteAwareFedAvg(FedAvg):
         best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
         if best:
             self.best_value = value
-        meta = {**self.meta, "round": g, "total_rounds": self.total_rounds, "best_metric": BEST_METRIC,
-                "best_value": self.best_value, "evaluate": rec.get("evaluate", {}),
-                "sites": sorted(rec["sites"]), "site-nodes": {str(n): s for n, s in self.names.items()}}
-        path = self.folder.save_round(g, state, self.profile, self.class_names, meta, best)
+        path = self.folder.save_round(g, state, self.profile, self.class_names, self._checkpoint_meta(rec), best)
         rec.update(_overhead(rec))
         self.history.append(_public(rec))
         self.folder.write_metrics({"rounds": self.history, **{k: v for k, v in self.meta.items()}})
@@ -458,6 +470,48 @@ class SiteAwareFedAvg(FedAvg):
                  self.total_rounds, rec["wall_s"], rec.get("slowest_site_s", math.nan), rec.get("overhead", math.nan),
                  path, " (best so far)" if best else "")
         return MetricRecord({k: float(v) for k, v in external.items()}) if external else None
+
+    def _checkpoint_meta(self, rec: dict) -> dict:
+        return {**self.meta, "round": rec["round"], "total_rounds": self.total_rounds, "best_metric": BEST_METRIC,
+                "best_value": self.best_value, "evaluate": rec.get("evaluate", {}),
+                "sites": sorted(rec["sites"]), "site-nodes": {str(n): s for n, s in self.names.items()}}
+
+    # ---- evaluation that arrives with the next round's train replies (evaluate-in-train) --------------------------
+
+    def _evaluates_in_train(self) -> bool:
+        return self.settings.evaluate_in_train and self.fraction_evaluate > 0.0
+
+    def _previous_round_evaluated(self, per_site: dict[str, dict]) -> None:
+        """The sites' scores of the global model they received this round: the previous round's federated metrics.
+
+        They go where an evaluate phase would have put them: that round's entry in ``metrics.json``, its checkpoint's
+        meta (re-written; ``best`` moves to it when it is the best so far) and MLflow at that round's step.
+        """
+        if not per_site or not self.history or self._sent_arrays is None:
+            return
+        previous = self.history[-1]
+        g = previous["round"]
+        if len(per_site) < max(self.min_evaluate_nodes, 1):
+            log.warning("round %d: %d site(s) scored it, fewer than min-evaluate-nodes=%d; no federated metrics for "
+                        "round %d", g, len(per_site), self.min_evaluate_nodes, g)
+            return
+        records = [RecordDict({"metrics": MetricRecord(m)}) for m in per_site.values()]
+        metrics = dict(self.evaluate_metrics_aggr_fn(records, self.weighted_by_key))
+        previous["evaluate"] = metrics
+        for site, m in per_site.items():
+            previous["sites"].setdefault(site, {})["evaluate"] = m
+        value = metrics.get(BEST_METRIC, math.nan)
+        best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
+        if best:
+            self.best_value = value
+        # The model the sites scored is the one sent this round: the previous round's global model.
+        self.folder.save_round(g, self._sent_arrays.to_torch_state_dict(), self.profile, self.class_names,
+                               self._checkpoint_meta(previous), best)
+        self.folder.write_metrics({"rounds": self.history, **{k: v for k, v in self.meta.items()}})
+        self.tracker.metrics(_evaluation_metrics(metrics, per_site), step=g)
+        log.info("round %d (scored by the sites with round %d's training): dice_tumor %.4f, acc %.4f from %s%s", g,
+                 self._round["round"], value, metrics.get("acc", math.nan), ", ".join(sorted(per_site)),
+                 " (best so far)" if best else "")
 
     # ---- helpers -------------------------------------------------------------------------------------------------
 
@@ -572,6 +626,26 @@ class SiteAwareFedAvg(FedAvg):
 
     def _names_of(self, nodes: Iterable[int]) -> str:
         return ", ".join(sorted(self._name(n) for n in nodes))
+
+
+def _split_received(sites: dict[str, dict]) -> dict[str, dict]:
+    """Move the ``received_*`` metrics out of each site's train metrics; returns them per site, unprefixed."""
+    out = {}
+    for site, phases in sites.items():
+        train = phases.get("train", {})
+        received = {k[len(RECEIVED_PREFIX):]: train.pop(k) for k in [k for k in train if k.startswith(RECEIVED_PREFIX)]}
+        if received:
+            out[site] = received
+    return out
+
+
+def _evaluation_metrics(metrics: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]]) -> dict:
+    """MLflow keys of a round's evaluation, as ``_mlflow_metrics`` names them."""
+    out = {metric_key("eval", k): v for k, v in metrics.items()}
+    for site, m in per_site.items():
+        out.update({metric_key(site, "eval", k): v for k, v in m.items()})
+    out["round/sites_evaluate"] = len(per_site)
+    return out
 
 
 def _budget_spent(msg: Message, expected: set[str] | None) -> bool:

@@ -77,12 +77,14 @@ def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tm
     size = 1000
     rounds = [{"round": r, "sites": {n: {"train": {"seconds": 2.0}, "evaluate": {"seconds": 1.0}} for n in names},
                "seconds": {"wall_s": 3.3}, "overhead": 1.1,
-               "bytes_per_site": {n: {"down": 2 * size, "up": size} for n in names}} for r in (1, 2)]
+               "bytes_per_site": {n: {"down": size * (2 if r == 2 else 1), "up": size} for n in names}}
+              for r in (1, 2)]  # evaluate-in-train: one download a round, two in the last
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps({"rounds": rounds}))
     found = federation.analyse(run_dir, size, parallel_slots=2)
-    assert found["down_vs_2x_model"] == 1.0 and found["up_vs_1x_model"] == 1.0
+    assert found["exchanged_vs_2x_model"] == 1.0 and found["exchanged_vs_2x_model_run"] == 1.25
+    assert found["up_vs_1x_model"] == 1.0
     assert found["overhead_median"] == 1.1
     assert found["overhead_vs_cores_median"] == pytest.approx(3.3 / 4.5)  # 3 sites × 3 s on 2 cores
     assert federation.model_bytes({"profile": "quick", "model.feature-size": 8}) > 0

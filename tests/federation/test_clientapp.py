@@ -29,3 +29,13 @@ def test_every_site_sends_the_same_evaluation_keys():
     from braintumnet.metrics import METRIC_NAMES
 
     assert set(EVAL_KEYS) == set(METRIC_NAMES)  # the canonical names; per-tumour-type extras vary by site
+
+
+def test_the_centre_reads_the_prefix_the_sites_write():
+    """evaluate-in-train: the ClientApp prefixes its scores of the received model; the centre (which does not import
+    the sites' code) strips the same prefix."""
+    from client.app import RECEIVED_KEYS, RECEIVED_PREFIX, REPLY_METRIC_KEYS
+    from server.strategy import RECEIVED_PREFIX as CENTRE_PREFIX
+
+    assert RECEIVED_PREFIX == CENTRE_PREFIX
+    assert {f"{RECEIVED_PREFIX}{k}" for k in EVAL_KEYS} < set(RECEIVED_KEYS) <= REPLY_METRIC_KEYS

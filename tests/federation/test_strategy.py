@@ -5,6 +5,7 @@ The loopback tests (test_loopback.py) run the same strategy with real processes;
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -92,6 +93,8 @@ def site(name: str, n: int, shift: float, auc: float = 0.8, extra: dict | None =
             shifted = ArrayRecord({k: Array(np.asarray(v.numpy() + shift)) for k, v in got.items()})
             new = arrays(got) if arrays else shifted
             metrics = {"train_loss": shift, "num-examples": n, "seconds": 0.1}
+            if msg.content["config"].get("evaluate-received"):  # evaluate-in-train: scores of the received model
+                metrics.update({"received_dice_tumor": shift, "received_auc": auc, "received_num-examples": n})
             return RecordDict({"arrays": new, "metrics": MetricRecord({**metrics, **(extra or {})}),
                                "site": ConfigRecord({"name": name})})
         metrics = {"dice_tumor": shift, "auc": auc, "num-examples": n, "seconds": 0.1}
@@ -106,12 +109,13 @@ def gone(msg: Message):
 
 @pytest.fixture()
 def make_strategy(tmp_path):
-    def make(rounds=1, run_config=None, audit=False, **federation):
+    def make(rounds=1, run_config=None, audit=False, evaluate_in_train=True, **federation):
         base = resolve({"profile": "quick", "data.img-size": 32, "model.feature-size": 8, **(run_config or {})})
         settings = {"num_rounds": rounds, "min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1,
                     **federation}
         profile = replace(base, federation=replace(base.federation, **settings))
-        settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"), audit_messages=audit)
+        settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"), audit_messages=audit,
+                                  evaluate_in_train=evaluate_in_train)
         tracker = Tracker(tmp_path, "", "t", "f", {}, {}, enabled=False)
         return SiteAwareFedAvg(profile=profile, settings=settings, folder=RunFolder(tmp_path, 7), tracker=tracker,
                                class_names=("glioma", "metastasis", "meningioma"), meta={"federation-id": "f"})
@@ -199,7 +203,8 @@ def test_rounds_continue_after_resume(make_strategy, tmp_path):
     seen = []
     answer = site("yibin", 10, 1.0)
     run(second, ScriptedGrid({11: lambda m: seen.append(m.content["config"]["server-round"]) or answer(m)}), rounds=2)
-    assert seen == [2, 2, 3, 3]  # train and evaluate of global rounds 2 and 3
+    assert seen == [2, 3, 3]  # train of global rounds 2 and 3, round 3's evaluate (round 2 scored in round 3's train)
+    assert [r["evaluate"]["dice_tumor"] for r in second.history] == [1.0, 1.0]
     assert sorted(p.name for p in second.folder.dir.glob("round-*.pt")) == ["round-0002.pt", "round-0003.pt"]
 
 
@@ -351,8 +356,6 @@ def test_a_site_whose_budget_is_spent_is_left_out_but_still_evaluates(make_strat
 def test_the_audit_describes_every_message_without_array_contents(make_strategy):
     strategy = make_strategy(audit=True)
     run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0), 12: gone}))
-    import json
-
     lines = [json.loads(x) for x in strategy.folder.audit_path.read_text().splitlines()]
     assert [(e["direction"], e["type"]) for e in lines] == [
         ("to-site", "train"), ("to-site", "train"), ("from-site", "train"), ("from-site", "train"),
@@ -362,3 +365,58 @@ def test_the_audit_describes_every_message_without_array_contents(make_strategy)
                                                                      "n": {"shape": [], "dtype": "float64"}}}
     assert reply["records"]["site"] == {"kind": "config", "items": {"name": "yibin"}}
     assert any(e.get("error", {}).get("reason") == "Node Unavailable" for e in lines)
+
+
+def test_evaluate_in_train_scores_each_round_in_the_next_train_message(make_strategy):
+    """One model download per site per round: the sites score the model they receive before training; only the last
+    round has an evaluate message. Each round's metrics, checkpoint meta and ``best`` still land on that round."""
+    strategy = make_strategy(rounds=3)
+    asked = []
+
+    def scores(got: ArrayRecord) -> float:  # a "Dice" that grows with the weights: round 3's model is the best
+        return float(got["w"].numpy().mean())
+
+    def answer(name, n):
+        def reply(msg: Message):
+            config, got = msg.content["config"], msg.content["arrays"]
+            asked.append((name, msg.metadata.message_type, config["server-round"], bool(config.get("evaluate-received"))))
+            if msg.metadata.message_type == MessageType.TRAIN:
+                metrics = {"train_loss": 0.5, "num-examples": n, "seconds": 0.1}
+                if config.get("evaluate-received"):
+                    metrics.update({"received_dice_tumor": scores(got), "received_num-examples": n})
+                arrays = ArrayRecord({k: Array(np.asarray(v.numpy() + 1.0)) for k, v in got.items()})
+                return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                                   "site": ConfigRecord({"name": name})})
+            return RecordDict({"metrics": MetricRecord({"dice_tumor": scores(got), "num-examples": n, "seconds": 0.1}),
+                               "site": ConfigRecord({"name": name})})
+        return reply
+
+    run(strategy, ScriptedGrid({11: answer("yibin", 10), 12: answer("plagh", 30)}), rounds=3)
+    yibin = [(t, r, e) for s, t, r, e in asked if s == "yibin"]
+    assert yibin == [(MessageType.TRAIN, 1, False), (MessageType.TRAIN, 2, True), (MessageType.TRAIN, 3, True),
+                     (MessageType.EVALUATE, 3, False)]
+    rounds = strategy.history
+    assert [r["evaluate"]["dice_tumor"] for r in rounds] == pytest.approx([1.0, 2.0, 3.0])  # after rounds 1, 2, 3
+    assert rounds[0]["sites"]["plagh"]["evaluate"] == {"dice_tumor": 1.0, "num-examples": 30}
+    assert all(not any(k.startswith("received_") for k in r["train"]) for r in rounds)
+    assert all(not any(k.startswith("received_") for k in p["train"]) for r in rounds for p in r["sites"].values())
+    folder = strategy.folder.dir
+    assert load_checkpoint(folder / "round-0001.pt").meta["evaluate"]["dice_tumor"] == pytest.approx(1.0)
+    assert load_checkpoint(folder / "best.pt").meta["round"] == 3
+    assert load_checkpoint(folder / "latest.pt").meta["round"] == 3
+    saved = json.loads((folder / "metrics.json").read_text())["rounds"]
+    assert [r["evaluate"]["dice_tumor"] for r in saved] == pytest.approx([1.0, 2.0, 3.0])
+    model_bytes = 3 * 4 + 8  # w: 3 float32 (arrays' header bytes are not counted) and n
+    down = [r["bytes_per_site"]["yibin"]["down"] for r in rounds]
+    assert down[0] == down[1] and down[2] == 2 * down[0]  # one download per round, two in the last
+    assert down[0] >= model_bytes
+
+
+def test_evaluate_in_train_can_be_switched_off(make_strategy):
+    strategy = make_strategy(rounds=2, evaluate_in_train=False)
+    asked = []
+    answer = site("yibin", 10, 1.0)
+    run(strategy, ScriptedGrid({11: lambda m: asked.append((m.metadata.message_type,
+                                                             "evaluate-received" in m.content["config"])) or answer(m)}),
+        rounds=2)
+    assert asked == [(MessageType.TRAIN, False), (MessageType.EVALUATE, False)] * 2

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.timeout(900)
 
 SITES = ("yibin", "plagh", "jinling")
 SIGMA, DELTA = 1.0, 1e-5
-CONFIG_KEYS_TO_SITES = {"server-round", "total-rounds", "federation-id"}
+CONFIG_KEYS_TO_SITES = {"server-round", "total-rounds", "federation-id", "evaluate-received"}
 
 
 def planned_epsilons(prepared_sites, profile, rounds: int) -> dict[str, list[float]]:
@@ -89,7 +89,9 @@ def test_every_message_carries_only_model_arrays_and_aggregate_numbers(dp_run, t
     run_dir, _, _ = dp_run
     model = {k: list(v.shape) for k, v in build_model(tiny_profile).state_dict().items()}
     entries = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
-    assert len(entries) == 3 * 2 * 2 * len(SITES)  # rounds x (train, evaluate) x (instruction, reply) x sites
+    # rounds x train x (instruction, reply) x sites, and the last round's evaluate: rounds 1 and 2 are scored by the
+    # sites inside the next round's train message (evaluate-in-train)
+    assert len(entries) == 3 * 2 * len(SITES) + 2 * len(SITES)
     strings = []
     for e in entries:
         assert "error" not in e, e

@@ -122,13 +122,25 @@ def _ratio(a, b) -> str:
     return f"{a / b:.3f}" if a is not None and b else "n/a"
 
 
+# Below these a model has not learned the task (Dice of an empty prediction; chance accuracy with three classes), and
+# a ratio against it says nothing: 0.007 / 0.000 "holds" perfectly on the external site.
+LEARNED_FLOOR = {"dice_tumor": 0.05, "acc": 0.40}
+
+
+def _verdict(ratio: str, aim: float, denominator, metric: str, what: str) -> str:
+    value = _number(denominator)
+    if value is not None and value < LEARNED_FLOOR[metric]:
+        return f"n/a: {what} {metric} {value:.3f} is below {LEARNED_FLOOR[metric]} (not learned)"
+    return "yes" if ratio != "n/a" and float(ratio) >= aim else "no"
+
+
 def _questions(doc: dict) -> list[list[str]]:
     rows = []
     fed, cen = doc.get("federated", {}).get("internal_test"), doc.get("centralized", {}).get("internal_test")
     for metric in ("dice_tumor", "acc"):
         if fed and cen:
             r = _ratio(fed.get(metric), cen.get(metric))
-            met = "yes" if r != "n/a" and float(r) >= AIM_PARITY else "no"
+            met = _verdict(r, AIM_PARITY, cen.get(metric), metric, "centralized")
             rows.append([f"federated / centralized, {metric} (internal)", r, f">= {AIM_PARITY}", met])
     locals_ = [a for a in arms_of(doc) if a.startswith("local:")]
     if fed and locals_:
@@ -143,7 +155,7 @@ def _questions(doc: dict) -> list[list[str]]:
             for metric in ("dice_tumor", "acc"):
                 r = _ratio(doc[arm]["external"].get(metric), doc[arm]["internal_test"].get(metric))
                 rows.append([f"external / internal, {arm}, {metric}", r, f">= {AIM_EXTERNAL}",
-                             "yes" if r != "n/a" and float(r) >= AIM_EXTERNAL else "no"])
+                             _verdict(r, AIM_EXTERNAL, doc[arm]["internal_test"].get(metric), metric, "internal")])
     return rows
 
 

@@ -162,3 +162,19 @@ def test_folds_repeat_every_arm_and_report_mean_and_sd(phantom_root, tiny_run_co
         assert set(METRIC_NAMES) - {"auc"} <= set(doc[arm]["validation"])  # each fold's held-out cases
     report = (tmp_path / "report.md").read_text()
     assert "±" in report and "Cross-validation" in report and "fold 2/2" in report
+
+
+def test_a_ratio_against_a_model_that_learned_nothing_is_not_a_pass():
+    """Measured on the standard study: federated Dice 0.007 external over 0.000 internal read "28.1, aim met"."""
+    from simulation.report import _questions
+
+    doc = {"centralized": {"internal_test": {"dice_tumor": 0.406, "acc": 0.848},
+                           "external": {"dice_tumor": 0.429, "acc": 0.800}},
+           "federated": {"internal_test": {"dice_tumor": 0.0003, "acc": 0.758},
+                         "external": {"dice_tumor": 0.007, "acc": 0.600}},
+           "local:plagh": {"internal_test": {"dice_tumor": 0.010, "acc": 0.727}}}
+    verdicts = {row[0]: row[3] for row in _questions(doc)}
+    assert verdicts["external / internal, federated, dice_tumor"].startswith("n/a: internal dice_tumor 0.000")
+    assert verdicts["external / internal, centralized, dice_tumor"] == "yes"  # 1.057
+    assert verdicts["external / internal, federated, acc"] == "no"  # 0.792
+    assert verdicts["federated / centralized, dice_tumor (internal)"] == "no"

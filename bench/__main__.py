@@ -29,10 +29,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--deployment", action="store_true",
                         help="with --quick, also run the federation benchmark's loopback deployment (full mode does)")
+    parser.add_argument("--sites", default="",
+                        help="federation: comma-separated site counts for the scaling runs, e.g. 3,6,12,24 "
+                             "(default: the mode's; the phantom grows so every site gets a test case)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch folder for cohorts, caches and run folders (default: a temporary one, removed)")
     args = parser.parse_args(argv)
     args.only = [b.strip() for b in args.only.split(",") if b.strip()]
+    try:
+        args.sites = tuple(int(n) for n in args.sites.split(",") if n.strip())
+    except ValueError:
+        parser.error(f"--sites {args.sites}: use comma-separated whole numbers, e.g. 3,6,12,24")
+    if any(n < 1 for n in args.sites):
+        parser.error(f"--sites {args.sites}: every count must be at least 1")
     unknown = [b for b in args.only if b not in BENCHMARKS]
     if unknown:
         parser.error(f"--only {','.join(unknown)}: use some of {','.join(BENCHMARKS)}")
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="braintumnet-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=args.out.absolute(), workdir=workdir.absolute(), quick=args.quick, device=device,
-                  deployment=True if args.deployment else None)
+                  deployment=True if args.deployment else None, sites=args.sites or None)
     started, failed = time.perf_counter(), []
     try:
         for name in args.only:

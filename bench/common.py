@@ -32,6 +32,7 @@ class Context:
         tiny: the test suite's size (seconds per benchmark, figures meaningless): checks the pipeline only.
         cache: the prepared-cache root shared by the benchmarks (default ``workdir/cache``).
         deployment: run the federation benchmark's loopback deployment (None: only in full mode).
+        sites: the federation benchmark's site counts for the scaling runs (None: the mode's own).
     """
 
     out: Path
@@ -42,6 +43,7 @@ class Context:
     machine: dict = field(default_factory=describe)
     cache: Path | None = None
     deployment: bool | None = None
+    sites: tuple[int, ...] | None = None
     _phantoms: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

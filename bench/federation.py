@@ -52,6 +52,10 @@ def _settings(ctx: Context) -> dict:
              "repeat": True}
     if ctx.deployment is not None:
         s["deployment"] = ctx.deployment
+    if ctx.sites:
+        s["sites"] = sorted(set(ctx.sites) | {3})  # 3 sites is every ratio's reference
+        # Every dealt site needs a test case: the phantom has about 160 internal test cases per unit of scale.
+        s["phantom"] = max(s["phantom"], round(0.01 * max(s["sites"]), 2))
     return s
 
 
@@ -213,7 +217,7 @@ def run(ctx: Context) -> dict:
         r.update({**found, **{k: median([x[k] for x in r["repeats"]]) for k in REPEATED}})
         ctx.say(f"  {tag}: run {found['run_wall_s']:.0f} s, rounds {found['round_wall_s_total']:.0f} s, overhead "
                 f"{fmt(found['overhead_median'])} (vs cores {fmt(found['overhead_vs_cores_median'])}), bytes "
-                f"down/2x {fmt(found['down_vs_2x_model'], 4)}")
+                f"(down+up)/2x model {fmt(found['exchanged_vs_2x_model'], 4)}")
     loop = None
     if s["deployment"]:
         ctx.say("federation: loopback deployment, 3 sites")

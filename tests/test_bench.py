@@ -105,3 +105,12 @@ def test_gpu_without_a_gpu_says_so_and_the_cli_writes_it(tmp_path):
     assert "Not run" in (tmp_path / "gpu.md").read_text()
     with pytest.raises(SystemExit):
         parse_args(["--only", "compute,nonsense"])
+
+
+def test_federation_sites_option_sets_the_scaling_runs_and_grows_the_phantom(tmp_path):
+    assert parse_args(["--sites", "24,12,6"]).sites == (24, 12, 6)
+    settings = federation._settings(Context(out=tmp_path, workdir=tmp_path, quick=True, sites=(24, 12, 6)))
+    assert settings["sites"] == [3, 6, 12, 24]  # 3 sites is the reference of every ratio
+    assert settings["phantom"] == 0.24  # about 38 internal test cases: one for each of 24 dealt sites
+    with pytest.raises(SystemExit):
+        parse_args(["--sites", "0,3"])

@@ -126,7 +126,6 @@ def analyse(run_dir: Path, size: int, parallel_slots: int) -> dict:
             "site_seconds": per_site, "train_s": rec["seconds"].get("train_s"),
             "evaluate_s": rec["seconds"].get("evaluate_s"),
             "bytes_down_per_site": median(down) if down else None, "bytes_up_per_site": median(up) if up else None,
-            "down_vs_2x_model": ratio(median(down), 2 * size) if down else None,
             "up_vs_1x_model": ratio(median(up), size) if up else None,
             "exchanged_vs_2x_model": ratio(median([d + u for d, u in zip(down, up)]), 2 * size) if down else None,
             "bytes_spread": (max(down) - min(down)) if down else None,
@@ -138,7 +137,6 @@ def analyse(run_dir: Path, size: int, parallel_slots: int) -> dict:
             "overhead_round1": rounds[0]["overhead"] if rounds else None,
             "round_wall_s_total": sum(r["wall_s"] for r in rounds),
             "round_wall_s_median_later": median([r["wall_s"] for r in later]),
-            "down_vs_2x_model": median([r["down_vs_2x_model"] for r in rounds]),
             "up_vs_1x_model": median([r["up_vs_1x_model"] for r in rounds]),
             # rounds before the last (a round's own cost) and the whole run (the final evaluation included)
             "exchanged_vs_2x_model": median([r["exchanged_vs_2x_model"] for r in (rounds[:-1] or rounds)]),

@@ -457,19 +457,27 @@ class SiteAwareFedAvg(FedAvg):
             log.info("round %d: external cohort: dice_tumor %.4f, acc %.4f (%d cases)", g,
                      external.get("dice_tumor", math.nan), external.get("acc", math.nan),
                      external.get("num-examples", 0))
-        value = rec.get("evaluate", {}).get(BEST_METRIC, math.nan)
-        best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
-        if best:
-            self.best_value = value
+        best = self._is_new_best(rec.get("evaluate", {}))
         path = self.folder.save_round(g, state, self.profile, self.class_names, self._checkpoint_meta(rec), best)
         rec.update(_overhead(rec))
         self.history.append(_public(rec))
-        self.folder.write_metrics({"rounds": self.history, **{k: v for k, v in self.meta.items()}})
+        self._write_metrics()
         self.tracker.metrics(_mlflow_metrics(rec), step=g)
         log.info("round %d/%d done in %.1f s (sites' own time %.1f s, overhead x%.2f); checkpoint %s%s", g,
                  self.total_rounds, rec["wall_s"], rec.get("slowest_site_s", math.nan), rec.get("overhead", math.nan),
                  path, " (best so far)" if best else "")
         return MetricRecord({k: float(v) for k, v in external.items()}) if external else None
+
+    def _is_new_best(self, evaluation: Mapping[str, float]) -> bool:
+        """Whether a round's federated ``BEST_METRIC`` beats the best so far (then it becomes the best)."""
+        value = evaluation.get(BEST_METRIC, math.nan)
+        best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
+        if best:
+            self.best_value = value
+        return best
+
+    def _write_metrics(self) -> None:
+        self.folder.write_metrics({"rounds": self.history, **self.meta})
 
     def _checkpoint_meta(self, rec: dict) -> dict:
         return {**self.meta, "round": rec["round"], "total_rounds": self.total_rounds, "best_metric": BEST_METRIC,
@@ -500,17 +508,15 @@ class SiteAwareFedAvg(FedAvg):
         previous["evaluate"] = metrics
         for site, m in per_site.items():
             previous["sites"].setdefault(site, {})["evaluate"] = m
-        value = metrics.get(BEST_METRIC, math.nan)
-        best = math.isfinite(value) and (self.best_value is None or value > self.best_value)
-        if best:
-            self.best_value = value
+        best = self._is_new_best(metrics)
         # The model the sites scored is the one sent this round: the previous round's global model.
         self.folder.save_round(g, self._sent_arrays.to_torch_state_dict(), self.profile, self.class_names,
                                self._checkpoint_meta(previous), best)
-        self.folder.write_metrics({"rounds": self.history, **{k: v for k, v in self.meta.items()}})
+        self._write_metrics()
         self.tracker.metrics(_evaluation_metrics(metrics, per_site), step=g)
         log.info("round %d (scored by the sites with round %d's training): dice_tumor %.4f, acc %.4f from %s%s", g,
-                 self._round["round"], value, metrics.get("acc", math.nan), ", ".join(sorted(per_site)),
+                 self._round["round"], metrics.get(BEST_METRIC, math.nan), metrics.get("acc", math.nan),
+                 ", ".join(sorted(per_site)),
                  " (best so far)" if best else "")
 
     # ---- helpers -------------------------------------------------------------------------------------------------
@@ -633,19 +639,23 @@ def _split_received(sites: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for site, phases in sites.items():
         train = phases.get("train", {})
-        received = {k[len(RECEIVED_PREFIX):]: train.pop(k) for k in [k for k in train if k.startswith(RECEIVED_PREFIX)]}
+        received = {k.removeprefix(RECEIVED_PREFIX): train.pop(k) for k in list(train) if k.startswith(RECEIVED_PREFIX)}
         if received:
             out[site] = received
     return out
 
 
+def _phase_metrics(prefix: str, aggregated: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]]) -> dict:
+    """MLflow keys of one phase of a round: ``<prefix>/<metric>`` and ``<site>/<prefix>/<metric>``."""
+    out = {metric_key(prefix, k): v for k, v in aggregated.items()}
+    for site, m in per_site.items():
+        out.update({metric_key(site, prefix, k): v for k, v in m.items()})
+    return out
+
+
 def _evaluation_metrics(metrics: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]]) -> dict:
     """MLflow keys of a round's evaluation, as ``_mlflow_metrics`` names them."""
-    out = {metric_key("eval", k): v for k, v in metrics.items()}
-    for site, m in per_site.items():
-        out.update({metric_key(site, "eval", k): v for k, v in m.items()})
-    out["round/sites_evaluate"] = len(per_site)
-    return out
+    return {**_phase_metrics("eval", metrics, per_site), "round/sites_evaluate": len(per_site)}
 
 
 def _budget_spent(msg: Message, expected: set[str] | None) -> bool:
@@ -716,11 +726,9 @@ def _public(rec: dict) -> dict:
 
 def _mlflow_metrics(rec: dict) -> dict[str, float]:
     out: dict[str, float] = {}
-    for phase in ("train", "evaluate"):
-        prefix = "train" if phase == "train" else "eval"
-        out.update({metric_key(prefix, k): v for k, v in rec.get(phase, {}).items()})
-        for site, phases in rec["sites"].items():
-            out.update({metric_key(site, prefix, k): v for k, v in phases.get(phase, {}).items()})
+    for phase, prefix in (("train", "train"), ("evaluate", "eval")):
+        out.update(_phase_metrics(prefix, rec.get(phase, {}),
+                                  {site: phases[phase] for site, phases in rec["sites"].items() if phase in phases}))
     out.update({metric_key("external", k): v for k, v in (rec.get("external") or {}).items()})
     out.update({metric_key("round", k): rec[k] for k in ("wall_s", "train_s", "evaluate_s", "slowest_site_s",
                                                           "overhead") if k in rec})

@@ -314,7 +314,7 @@ def _optimizer_steps(internal: list, classes, batch_size: int, epochs: int, fed)
     rounds x local epochs x one site's batches per epoch. A local arm takes the same steps as one federated site.
     """
     def steps(n_slices: int) -> int:  # engine.train_model drops the last partial batch when there is more than one
-        return max(n_slices // batch_size, 1) if n_slices > batch_size else 1
+        return n_slices // batch_size if n_slices > batch_size else 1
 
     per_site = {s.site: len(select_slices([s], "train", classes)) for s in internal}
     per_round = {site: fed.local_epochs * steps(n) for site, n in per_site.items()}

@@ -1,7 +1,7 @@
 """Run the benchmarks of issue 8 and write ``<out>/<name>.json`` and ``<out>/<name>.md`` for each.
 
 ``python -m bench [--quick] [--only compute,accuracy,federation,data,gpu] [--out bench/results]
-[--device auto|cpu|cuda] [--deployment] [--workdir DIR]`` (bench/README.md).
+[--device auto|cpu|cuda] [--deployment] [--sites N,...] [--arms KEY,...] [--fresh] [--workdir DIR]`` (bench/README.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", default="",
                         help="federation: comma-separated site counts for the scaling runs, e.g. 3,6,12,24 "
                              "(default: the mode's; the phantom grows so every site gets a test case)")
+    parser.add_argument("--arms", default="",
+                        help="accuracy: comma-separated arms to train, e.g. multitask,two-stage (default: every arm "
+                             "not yet kept in <out>/accuracy-arms-<mode>/); known: "
+                             "multitask,two-stage,no-transformer,no-inception,no-cbam,basicunet,dynunet,swinunetr,"
+                             "densenet121,resnet18,resnet50")
+    parser.add_argument("--fresh", action="store_true",
+                        help="accuracy: retrain the chosen arms even where a kept result with the same settings exists")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch folder for cohorts, caches and run folders (default: a temporary one, removed)")
     args = parser.parse_args(argv)
@@ -42,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sites {args.sites}: use comma-separated whole numbers, e.g. 3,6,12,24")
     if any(n < 1 for n in args.sites):
         parser.error(f"--sites {args.sites}: every count must be at least 1")
+    args.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    from bench.accuracy import ARM_KEYS
+
+    wrong = [a for a in args.arms if a not in ARM_KEYS]
+    if wrong:
+        parser.error(f"--arms {','.join(wrong)}: use some of {','.join(ARM_KEYS)}")
     unknown = [b for b in args.only if b not in BENCHMARKS]
     if unknown:
         parser.error(f"--only {','.join(unknown)}: use some of {','.join(BENCHMARKS)}")
@@ -67,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="braintumnet-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=args.out.absolute(), workdir=workdir.absolute(), quick=args.quick, device=device,
-                  deployment=True if args.deployment else None, sites=args.sites or None)
+                  deployment=True if args.deployment else None, sites=args.sites or None,
+                  arms=args.arms or None, fresh=args.fresh)
     started, failed = time.perf_counter(), []
     try:
         for name in args.only:

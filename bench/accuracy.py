@@ -16,17 +16,27 @@ internal test split and the external site:
 
 ``full`` mode uses the simulation's ``standard`` profile and its phantom cohort (scale 0.3, seed 0: the same cases
 and splits as ``python -m simulation --profile standard``); ``--quick`` is a tiny version that proves the pipeline.
+
+Each arm is seeded on its own, so arms trained in separate runs are the runs one process would have made. A full run
+takes hours on a CPU, so every finished arm is kept in ``<out>/accuracy-arms-<mode>/<key>.json`` with its settings,
+code commit and machine; a later run reuses an arm whose settings match (``--fresh`` retrains), ``--arms`` picks
+which to train (two processes can split them), and every run rewrites the tables from all kept arms, naming the ones
+still missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
 from bench import models
 from bench.common import SYNTHETIC, Context, fmt, ratio, table, write_result
+from bench.machine import one_line
 from braintumnet.config import resolve
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
@@ -37,6 +47,12 @@ SEG_METRICS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_
 CLS_METRICS = ("acc", "sensitivity", "specificity", "f1", "auc")
 PAPER_CLAIM = {"dice_tumor_points": 2.1, "acc_points": 2.7}  # multi-task over two-stage, the paper's claim
 FULL_COMMAND = "python -m bench --only accuracy"
+# The short name of each arm (``--arms``) and the name its tables show.
+ARM_KEYS = {"multitask": REFERENCE, "two-stage": "BrainTumNet two-stage",
+            "no-transformer": "without adaptive masked transformer", "no-inception": "without Inception module",
+            "no-cbam": "without CBAM", "basicunet": "BasicUNet", "dynunet": "DynUNet (nnU-Net)",
+            "swinunetr": "SwinUNETR", "densenet121": "DenseNet121", "resnet18": "ResNet-18",
+            "resnet50": "ResNet-50"}
 
 
 def _settings(ctx: Context) -> dict:
@@ -80,6 +96,54 @@ def arms(profile, num_classes: int, subset: bool = False) -> dict[str, tuple[str
     return found
 
 
+def arm_key(name: str) -> str:
+    """The ``--arms`` key of a table name (``SwinUNETR fs12`` -> ``swinunetr``)."""
+    for key, shown in ARM_KEYS.items():
+        if name == shown or (shown == "SwinUNETR" and name.startswith("SwinUNETR")):
+            return key
+    raise KeyError(name)
+
+
+def _commit() -> str | None:
+    """The code's commit at the start of the run, ``-dirty`` when tracked files differ from it; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=here).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
+
+
+class ArmStore:
+    """Finished arms of one mode, one JSON file each, valid only for the settings they were trained with."""
+
+    def __init__(self, ctx: Context, settings: dict):
+        mode = "tiny" if ctx.tiny else "quick" if ctx.quick else "full"
+        self.root = ctx.out / f"accuracy-arms-{mode}"
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        try:
+            kept = json.loads(self.path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        return kept if kept.get("settings") == self.settings else None
+
+    def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        doc = {"name": name, "settings": self.settings, "commit": commit, "machine": one_line(machine),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "result": result}
+        tmp = self.path(key).with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(self.path(key))  # a run stopped mid-write leaves no half file behind
+
+
 def run(ctx: Context, sites: dict | None = None) -> dict:
     from braintumnet.data.loading import load_sites
     from braintumnet.engine import evaluate_model, train_model
@@ -98,8 +162,19 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         sites = {p.site: p for p in loaded}
     internal = [sites[n] for n in SITES]
     dev = torch.device(ctx.device)
-    results = {}
-    for name, (kind, factory) in arms(profile, len(classes), s["subset"]).items():
+    store, commit = ArmStore(ctx, s), _commit()
+    every = arms(profile, len(classes), s["subset"])
+    chosen = set(ctx.arms or [arm_key(n) for n in every])
+    results, provenance = {}, {}
+    for name, (kind, factory) in every.items():
+        key = arm_key(name)
+        kept = None if ctx.fresh and key in chosen else store.load(key)
+        if kept is not None or key not in chosen:
+            if kept is not None:
+                results[name] = kept["result"]
+                provenance[name] = {k: kept[k] for k in ("commit", "machine", "finished")}
+                ctx.say(f"accuracy: {name}: kept from {kept['finished']} ({kept['commit']}), not retrained")
+            continue
         arm_profile = profile
         if kind == "two-stage":
             arm_profile = dataclasses.replace(profile, model=dataclasses.replace(profile.model, mode="two-stage"))
@@ -115,17 +190,20 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
                 section[k] = None
         results[name] = {"kind": kind, "params": models.params(model), "train_s": round(train_s, 1),
                          "train_loss": stats["train_loss"], **scored}
+        store.save(key, name, results[name], ctx.machine, commit)
+        provenance[name] = {"commit": commit, "machine": "this run", "finished": "this run"}
         r = scored["internal_test"]
         ctx.say(f"accuracy: {name}: {train_s:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
-    ref = results[REFERENCE]
+    missing = [arm_key(n) for n in every if n not in results]
+    ref = results.get(REFERENCE)
     for r in results.values():
         r["ratio_to_braintumnet"] = {
-            section: {m: ratio(r[section].get(m), ref[section].get(m)) for m in ("dice_tumor", "dice_whole", "acc",
-                                                                                "auc")}
+            section: {m: ratio(r[section].get(m), ref[section].get(m) if ref else None)
+                      for m in ("dice_tumor", "dice_whole", "acc", "auc")}
             for section in ("internal_test", "external")}
     two = results.get("BrainTumNet two-stage")
     claim = None
-    if two:
+    if two and ref:
         claim = {section: {"dice_tumor_points": 100 * (ref[section]["dice_tumor"] - two[section]["dice_tumor"]),
                            "acc_points": 100 * (ref[section]["acc"] - two[section]["acc"])}
                  for section in ("internal_test", "external")}
@@ -133,8 +211,8 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         "synthetic": True, "note": SYNTHETIC, "profile": s["run_config"], "epochs": epochs,
         "phantom_scale": s["phantom"], "cases": {n: int(p.slices["case_id"].nunique()) for n, p in sites.items()},
         "train_slices": int(sum(len(p.indices("train", profile.data.task)) for p in internal)),
-        "arms": results, "multitask_minus_two_stage": claim, "paper_claim": PAPER_CLAIM,
-        "full_scale_command": FULL_COMMAND,
+        "arms": results, "provenance": provenance, "missing_arms": missing,
+        "multitask_minus_two_stage": claim, "paper_claim": PAPER_CLAIM, "full_scale_command": FULL_COMMAND,
     }
     return write_result(ctx, "accuracy", "Accuracy against baselines and ablations (SYNTHETIC phantom cohort)", doc,
                         _sections(doc), _notes(ctx, doc))
@@ -147,6 +225,15 @@ def _notes(ctx: Context, doc: dict) -> list[str]:
              "slices). Every arm: the same train_model (data, augmentation, Adam with cosine decay, batch, seed) "
              "and evaluate_model; metrics per case, then averaged (docs/metrics.md). '—': a task the arm does not "
              "do."]
+    if doc["missing_arms"]:
+        notes.append(f"**Not trained yet: {', '.join(doc['missing_arms'])}.** Train them with "
+                     f"`{FULL_COMMAND} --arms {','.join(doc['missing_arms'])}`; the arms above are kept and not "
+                     "retrained.")
+    commits = sorted({p["commit"] or "unknown" for p in doc["provenance"].values()})
+    if len(commits) > 1 or any(p["machine"] != "this run" for p in doc["provenance"].values()):
+        notes.append("Arms were trained in separate runs (each seeded on its own, so the figures are the ones one run "
+                     "would give); code commits: " + ", ".join(commits) + ". The `Provenance` table says which run "
+                     "trained which arm.")
     if ctx.quick or ctx.tiny:
         notes.append(f"This is the `--quick` version (tiny cohort, few epochs): it proves the pipeline, and its "
                      f"figures are far too noisy to compare methods. The standard-scale table (the simulation's "
@@ -174,4 +261,7 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
                          table(["set", "dice_tumor points", "acc points"], rows, digits=1)))
     sections.append(("Wall time", table(["arm", "train s", "last-epoch train loss"],
                                         [[n, a["train_s"], a["train_loss"]] for n, a in doc["arms"].items()])))
+    sections.append(("Provenance", table(["arm", "commit", "finished", "machine"],
+                                         [[n, p["commit"], p["finished"], p["machine"]]
+                                          for n, p in doc["provenance"].items()])))
     return sections

@@ -33,6 +33,8 @@ class Context:
         cache: the prepared-cache root shared by the benchmarks (default ``workdir/cache``).
         deployment: run the federation benchmark's loopback deployment (None: only in full mode).
         sites: the federation benchmark's site counts for the scaling runs (None: the mode's own).
+        arms: the accuracy benchmark's arms to train (``bench.accuracy.ARM_KEYS``; None: every one not yet kept).
+        fresh: retrain accuracy arms even where a kept result with the same settings exists.
     """
 
     out: Path
@@ -44,6 +46,8 @@ class Context:
     cache: Path | None = None
     deployment: bool | None = None
     sites: tuple[int, ...] | None = None
+    arms: tuple[str, ...] | None = None
+    fresh: bool = False
     _phantoms: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

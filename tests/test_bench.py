@@ -64,6 +64,37 @@ def test_accuracy_pipeline(ctx, prepared_sites):
     assert "dice_tumor" in (ctx.out / "accuracy.md").read_text()
 
 
+def test_accuracy_keeps_finished_arms_and_names_missing_ones(ctx, prepared_sites):
+    """A full run takes hours on a CPU: arms trained by one run are kept and reused by the next, never retrained,
+    and the tables say which arms are still missing."""
+    ctx.arms = ("multitask",)
+    first = accuracy.run(ctx, sites=prepared_sites)
+    assert list(first["arms"]) == [accuracy.REFERENCE] and "no-cbam" in first["missing_arms"]
+    kept = ctx.out / "accuracy-arms-tiny" / "multitask.json"
+    stamp = kept.stat().st_mtime_ns
+    assert "--arms two-stage," in (ctx.out / "accuracy.md").read_text()  # the command that trains the rest
+
+    ctx.arms = ("no-cbam",)
+    second = accuracy.run(ctx, sites=prepared_sites)
+    assert list(second["arms"]) == [accuracy.REFERENCE, "without CBAM"]
+    assert kept.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert second["arms"][accuracy.REFERENCE]["train_s"] == first["arms"][accuracy.REFERENCE]["train_s"]
+    assert "multitask" not in second["missing_arms"] and "no-cbam" not in second["missing_arms"]
+
+    ctx.fresh = True  # --fresh retrains the chosen arms only, and still shows the kept ones
+    assert accuracy.REFERENCE in accuracy.run(ctx, sites=prepared_sites)["arms"]
+    assert kept.stat().st_mtime_ns == stamp
+    ctx.arms, ctx.fresh = ("multitask",), True
+    accuracy.run(ctx, sites=prepared_sites)
+    assert kept.stat().st_mtime_ns != stamp
+
+    settings = json.loads(kept.read_text())
+    settings["settings"]["epochs"] += 1  # kept under other settings: not a result of this run's settings
+    kept.write_text(json.dumps(settings))
+    ctx.arms, ctx.fresh = ("no-cbam",), False
+    assert accuracy.REFERENCE not in accuracy.run(ctx, sites=prepared_sites)["arms"]
+
+
 def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tmp_path):
     """The sites-scaling partition and the metrics.json analysis (the Flower runs themselves are covered by
     tests/federation; ``--quick`` runs them)."""

@@ -314,6 +314,11 @@ def sparse_vs_dense(ctx: Context, settings: dict) -> dict:
         dense_s, sparse_s = median(times["dense"]), median(times["sparse"])
         speed[width_name] = {"batch": batch, "params": models.params(net), "dense_slices_s": batch / dense_s,
                              "sparse_slices_s": batch / sparse_s, "speedup": dense_s / sparse_s,
+                             # the attention itself: the global branch, the only part top-k changes
+                             "attention_speedup": ratio(profile_dense.get("global_branch"),
+                                                        profile_sparse.get("global_branch")),
+                             "masked_attention_speedup": ratio(profile_dense.get("masked_attention"),
+                                                               profile_sparse.get("masked_attention")),
                              "dense_step_s": times["dense"], "sparse_step_s": times["sparse"],
                              "profile_dense_s": profile_dense, "profile_sparse_s": profile_sparse}
     # Dice of the two modes on the same trained weights, pooled internal test split.
@@ -371,6 +376,8 @@ def _aims(widths: dict, sparse: dict) -> dict:
             aims[f"train_vs_swin_{w}_at_equal_params"] = {"ratio": value, "swin_slices_s": swin_at,
                                                            "met": value >= 1.0}
     for w, r in sparse["speed"].items():
+        aims[f"sparse_attention_speedup_{w}"] = {"ratio": r["attention_speedup"], "aim": 1.3,
+                                                 "met": (r["attention_speedup"] or 0) >= 1.3}
         aims[f"sparse_speedup_{w}"] = {"ratio": r["speedup"], "aim": 1.3, "met": r["speedup"] >= 1.3}
     aims["sparse_dice_difference"] = {"value": sparse["dice_tumor_difference"], "aim": 0.01,
                                       "met": abs(sparse["dice_tumor_difference"]) <= 0.01}
@@ -411,16 +418,24 @@ def _sections(doc: dict, sparse: bool = True) -> list[tuple[str, list[str]]]:
     if not sparse:
         return sections
     sp = doc["sparse_vs_dense"]
-    head = ["width", "params (M)", "batch", "dense slices/s", "sparse slices/s", "sparse / dense speed",
-            "masked-attn share (dense)", "global-branch share (dense)", "self-attn share (dense)"]
+    head = ["width", "params (M)", "batch", "attention (global branch) sparse / dense speed",
+            "masked-attn module sparse / dense", "whole model sparse / dense", "dense slices/s", "sparse slices/s",
+            "global-branch share (dense)", "masked-attn share (dense)", "self-attn share (dense)"]
     rows = []
     for w, r in sp["speed"].items():
         p = r["profile_dense_s"]
-        rows.append([w, r["params"] / 1e6, r["batch"], r["dense_slices_s"], r["sparse_slices_s"], r["speedup"],
-                     ratio(p.get("masked_attention"), p.get("total")), ratio(p.get("global_branch"), p.get("total")),
+        rows.append([w, r["params"] / 1e6, r["batch"], r.get("attention_speedup"), r.get("masked_attention_speedup"),
+                     r["speedup"], r["dense_slices_s"], r["sparse_slices_s"],
+                     ratio(p.get("global_branch"), p.get("total")), ratio(p.get("masked_attention"), p.get("total")),
                      ratio(p.get("self_attention"), p.get("total"))])
+    lines = table(head, rows)
+    lines += ["", "Top-k changes only the global branch of the BT Blocks' adaptive masked attention (its keys are "
+              "gathered, not masked); the local windows, the plain self-attention, the MLPs and the convolutions "
+              "are the same in both modes. So the whole model can gain at most the global branch's share of "
+              "inference (the share column): the attention's own speed-up is the first ratio, the whole model's "
+              "the third."]
     sections.append((f"Sparse (top-k {sp['topk_ratio']}) against dense attention at inference, "
-                     f"{sp['img_size']}×{sp['img_size']} px", table(head, rows)))
+                     f"{sp['img_size']}×{sp['img_size']} px", lines))
     t = sp["training"]
     dice_rows = [[mode, *(v[k] for k in ("dice_tumor", "dice_edema", "dice_whole", "acc"))]
                  for mode, v in sp["dice"].items()]
@@ -443,7 +458,9 @@ def _sections(doc: dict, sparse: bool = True) -> list[tuple[str, list[str]]]:
                 aims.append([f"{key}: {n}", "≥ 1.0 (BTN/Swin train)", v["ratio"], v["met"]])
         elif key == "sparse_dice_difference":
             aims.append([key, "abs(Δ) ≤ 0.01", a["value"], a["met"]])
+        elif key.startswith("sparse_attention_speedup"):
+            aims.append([f"{key} (the top-k global branch against the dense one)", "≥ 1.3", a["ratio"], a["met"]])
         else:
-            aims.append([key, "≥ 1.3", a["ratio"], a["met"]])
+            aims.append([f"{key} (the whole model, for scale)", "≥ 1.3", a["ratio"], a["met"]])
     sections.append(("Aims (issue 8)", table(["figure", "aim", "measured", "met"], aims)))
     return sections

@@ -60,6 +60,34 @@ def test_soft_masks_are_in_open_unit_interval():
     assert (mask > 0).all() and (mask < 1).all()
 
 
+@pytest.mark.parametrize("masked_keys", [0, 5])
+def test_fused_attention_matches_the_explicit_softmax_and_its_gradients(masked_keys):
+    """From ``FUSED_FROM_KEYS`` keys on, ``attend`` runs the bias through a fused kernel; the values and every
+    gradient, the mask generator's bias included, must be those of ``softmax(q kᵀ + bias) v``."""
+    from braintumnet.model.blocks.attention import FUSED_FROM_KEYS
+
+    torch.manual_seed(0)
+    n = FUSED_FROM_KEYS + 8
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 2, n, dtype=torch.float64)
+    bias[..., :masked_keys] = -math.inf  # keys no query may see, as padded windows have
+    bias.requires_grad_()
+    grad = torch.randn(2, 2, n, 8, dtype=torch.float64)
+
+    def run(fn):
+        for t in (q, k, v, bias):
+            t.grad = None
+        out = fn()
+        out.backward(grad)
+        return out.detach(), *(t.grad.clone() for t in (q, k, v, bias))
+
+    fused = run(lambda: attend(q, k, v, bias))
+    explicit = run(lambda: (q @ k.transpose(-2, -1) + bias.unsqueeze(-2)).softmax(-1) @ v)
+    for a, b in zip(fused, explicit):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b)
+
+
 def test_window_attention_matching_the_grid_is_dense_attention():
     q, k, v = torch.randn(3, 2, 2, 16, 8).unbind(0)
     bias = torch.randn(2, 2, 16)

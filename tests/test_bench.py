@@ -122,6 +122,26 @@ def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tm
     assert federation.model_bytes({"profile": "quick", "model.feature-size": 8}) > 0
 
 
+def test_federation_one_site_at_a_time_runs_give_their_own_overhead_and_data_scaling():
+    def run(sites, fraction, epochs, serial, wall, overhead, vs_cores):
+        return {"sites": sites, "fraction": fraction, "local_epochs": epochs, "serial": serial, "run_wall_s": wall,
+                "round_wall_s_total": wall, "overhead_median": overhead, "overhead_vs_cores_median": vs_cores,
+                "exchanged_vs_2x_model": 1.0}
+
+    runs = {"sites3-data1": run(3, 1.0, 1, False, 10.0, 2.4, 1.7),
+            "sites3-data0.5": run(3, 0.5, 1, False, 8.0, 2.6, 1.8),
+            "sites3-data1-epochs10-serial": run(3, 1.0, 10, True, 100.0, 3.2, 1.05),
+            "sites3-data0.5-epochs10-serial": run(3, 0.5, 10, True, 52.0, 3.3, 1.08)}
+    doc = {"runs": runs, "deployment": None, "scaling": federation._scaling(runs)}
+    assert doc["scaling"]["data"][0.5]["vs_full"] == 0.8  # the parallel runs alone
+    assert doc["scaling"]["data_serial"][0.5]["vs_full"] == 0.52
+    aims = federation._aims(doc)
+    assert aims["round_overhead_simulation"]["value"] == 2.4  # the 1-epoch parallel run stays the reference
+    serial = aims["round_overhead_simulation_one_site_at_a_time_10_local_epochs"]
+    assert serial["value"] == 1.05 and serial["met"]  # wall / sum of the sites' own times
+    assert not aims["half_data_vs_full"]["met"] and aims["half_data_vs_full_one_site_at_a_time"]["met"]
+
+
 def test_data_pipeline(ctx):
     data_pipeline.run(ctx)
     doc = _written(ctx, "data")

@@ -164,9 +164,13 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     dev = torch.device(ctx.device)
     store, commit = ArmStore(ctx, s), _commit()
     every = arms(profile, len(classes), s["subset"])
-    chosen = set(ctx.arms or [arm_key(n) for n in every])
+    chosen = list(ctx.arms or [arm_key(n) for n in every])
+    # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm
+    # is looked up again just before it would be trained, so one that another process has finished meanwhile is kept.
+    order = sorted(every, key=lambda n: chosen.index(arm_key(n)) if arm_key(n) in chosen else -1)
     results, provenance = {}, {}
-    for name, (kind, factory) in every.items():
+    for name in order:
+        kind, factory = every[name]
         key = arm_key(name)
         kept = None if ctx.fresh and key in chosen else store.load(key)
         if kept is not None or key not in chosen:
@@ -194,6 +198,8 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         provenance[name] = {"commit": commit, "machine": "this run", "finished": "this run"}
         r = scored["internal_test"]
         ctx.say(f"accuracy: {name}: {train_s:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
+    results = {n: results[n] for n in every if n in results}
+    provenance = {n: provenance[n] for n in every if n in provenance}
     missing = [arm_key(n) for n in every if n not in results]
     ref = results.get(REFERENCE)
     for r in results.values():

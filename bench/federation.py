@@ -3,9 +3,10 @@
 * **Round overhead** = a round's wall time / the slowest site's own train + evaluate time (the ClientApps'
   ``seconds``), as the ServerApp records it in the run folder's ``metrics.json`` (``server.strategy._overhead``).
   On a machine with fewer cores than sites the sites queue for cores, so the table also gives the overhead against
-  the best this machine could do: ``max(slowest site, total site time / parallel slots)``. The **serial** runs give
-  each site every core, so Ray runs one site at a time: nothing competes with the running site, and the round's wall
-  time over the sum of the sites' own times is what Flower and the centre add (the "vs cores" column).
+  the best this machine could do: ``max(slowest site, total site time / parallel slots)``. The **serial** runs
+  reserve every core for each site, so Ray runs one site at a time (still one thread each): no site competes with
+  another, and the round's wall time over the sum of the sites' own times is what Flower and the centre add (the
+  "vs cores" column).
 * **Bytes per site per round**, also from ``metrics.json`` (array payload bytes of the messages, not gRPC framing):
   received + sent, against twice the fp32 model size. With ``evaluate-in-train`` (the default) a round is one train
   instruction down and one train reply up; the last round adds the evaluate instruction for the final model, so the
@@ -156,8 +157,10 @@ def simulate(ctx: Context, names: list[str], settings: dict, cache: Path, phanto
                   "cache-dir": str(cache), "phantom-dir": str(phantom), "device": "cpu", "sites": ",".join(names),
                   "min-train-nodes": n, "min-evaluate-nodes": n, "min-available-nodes": n}
     t0 = time.perf_counter()
+    # One thread per site in every run: a serial run reserves every core only so that Ray runs one site at a time,
+    # and a site spinning threads on cores that other work holds ran 5x slower on a busy box.
     run_dir = run_federated(run_config, ctx.workdir / tag, num_sites=n, cpus_per_site=cpus_per_site, timeout_s=3600,
-                            log=lambda m: None)
+                            threads_per_site=1, log=lambda m: None)
     wall = time.perf_counter() - t0
     return {"run_dir": str(run_dir), "run_wall_s": wall, "run_config": run_config}
 

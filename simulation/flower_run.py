@@ -44,12 +44,14 @@ def processes_carrying(marker: str) -> list[int]:
 
 def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_per_site: int = 1,
                   gpus_per_site: float = 0.0, ray_address: str | None = None, mlflow_uri: str | None = None,
-                  timeout_s: float = 3600.0, log=print) -> Path:
+                  timeout_s: float = 3600.0, threads_per_site: int | None = None, log=print) -> Path:
     """Submit one run and wait for it; returns the server's run folder (``checkpoint-dir/run-<id>``).
 
     Args:
         num_sites: simulated SuperNodes (partition i is site i of the run config's ``sites``).
         cpus_per_site, gpus_per_site: Ray resources each simulated site reserves.
+        threads_per_site: the sites' OpenMP / torch threads (default ``cpus_per_site``). Fewer threads than reserved
+            CPUs keeps a site from spinning on cores that other work holds (Ray counts CPUs, it does not pin them).
         ray_address: join this running Ray cluster (``RAY_ADDRESS``, which the Simulation Engine's ``ray.init()``
             honours) instead of starting a private Ray instance. Every Ray node must have this package installed.
         mlflow_uri: the ServerApp's MLflow store (``MLFLOW_TRACKING_URI``).
@@ -58,7 +60,7 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
     home.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "deploy" / "flwr-home" / "config.toml", home / "config.toml")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(cpus_per_site),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(threads_per_site or cpus_per_site),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -148,6 +148,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     from braintumnet.data.loading import load_sites
     from braintumnet.engine import evaluate_model, train_model
 
+    commit = _commit()  # before anything slow: the code this process imported, not what the tree holds later
     if ctx.device == "cpu":
         torch.set_num_threads(1)
     s = _settings(ctx)
@@ -162,7 +163,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         sites = {p.site: p for p in loaded}
     internal = [sites[n] for n in SITES]
     dev = torch.device(ctx.device)
-    store, commit = ArmStore(ctx, s), _commit()
+    store = ArmStore(ctx, s)
     every = arms(profile, len(classes), s["subset"])
     chosen = list(ctx.arms or [arm_key(n) for n in every])
     # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm

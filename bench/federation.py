@@ -312,6 +312,11 @@ def _notes(ctx: Context, doc: dict) -> list[str]:
         notes.append("Each configuration ran once, one after another (not interleaved): on a loaded machine the "
                      "sites- and data-scaling ratios carry the load's drift. The full mode runs the plan forwards "
                      "then backwards and takes medians.")
+    d = doc["deployment"]
+    if d and d.get("error"):
+        notes.append(f"The loopback deployment did not complete in this run ({d['error']}). Its SuperLink keeps its "
+                     "state in SQLite, which answers \"database is locked\" when the machine is saturated "
+                     "(docs/federation.md, Known limits): run it on a machine without other heavy work.")
     if doc["deployment"] is None:
         notes.append("Loopback deployment: not run in this mode (`--quick` without `--deployment`); the full mode "
                      "(`python -m bench --only federation`) runs it through tests/federation/harness.py.")

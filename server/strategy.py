@@ -61,12 +61,13 @@ WAIT_LOG_EVERY_S = 15.0
 # Seconds between reply polls. Flower's own Grid.send_and_receive waits a flat 3 s, which costs up to 3 s per phase
 # (6 s a round) whatever the sites do: round overhead x2-x4 on short rounds (bench/results/federation.md). Each poll is
 # a write at the SuperLink (it marks replies delivered), and flat fast polling made its SQLite state time out on locks
-# on a busy machine. So the wait grows with the phase: a twentieth of the time waited so far (the polling delay stays
-# within ~5 % of the phase), never under POLL_MIN_S nor over POLL_S. A 3 s ceiling put every round of the standard
-# study on a 3 s grid (about 1.5 s lost per round, 2.5 %); at 1 s a poll a second still costs the SuperLink nothing.
-POLL_S = 1.0
+# on a busy machine. So the wait grows with the phase: a tenth of the time waited so far (the polling delay stays
+# within ~10 % of the phase), never under POLL_MIN_S nor over POLL_S. The 3 s ceiling costs about 1.5 s a round on
+# average (the standard study's rounds fell on a 3 s grid: 2.5 % of a 60 s round); a 1 s ceiling, tried, saw a
+# loopback run fail on "database is locked" on a saturated box, so the ceiling stays.
+POLL_S = 3.0
 POLL_MIN_S = 0.5
-POLL_FRACTION = 0.05
+POLL_FRACTION = 0.1
 # A train reply's scores of the model the site received (evaluate-in-train): client.app.RECEIVED_PREFIX, which the
 # centre does not import (the ClientApp module is the sites' code).
 RECEIVED_PREFIX = "received_"

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", default="",
                         help="accuracy: comma-separated arms to train, e.g. multitask,two-stage (default: every arm "
                              "not yet kept in <out>/accuracy-arms-<mode>/); known: "
-                             "multitask,two-stage,no-transformer,no-inception,no-cbam,basicunet,dynunet,swinunetr,"
+                             "multitask,two-stage,detached-gate,no-transformer,no-inception,no-cbam,basicunet,dynunet,swinunetr,"
                              "densenet121,resnet18,resnet50")
     parser.add_argument("--fresh", action="store_true",
                         help="accuracy: retrain the chosen arms even where a kept result with the same settings exists")

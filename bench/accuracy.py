@@ -6,7 +6,8 @@ internal test split and the external site:
 
 * BrainTumNet multi-task (the reference) and two-stage (``mode="two-stage"``: the segmenter trains for the first
   half of the epochs, then the classifier on the detached predicted-tumour gate, i.e. on the image masked by the
-  predicted tumour);
+  predicted tumour), and multi-task with the gate detached (``gate_gradient=False``: both tasks train together from
+  the start, but the classification loss no longer reaches the segmenter);
 * ablations: without the adaptive masked transformer (BT Blocks), without the Inception module (T-Inception blocks
   -> plain 3×3 convolutions), without CBAM;
 * segmentation baselines (``bench.models``): BasicUNet, DynUNet (nnU-Net), SwinUNETR (2-D) — DiceCE only, no
@@ -49,6 +50,7 @@ PAPER_CLAIM = {"dice_tumor_points": 2.1, "acc_points": 2.7}  # multi-task over t
 FULL_COMMAND = "python -m bench --only accuracy"
 # The short name of each arm (``--arms``) and the name its tables show.
 ARM_KEYS = {"multitask": REFERENCE, "two-stage": "BrainTumNet two-stage",
+            "detached-gate": "multi-task, gate detached",
             "no-transformer": "without adaptive masked transformer", "no-inception": "without Inception module",
             "no-cbam": "without CBAM", "basicunet": "BasicUNet", "dynunet": "DynUNet (nnU-Net)",
             "swinunetr": "SwinUNETR", "densenet121": "DenseNet121", "resnet18": "ResNet-18",
@@ -78,6 +80,7 @@ def arms(profile, num_classes: int, subset: bool = False) -> dict[str, tuple[str
     found = {
         REFERENCE: ("multitask", btn()),
         "BrainTumNet two-stage": ("two-stage", btn(mode="two-stage")),
+        "multi-task, gate detached": ("multitask", btn(gate_gradient=False)),
         "without adaptive masked transformer": ("multitask", btn(use_transformer=False)),
         "without Inception module": ("multitask", btn(use_inception=False)),
         "without CBAM": ("multitask", btn(use_cbam=False)),

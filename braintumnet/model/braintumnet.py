@@ -65,7 +65,9 @@ class BrainTumNet(nn.Module):
     Ablation switches (the paper's component ablations; ``bench/accuracy.py`` trains them): ``use_transformer=False``
     replaces the three BT Blocks (the adaptive masked transformer) by ``nn.Identity``, ``use_inception=False`` the
     classifier's T-Inception blocks by one plain 3×3 ``ConvNormAct`` of the same width, ``use_cbam=False`` the
-    decoder's CBAM skip weighting by ``nn.Identity``. The defaults are the full model, with its state-dict keys.
+    decoder's CBAM skip weighting by ``nn.Identity``; ``gate_gradient=False`` detaches the gate in ``multitask`` mode
+    too, so the two tasks train side by side and the classification loss no longer shapes the segmentation. The
+    defaults are the full model, with its state-dict keys.
 
     Args:
         in_channels: image channels (CE-T1: 1). Default 1.
@@ -83,6 +85,8 @@ class BrainTumNet(nn.Module):
         use_transformer: the BT Blocks at the bottleneck and at 1/8. Default True.
         use_inception: T-Inception blocks in the classifier (else plain 3×3 convolutions). Default True.
         use_cbam: CBAM on the skip connections (else the skips pass unweighted). Default True.
+        gate_gradient: in ``multitask`` mode, let the classification loss train the segmenter through the gate.
+            Default True (``two-stage`` always detaches it).
 
     Raises:
         ValueError: naming the argument, for a size, width, class count, region or mode it cannot use.
@@ -111,6 +115,7 @@ class BrainTumNet(nn.Module):
         use_transformer: bool = True,
         use_inception: bool = True,
         use_cbam: bool = True,
+        gate_gradient: bool = True,
     ):
         super().__init__()
         _check_args(**locals())
@@ -132,7 +137,7 @@ class BrainTumNet(nn.Module):
         self.dec1 = decoder_stage(2 * f, f, f)
         self.pyramid = PyramidFusion([f, 2 * f, 4 * f, 8 * f], f, seg_classes)
 
-        self.gate_grad = Detach() if mode == "two-stage" else nn.Identity()
+        self.gate_grad = Detach() if mode == "two-stage" or not gate_gradient else nn.Identity()
         self.classifier = TInceptionNet(in_channels + 1, num_classes, f, num_heads, dropout_rate,
                                         block_layer=TInceptionBlock if use_inception else ConvNormAct)
 

@@ -36,6 +36,17 @@ def test_ablation_removes_its_part_and_keeps_the_outputs(switch, removed, replac
     assert all(p.grad is not None for p in ablated.parameters())
 
 
+@pytest.mark.parametrize("gate_gradient", [True, False])
+def test_gate_gradient_decides_whether_classification_trains_the_segmenter(gate_gradient):
+    torch.manual_seed(0)
+    model = BrainTumNet(**TINY, gate_gradient=gate_gradient)
+    model(torch.randn(2, 1, 32, 32)).cls_logits.square().sum().backward()  # the classification loss alone
+    seg_grads = [p.grad for p in model.pyramid.parameters()]
+    reached = any(g is not None and g.abs().sum() > 0 for g in seg_grads)
+    assert reached == gate_gradient
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+
 def test_defaults_are_the_full_model():
     torch.manual_seed(0)
     default = BrainTumNet(**TINY)

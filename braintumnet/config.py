@@ -63,6 +63,7 @@ class ModelConfig:
     gate_region: str = "tumor"
     mode: str = "multitask"
     dropout_rate: float = 0.3
+    gate_gradient: bool = True
 
     def __post_init__(self) -> None:
         if self.gate_region not in GATE_REGIONS:
@@ -232,6 +233,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "model.feature-size": ("model", "feature_size"),
     "model.gate-region": ("model", "gate_region"),
     "model.mode": ("model", "mode"),
+    "model.gate-gradient": ("model", "gate_gradient"),
     "train.local-epochs": ("federation", "local_epochs"),
     "train.batch-size": ("train", "batch_size"),
     "train.learning-rate": ("train", "learning_rate"),

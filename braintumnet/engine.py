@@ -63,6 +63,7 @@ def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet
         gate_region=m.gate_region,
         mode=m.mode,
         dropout_rate=m.dropout_rate,
+        gate_gradient=m.gate_gradient,
     )
 
 

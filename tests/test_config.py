@@ -35,6 +35,17 @@ def test_override_beats_profile_and_zero_means_profile():
     assert p.train.learning_rate == pytest.approx(3e-4)
 
 
+def test_gate_gradient_switch_reaches_the_model():
+    from braintumnet.engine import build_model
+    from braintumnet.model.braintumnet import Detach
+
+    assert resolve({}).model.gate_gradient is True
+    profile = resolve({"model.gate-gradient": "false"})
+    assert profile.model.gate_gradient is False
+    assert isinstance(build_model(profile).gate_grad, Detach)
+    assert not isinstance(build_model(resolve({})).gate_grad, Detach)
+
+
 def test_paper_profile_is_the_papers_settings():
     p = PROFILES["paper"]
     assert (p.data.img_size, p.data.slices_per_case) == (256, 20)

@@ -121,7 +121,11 @@ def _commit() -> str | None:
 
 
 class ArmStore:
-    """Finished arms of one mode, one JSON file each, valid only for the settings they were trained with."""
+    """Finished arms of one mode, one JSON file each, valid only for the settings they were trained with.
+
+    A kept file may carry a ``note`` (say, that its run was paused, so its ``train_s`` is not its compute time); the
+    Provenance table shows it.
+    """
 
     def __init__(self, ctx: Context, settings: dict):
         mode = "tiny" if ctx.tiny else "quick" if ctx.quick else "full"
@@ -180,7 +184,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         if kept is not None or key not in chosen:
             if kept is not None:
                 results[name] = kept["result"]
-                provenance[name] = {k: kept[k] for k in ("commit", "machine", "finished")}
+                provenance[name] = {k: kept.get(k) for k in ("commit", "machine", "finished", "note")}
                 ctx.say(f"accuracy: {name}: kept from {kept['finished']} ({kept['commit']}), not retrained")
             continue
         arm_profile = profile
@@ -271,7 +275,7 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
                          table(["set", "dice_tumor points", "acc points"], rows, digits=1)))
     sections.append(("Wall time", table(["arm", "train s", "last-epoch train loss"],
                                         [[n, a["train_s"], a["train_loss"]] for n, a in doc["arms"].items()])))
-    sections.append(("Provenance", table(["arm", "commit", "finished", "machine"],
-                                         [[n, p["commit"], p["finished"], p["machine"]]
+    sections.append(("Provenance", table(["arm", "commit", "finished", "machine", "note"],
+                                         [[n, p["commit"], p["finished"], p["machine"], p.get("note") or ""]
                                           for n, p in doc["provenance"].items()])))
     return sections

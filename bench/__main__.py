@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="accuracy: comma-separated arms to train, e.g. multitask,two-stage (default: every arm "
                              "not yet kept in <out>/accuracy-arms-<mode>/); known: "
                              "multitask,two-stage,detached-gate,no-transformer,no-inception,no-cbam,basicunet,dynunet,swinunetr,"
-                             "densenet121,resnet18,resnet50")
+                             "densenet121,resnet18,resnet50; 'kept' trains none and rewrites the tables from the "
+                             "kept arms")
     parser.add_argument("--fresh", action="store_true",
                         help="accuracy: retrain the chosen arms even where a kept result with the same settings exists")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -52,9 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     from bench.accuracy import ARM_KEYS
 
-    wrong = [a for a in args.arms if a not in ARM_KEYS]
+    kept_only = args.arms == ("kept",)  # train nothing: rewrite the tables from the kept arms
+    wrong = [] if kept_only else [a for a in args.arms if a not in ARM_KEYS]
     if wrong:
-        parser.error(f"--arms {','.join(wrong)}: use some of {','.join(ARM_KEYS)}")
+        parser.error(f"--arms {','.join(wrong)}: use some of {','.join(ARM_KEYS)}, or kept")
+    args.arms = () if kept_only else args.arms or None
     unknown = [b for b in args.only if b not in BENCHMARKS]
     if unknown:
         parser.error(f"--only {','.join(unknown)}: use some of {','.join(BENCHMARKS)}")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=args.out.absolute(), workdir=workdir.absolute(), quick=args.quick, device=device,
                   deployment=True if args.deployment else None, sites=args.sites or None,
-                  arms=args.arms or None, fresh=args.fresh)
+                  arms=args.arms, fresh=args.fresh)
     started, failed = time.perf_counter(), []
     try:
         for name in args.only:

@@ -172,7 +172,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     dev = torch.device(ctx.device)
     store = ArmStore(ctx, s)
     every = arms(profile, len(classes), s["subset"])
-    chosen = list(ctx.arms or [arm_key(n) for n in every])
+    chosen = list(ctx.arms) if ctx.arms is not None else [arm_key(n) for n in every]  # () = train none
     # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm
     # is looked up again just before it would be trained, so one that another process has finished meanwhile is kept.
     order = sorted(every, key=lambda n: chosen.index(arm_key(n)) if arm_key(n) in chosen else -1)

@@ -88,6 +88,12 @@ def test_accuracy_keeps_finished_arms_and_names_missing_ones(ctx, prepared_sites
     assert kept.stat().st_mtime_ns != stamp
     assert (ctx.out / "accuracy-arms-tiny" / "no-cbam.json").stat().st_mtime_ns == other
 
+    assert parse_args(["--arms", "kept"]).arms == () and parse_args([]).arms is None
+    ctx.arms, ctx.fresh = (), False  # --arms kept: no training, the tables rewritten from what is kept
+    stamp = kept.stat().st_mtime_ns
+    assert list(accuracy.run(ctx, sites=prepared_sites)["arms"]) == [accuracy.REFERENCE, "without CBAM"]
+    assert kept.stat().st_mtime_ns == stamp
+
     settings = json.loads(kept.read_text())
     settings["settings"]["epochs"] += 1  # kept under other settings: not a result of this run's settings
     kept.write_text(json.dumps(settings))

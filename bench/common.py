@@ -69,7 +69,7 @@ class Context:
             root = self.workdir / f"phantom-{fmt}-s{scale:g}-seed{seed}"
             marker = root / "phantom.json"
             info = json.loads(marker.read_text()) if marker.is_file() else {}
-            if info.get("complete") and (info.get("scale"), info.get("seed"), info.get("format")) == key:
+            if info.get("complete") and (info.get("scale"), info.get("format"), info.get("seed")) == key:
                 self._phantoms[key] = SimpleNamespace(out=root, seconds=None)  # a kept --workdir: reuse it
             else:
                 self._phantoms[key] = generate_cohort(root, scale=scale, seed=seed, fmt=fmt, workers=workers,

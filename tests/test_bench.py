@@ -40,6 +40,16 @@ def test_interleaved_takes_turns_and_ratio_handles_missing():
     assert ratio(2.0, 4.0) == 0.5 and ratio(1.0, None) is None and ratio(1.0, 0) is None
 
 
+def test_a_kept_workdir_reuses_its_phantom(tmp_path):
+    """``--workdir`` keeps the cohort: a complete one of the same scale, format and seed is not generated again."""
+    ctx = Context(out=tmp_path / "out", workdir=tmp_path, quick=True)
+    root = tmp_path / "phantom-nifti-s0.3-seed0"
+    root.mkdir()
+    (root / "phantom.json").write_text(json.dumps({"scale": 0.3, "seed": 0, "format": "nifti", "complete": True}))
+    found = ctx.phantom(0.3)
+    assert found.out == root and found.seconds is None
+
+
 def test_compute_pipeline(ctx):
     compute.run(ctx)
     doc = _written(ctx, "compute")

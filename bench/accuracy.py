@@ -142,18 +142,40 @@ class ArmStore:
             return None
         return kept if kept.get("settings") == self.settings else None
 
-    def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> None:
+    def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> dict:
+        """Keep a finished arm; returns what was written, as ``load`` would read it back."""
         self.root.mkdir(parents=True, exist_ok=True)
         doc = {"name": name, "settings": self.settings, "commit": commit, "machine": one_line(machine),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "result": result}
         tmp = self.path(key).with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         tmp.replace(self.path(key))  # a run stopped mid-write leaves no half file behind
+        return doc
+
+
+def _train_arm(kind: str, factory, profile, internal: list, external, dev: torch.device) -> dict:
+    """Train one arm on the pooled internal training split and score it on the internal test split and the external
+    site; a task the arm does not do gets no figures (None), not chance-level ones."""
+    from braintumnet.engine import evaluate_model, train_model
+
+    if kind == "two-stage":
+        profile = dataclasses.replace(profile, model=dataclasses.replace(profile.model, mode="two-stage"))
+    torch.manual_seed(profile.train.seed)
+    model = factory()
+    t0 = time.perf_counter()
+    stats = train_model(model, internal, profile, dev, epochs=profile.train.epochs, progress=False)
+    train_s = time.perf_counter() - t0
+    scored = {"internal_test": evaluate_model(model, internal, "test", profile, dev, progress=False),
+              "external": evaluate_model(model, [external], None, profile, dev, progress=False)}
+    for section in scored.values():
+        for k in (CLS_METRICS if kind == "seg" else SEG_METRICS if kind == "cls" else ()):
+            section[k] = None
+    return {"kind": kind, "params": models.params(model), "train_s": round(train_s, 1),
+            "train_loss": stats["train_loss"], **scored}
 
 
 def run(ctx: Context, sites: dict | None = None) -> dict:
     from braintumnet.data.loading import load_sites
-    from braintumnet.engine import evaluate_model, train_model
 
     commit = _commit()  # before anything slow: the code this process imported, not what the tree holds later
     if ctx.device == "cpu":
@@ -176,38 +198,24 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm
     # is looked up again just before it would be trained, so one that another process has finished meanwhile is kept.
     order = sorted(every, key=lambda n: chosen.index(arm_key(n)) if arm_key(n) in chosen else -1)
-    results, provenance = {}, {}
+    kept_arms = {}
     for name in order:
         kind, factory = every[name]
         key = arm_key(name)
         kept = None if ctx.fresh and key in chosen else store.load(key)
-        if kept is not None or key not in chosen:
-            if kept is not None:
-                results[name] = kept["result"]
-                provenance[name] = {k: kept.get(k) for k in ("commit", "machine", "finished", "note")}
-                ctx.say(f"accuracy: {name}: kept from {kept['finished']} ({kept['commit']}), not retrained")
-            continue
-        arm_profile = profile
-        if kind == "two-stage":
-            arm_profile = dataclasses.replace(profile, model=dataclasses.replace(profile.model, mode="two-stage"))
-        torch.manual_seed(profile.train.seed)
-        model = factory()
-        t0 = time.perf_counter()
-        stats = train_model(model, internal, arm_profile, dev, epochs=epochs, progress=False)
-        train_s = time.perf_counter() - t0
-        scored = {"internal_test": evaluate_model(model, internal, "test", arm_profile, dev, progress=False),
-                  "external": evaluate_model(model, [sites[EXTERNAL_SITE]], None, arm_profile, dev, progress=False)}
-        for section in scored.values():  # a task the arm does not do has no figures, not chance-level ones
-            for k in (CLS_METRICS if kind == "seg" else SEG_METRICS if kind == "cls" else ()):
-                section[k] = None
-        results[name] = {"kind": kind, "params": models.params(model), "train_s": round(train_s, 1),
-                         "train_loss": stats["train_loss"], **scored}
-        store.save(key, name, results[name], ctx.machine, commit)
-        provenance[name] = {"commit": commit, "machine": "this run", "finished": "this run"}
-        r = scored["internal_test"]
-        ctx.say(f"accuracy: {name}: {train_s:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
-    results = {n: results[n] for n in every if n in results}
-    provenance = {n: provenance[n] for n in every if n in provenance}
+        if kept is not None:
+            ctx.say(f"accuracy: {name}: kept from {kept['finished']} ({kept['commit']}), not retrained")
+        elif key in chosen:
+            result = _train_arm(kind, factory, profile, internal, sites[EXTERNAL_SITE], dev)
+            kept = store.save(key, name, result, ctx.machine, commit)
+            r = result["internal_test"]
+            ctx.say(f"accuracy: {name}: {result['train_s']:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} "
+                    f"acc {fmt(r['acc'])}")
+        if kept is not None:
+            kept_arms[name] = kept
+    results = {n: kept_arms[n]["result"] for n in every if n in kept_arms}
+    provenance = {n: {k: kept_arms[n].get(k) for k in ("commit", "machine", "finished", "note")}
+                  for n in every if n in kept_arms}
     missing = [arm_key(n) for n in every if n not in results]
     ref = results.get(REFERENCE)
     for r in results.values():
@@ -244,7 +252,7 @@ def _notes(ctx: Context, doc: dict) -> list[str]:
                      f"`{FULL_COMMAND} --arms {','.join(doc['missing_arms'])}`; the arms above are kept and not "
                      "retrained.")
     commits = sorted({p["commit"] or "unknown" for p in doc["provenance"].values()})
-    if len(commits) > 1 or any(p["machine"] != "this run" for p in doc["provenance"].values()):
+    if len({(p["commit"], p["machine"]) for p in doc["provenance"].values()}) > 1:  # a run's machine line is its own
         notes.append("Arms were trained in separate runs (each seeded on its own, so the figures are the ones one run "
                      "would give); code commits: " + ", ".join(commits) + ". The `Provenance` table says which run "
                      "trained which arm.")

@@ -147,7 +147,7 @@ def test_federation_one_site_at_a_time_runs_give_their_own_overhead_and_data_sca
             "sites3-data0.5": run(3, 0.5, 1, False, 8.0, 2.6, 1.8),
             "sites3-data1-epochs10-serial": run(3, 1.0, 10, True, 100.0, 3.2, 1.05),
             "sites3-data0.5-epochs10-serial": run(3, 0.5, 10, True, 52.0, 3.3, 1.08)}
-    doc = {"runs": runs, "deployment": None, "scaling": federation._scaling(runs)}
+    doc = {"runs": runs, "deployments": None, "scaling": federation._scaling(runs)}
     assert doc["scaling"]["data"][0.5]["vs_full"] == 0.8  # the parallel runs alone
     assert doc["scaling"]["data_serial"][0.5]["vs_full"] == 0.52
     aims = federation._aims(doc)
@@ -155,6 +155,24 @@ def test_federation_one_site_at_a_time_runs_give_their_own_overhead_and_data_sca
     serial = aims["round_overhead_simulation_one_site_at_a_time_10_local_epochs"]
     assert serial["value"] == 1.05 and serial["met"]  # wall / sum of the sites' own times
     assert not aims["half_data_vs_full"]["met"] and aims["half_data_vs_full_one_site_at_a_time"]["met"]
+
+
+def test_federation_deployment_runs_each_get_their_aims_and_row_and_a_failed_one_is_named():
+    ok = {"local_epochs": 10, "run_wall_s": 90.0, "round_wall_s_total": 80.0, "overhead_round1": 1.4,
+          "overhead_median": 1.3, "overhead_vs_cores_median": 1.08, "exchanged_vs_2x_model": 1.01,
+          "exchanged_vs_2x_model_run": 1.2, "rounds": [{"bytes_down_per_site": 1000}]}
+    failed = {"local_epochs": 1, "error": "run ended as finished:failed after 0 round(s)"}
+    doc = {"runs": {}, "deployments": {1: failed, 10: ok}, "scaling": {}, "parallel_slots": 2, "repeated": True,
+           "model_bytes_fp32": 2**20, "data": {}, "rounds": 2, "phantom_scale": 0.1}
+    doc["aims"] = aims = federation._aims(doc)
+    assert "round_overhead_deployment" not in aims  # no figure from a run that failed
+    assert aims["round_overhead_deployment_10_local_epochs"] == {"value": 1.3, "aim": 1.10, "met": False}
+    assert aims["round_overhead_deployment_10_local_epochs_vs_cores"]["met"]
+    text = "\n".join(line for _, lines in federation._sections(doc) for line in lines)
+    assert "| loopback deployment | 3 | 1.0000 | 1 | run ended as finished:failed" in text
+    assert "| loopback deployment (TLS, node auth) | 3 | 1.0000 | 10 |" in text
+    notes = " ".join(federation._notes(SimpleNamespace(), doc))
+    assert "1 local epoch(s): run ended as finished:failed" in notes and "10 local epoch(s)" not in notes
 
 
 def test_data_pipeline(ctx):

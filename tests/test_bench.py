@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import accuracy, compute, data_pipeline, federation
 from bench.__main__ import main, parse_args
@@ -173,6 +174,18 @@ def test_federation_deployment_runs_each_get_their_aims_and_row_and_a_failed_one
     assert "| loopback deployment (TLS, node auth) | 3 | 1.0000 | 10 |" in text
     notes = " ".join(federation._notes(SimpleNamespace(), doc))
     assert "1 local epoch(s): run ended as finished:failed" in notes and "10 local epoch(s)" not in notes
+
+
+def test_resnet_baselines_have_he_et_al_stem_and_give_logits_for_every_slice():
+    from bench.models import classifier_baselines
+
+    x = torch.zeros(2, 1, 64, 64)
+    for name, factory in classifier_baselines(3).items():
+        model = factory()
+        seg, logits = model(x)
+        assert logits.shape == (2, 3) and seg.shape == (2, 3, 64, 64) and not seg.any(), name
+        if name.startswith("ResNet"):  # MONAI's default stride 1 would keep 4x the pixels through every stage
+            assert model.net.conv1.stride == (2, 2) and isinstance(model.net.maxpool, torch.nn.MaxPool2d), name
 
 
 def test_data_pipeline(ctx):

@@ -213,6 +213,9 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
                     f"acc {fmt(r['acc'])}")
         if kept is not None:
             kept_arms[name] = kept
+    for name in every:  # arms another process finished after this one looked them up: the table shows every kept arm
+        if name not in kept_arms and (late := store.load(arm_key(name))) is not None:
+            kept_arms[name] = late
     results = {n: kept_arms[n]["result"] for n in every if n in kept_arms}
     provenance = {n: {k: kept_arms[n].get(k) for k in ("commit", "machine", "finished", "note")}
                   for n in every if n in kept_arms}

@@ -112,6 +112,25 @@ def test_accuracy_keeps_finished_arms_and_names_missing_ones(ctx, prepared_sites
     assert accuracy.REFERENCE not in accuracy.run(ctx, sites=prepared_sites)["arms"]
 
 
+def test_accuracy_table_shows_an_arm_another_process_finished_while_this_one_trained(ctx, prepared_sites,
+                                                                                     monkeypatch):
+    """Two processes split the arms: the one that ends last writes the table with both processes' arms."""
+    train = accuracy._train_arm
+
+    def train_while_another_process_keeps_an_arm(*args, **kwargs):
+        result = train(*args, **kwargs)
+        accuracy.ArmStore(ctx, accuracy._settings(ctx)).save("two-stage", "BrainTumNet two-stage", result,
+                                                             ctx.machine, "other")
+        return result
+
+    monkeypatch.setattr(accuracy, "_train_arm", train_while_another_process_keeps_an_arm)
+    ctx.arms = ("no-cbam",)  # two-stage comes before it in the table's order: looked up before it was there
+    doc = accuracy.run(ctx, sites=prepared_sites)
+    assert list(doc["arms"]) == ["BrainTumNet two-stage", "without CBAM"]
+    assert doc["provenance"]["BrainTumNet two-stage"]["commit"] == "other"
+    assert "two-stage" not in doc["missing_arms"]
+
+
 def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tmp_path):
     """The sites-scaling partition and the metrics.json analysis (the Flower runs themselves are covered by
     tests/federation; ``--quick`` runs them)."""

@@ -52,7 +52,12 @@ FULL_COMMAND = "python -m bench --only accuracy"
 ARM_KEYS = {"multitask": REFERENCE, "two-stage": "BrainTumNet two-stage",
             "detached-gate": "multi-task, gate detached",
             "no-transformer": "without adaptive masked transformer", "no-inception": "without Inception module",
-            "no-cbam": "without CBAM", "basicunet": "BasicUNet", "dynunet": "DynUNet (nnU-Net)",
+            "no-cbam": "without CBAM",
+            # The same ablations with the gate detached: on this cohort the attached gate holds the segmenter back
+            # (multi-task against "gate detached"), which would hide what each block adds to segmentation.
+            "detached-no-transformer": "gate detached, without adaptive masked transformer",
+            "detached-no-inception": "gate detached, without Inception module",
+            "detached-no-cbam": "gate detached, without CBAM", "basicunet": "BasicUNet", "dynunet": "DynUNet (nnU-Net)",
             "swinunetr": "SwinUNETR", "densenet121": "DenseNet121", "resnet18": "ResNet-18",
             "resnet50": "ResNet-50"}
 
@@ -84,6 +89,10 @@ def arms(profile, num_classes: int, subset: bool = False) -> dict[str, tuple[str
         "without adaptive masked transformer": ("multitask", btn(use_transformer=False)),
         "without Inception module": ("multitask", btn(use_inception=False)),
         "without CBAM": ("multitask", btn(use_cbam=False)),
+        "gate detached, without adaptive masked transformer": ("multitask",
+                                                               btn(gate_gradient=False, use_transformer=False)),
+        "gate detached, without Inception module": ("multitask", btn(gate_gradient=False, use_inception=False)),
+        "gate detached, without CBAM": ("multitask", btn(gate_gradient=False, use_cbam=False)),
     }
     target = models.params(models.braintumnet(**width))
     segs = models.segmentation_baselines(profile.model.feature_size, profile.data.img_size, num_classes, target)
@@ -113,8 +122,10 @@ def _commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                               cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
+        # bench/results/ holds outputs (another arm's process rewrites the tables), not code
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], capture_output=True, text=True, timeout=10,
+                               cwd=here.parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (head + ("-dirty" if dirty else "")) or None

@@ -207,26 +207,21 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     every = arms(profile, len(classes), s["subset"])
     chosen = list(ctx.arms) if ctx.arms is not None else [arm_key(n) for n in every]  # () = train none
     # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm
-    # is looked up again just before it would be trained, so one that another process has finished meanwhile is kept.
-    order = sorted(every, key=lambda n: chosen.index(arm_key(n)) if arm_key(n) in chosen else -1)
-    kept_arms = {}
-    for name in order:
+    # is looked up just before it would be trained, so one that another process has finished meanwhile is kept.
+    for name in sorted((n for n in every if arm_key(n) in chosen), key=lambda n: chosen.index(arm_key(n))):
         kind, factory = every[name]
         key = arm_key(name)
-        kept = None if ctx.fresh and key in chosen else store.load(key)
+        kept = None if ctx.fresh else store.load(key)
         if kept is not None:
             ctx.say(f"accuracy: {name}: kept from {kept['finished']} ({kept['commit']}), not retrained")
-        elif key in chosen:
-            result = _train_arm(kind, factory, profile, internal, sites[EXTERNAL_SITE], dev)
-            kept = store.save(key, name, result, ctx.machine, commit)
-            r = result["internal_test"]
-            ctx.say(f"accuracy: {name}: {result['train_s']:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} "
-                    f"acc {fmt(r['acc'])}")
-        if kept is not None:
-            kept_arms[name] = kept
-    for name in every:  # arms another process finished after this one looked them up: the table shows every kept arm
-        if name not in kept_arms and (late := store.load(arm_key(name))) is not None:
-            kept_arms[name] = late
+            continue
+        result = _train_arm(kind, factory, profile, internal, sites[EXTERNAL_SITE], dev)
+        store.save(key, name, result, ctx.machine, commit)
+        r = result["internal_test"]
+        ctx.say(f"accuracy: {name}: {result['train_s']:.0f} s; internal dice_tumor {fmt(r['dice_tumor'])} "
+                f"acc {fmt(r['acc'])}")
+    # The table: every kept arm, read once training is done (so also those another process finished meanwhile).
+    kept_arms = {n: kept for n in every if (kept := store.load(arm_key(n))) is not None}
     results = {n: kept_arms[n]["result"] for n in every if n in kept_arms}
     provenance = {n: {k: kept_arms[n].get(k) for k in ("commit", "machine", "finished", "note")}
                   for n in every if n in kept_arms}

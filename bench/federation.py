@@ -190,7 +190,7 @@ def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: l
                 continue
             r = {"local_epochs": local_epochs, "run_wall_s": time.perf_counter() - t0}
             if (fed.run_dir(run_id) / "metrics.json").is_file():  # the rounds it finished, even if it then failed
-                r.update(analyse(fed.run_dir(run_id), size, min(3, ctx.machine.get("cpus_usable", 1))))
+                r.update(analyse(fed.run_dir(run_id), size, ctx.machine.get("cpus_usable", 1)))
             if status["status"] != "finished:completed":
                 r["error"] = f"run ended as {status['status']} after {len(r.get('rounds', []))} round(s)"
             found[local_epochs] = r
@@ -236,7 +236,7 @@ def run(ctx: Context) -> dict:
         ctx.say(f"  {tag}: run {found['run_wall_s']:.0f} s, rounds {found['round_wall_s_total']:.0f} s, overhead "
                 f"{fmt(found['overhead_median'])} (vs cores {fmt(found['overhead_vs_cores_median'])}), bytes "
                 f"(down+up)/2x model {fmt(found['exchanged_vs_2x_model'], 4)}")
-    loop: dict[int, dict] = {}
+    loop: dict[int, dict] | None = None  # None: not run in this mode
     if s["deployment"]:
         # The 1-epoch run is the simulation's reference configuration; the heavier one shows what is left of the
         # fixed per-round costs (polling, ServerApp, TLS) when the sites have real work to do.
@@ -249,7 +249,7 @@ def run(ctx: Context) -> dict:
             loop = {e: {"local_epochs": e, "error": f"{type(exc).__name__}: {exc}"[:500]} for e in epochs}
     doc = {"model_bytes_fp32": size, "rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
            "repeated": s["repeat"],
-           "parallel_slots": cores, "runs": runs, "deployments": loop if s["deployment"] else None,
+           "parallel_slots": cores, "runs": runs, "deployments": loop,
            "scaling": _scaling(runs),
            "aims": {}}
     doc["aims"] = _aims(doc)
@@ -363,7 +363,8 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
                          d.get("exchanged_vs_2x_model"), d.get("exchanged_vs_2x_model_run")])
         else:
             rows.append(["loopback deployment", 3, 1.0, epochs, d.get("error"), *[None] * 7])
-    sections = [("Runs (simulation: Flower Simulation Engine, one CPU per site; loopback deployment)", table(head, rows, digits=4))]
+    sections = [("Runs (simulation: Flower Simulation Engine, one CPU per site; loopback deployment)",
+                 table(head, rows, digits=4))]
     sc = doc["scaling"]
     if sc:
         rows = [[n, v["round_wall_s_total"], v["vs_3_sites"], v["per_added_site"], v["run_vs_3_sites"]]

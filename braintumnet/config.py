@@ -64,6 +64,9 @@ class ModelConfig:
     mode: str = "multitask"
     dropout_rate: float = 0.3
     gate_gradient: bool = True
+    shared_features: bool = False
+    shared_gradient: float = 1.0
+    gate_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.gate_region not in GATE_REGIONS:
@@ -234,6 +237,9 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "model.gate-region": ("model", "gate_region"),
     "model.mode": ("model", "mode"),
     "model.gate-gradient": ("model", "gate_gradient"),
+    "model.shared-features": ("model", "shared_features"),
+    "model.shared-gradient": ("model", "shared_gradient"),
+    "model.gate-floor": ("model", "gate_floor"),
     "train.local-epochs": ("federation", "local_epochs"),
     "train.batch-size": ("train", "batch_size"),
     "train.learning-rate": ("train", "learning_rate"),
@@ -262,22 +268,59 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
 }
 # Sections every profile shares; their run-config values are literal (0 is a value, not "the profile's").
 LITERAL_SECTIONS = {"privacy", "robust"}
+# Keys whose 0 is a real setting in every profile (no gradient, no floor), so they are literal too.
+LITERAL_KEYS = {"model.shared-gradient", "model.gate-floor"}
+# Run-config keys that are not typed into a Profile: the profile's name, the centre's settings
+# (server.strategy.ServerSettings) and the simulated sites' (client/sites.py). With RUN_CONFIG_KEYS they are every key
+# of [tool.flwr.app.config]; tests/test_config.py keeps the two lists and pyproject.toml equal.
+APP_KEYS = frozenset({
+    "profile", "checkpoint-dir", "resume-from", "external-data", "mlflow-experiment", "audit-messages",
+    "evaluate-in-train", "sites", "cache-dir", "device", "phantom-dir", "phantom-scale", "phantom-seed",
+})
+
+
+def known_keys() -> frozenset[str]:
+    """Every key a run config may hold."""
+    return frozenset(RUN_CONFIG_KEYS) | APP_KEYS
+
+
+def check_keys(run_config: Mapping[str, Any]) -> None:
+    """Refuse keys that do not exist, before any work starts: a misspelt key would otherwise be silently ignored.
+
+    Raises:
+        ConfigError: naming every unknown key and, where one is close, the key that was probably meant.
+    """
+    import difflib
+
+    known = known_keys()
+    unknown = sorted(k for k in run_config if k not in known)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; the keys are those of "
+                      "[tool.flwr.app.config] in pyproject.toml (docs/study.md lists them)")
 
 
 def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = None) -> Profile:
     """Type a run config: start from its profile and apply every key that is not left at 0 / "".
 
     Raises:
+        ConfigError: naming a key that does not exist (``check_keys``).
         ValueError: naming an unknown profile or a value the dataclasses reject.
     """
     run_config = dict(run_config or {})
+    check_keys(run_config)
     base = get_profile(profile or str(run_config.get("profile", "quick")))
     sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Profile)}
     for key, value in run_config.items():
         if key not in RUN_CONFIG_KEYS:
-            continue
+            continue  # an APP_KEYS key: the centre's or the simulated sites' setting, not the profile's
         section, name = RUN_CONFIG_KEYS[key]
-        if section not in LITERAL_SECTIONS and value in (0, 0.0, "") and not isinstance(value, bool):
+        literal = section in LITERAL_SECTIONS or key in LITERAL_KEYS
+        if not literal and value in (0, 0.0, "") and not isinstance(value, bool):
             continue
         sections[section][name] = _cast(getattr(base, section), name, value)
     return Profile(**{s: replace(getattr(base, s), **v) for s, v in sections.items()})

@@ -64,6 +64,9 @@ def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet
         mode=m.mode,
         dropout_rate=m.dropout_rate,
         gate_gradient=m.gate_gradient,
+        shared_features=m.shared_features,
+        shared_gradient=m.shared_gradient,
+        gate_floor=m.gate_floor,
     )
 
 
@@ -76,7 +79,26 @@ def _stage(profile: Profile, global_epoch: int, total_epochs: int) -> str:
     """Two-stage mode trains segmentation for the first half of the schedule, then classification."""
     if profile.model.mode != "two-stage":
         return "joint"
-    return "seg" if global_epoch < max(1, total_epochs // 2) else "cls"
+    return "seg" if global_epoch < _stage_switch(total_epochs) else "cls"
+
+
+def _stage_switch(total_epochs: int) -> int:
+    return max(1, total_epochs // 2)
+
+
+def schedule_progress(profile: Profile, epoch: float, total_epochs: int) -> float:
+    """Where ``epoch`` (fractional, from 0) sits in its cosine schedule, in [0, 1].
+
+    Joint training has one schedule over all epochs. Two-stage training anneals each stage over its own epochs:
+    both stages are complete trainings (segmentation, then the classifier on the frozen segmenter), and a classifier
+    stage that started where the segmentation stage left the cosine would train at half the learning rate and less.
+    """
+    if profile.model.mode != "two-stage":
+        return epoch / total_epochs
+    switch = _stage_switch(total_epochs)
+    if epoch < switch:
+        return epoch / switch
+    return (epoch - switch) / max(total_epochs - switch, 1)
 
 
 def train_model(
@@ -166,7 +188,8 @@ def train_model(
         bar = tqdm(loader, desc=f"train epoch {global_epoch + 1}/{total_epochs}", disable=not progress, leave=False)
         for step, batch in enumerate(bar):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.learning_rate, (global_epoch + step / steps) / total_epochs)
+                group["lr"] = cosine_lr(cfg.learning_rate,
+                                        schedule_progress(profile, global_epoch + step / steps, total_epochs))
             # Default (contiguous) memory format: Opacus's Conv2d per-sample gradients are wrong for channels-last
             # input (found in this project), so nothing here may switch to it.
             image = batch["image"].to(device, non_blocking=True)

@@ -94,3 +94,14 @@ def test_the_committed_simulation_connection_runs_one_supernode_per_default_site
     sites = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]["sites"]
     assert local["address"] == ":local:"
     assert local["options"]["num-supernodes"] == len(sites.split(","))
+
+
+def test_every_pyproject_key_is_known_and_every_known_key_is_in_pyproject():
+    from braintumnet.config import known_keys
+
+    assert set(run_config()) == set(known_keys())
+
+
+def test_a_misspelt_key_is_refused_with_the_key_it_probably_meant():
+    with pytest.raises(ConfigError, match="'model.gate-gradiant'.*did you mean 'model.gate-gradient'"):
+        resolve({"model.gate-gradiant": False})

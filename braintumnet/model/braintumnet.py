@@ -14,6 +14,7 @@ from braintumnet.model.blocks.bt_block import BTBlock
 from braintumnet.model.blocks.cbam import CBAM
 from braintumnet.model.blocks.conv import NORM_GROUPS, ConvNormAct
 from braintumnet.model.blocks.decoder_stage import DecoderStage
+from braintumnet.model.blocks.gated_pooling import GatedPooling, GradientScale
 from braintumnet.model.blocks.multikernel_conv import EncoderStage, MultiKernelConv
 from braintumnet.model.blocks.pyramid import PyramidFusion
 from braintumnet.model.blocks.t_inception import TInceptionBlock
@@ -33,11 +34,11 @@ class BrainTumNetOutput(NamedTuple):
     cls_logits: torch.Tensor
 
 
-class Detach(nn.Module):
+class Detach(GradientScale):
     """Stops the gradient: in two-stage mode the classification loss must not train the segmenter."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.detach()
+    def __init__(self):
+        super().__init__(0.0)
 
 
 class BrainTumNet(nn.Module):
@@ -116,6 +117,9 @@ class BrainTumNet(nn.Module):
         use_inception: bool = True,
         use_cbam: bool = True,
         gate_gradient: bool = True,
+        shared_features: bool = False,
+        shared_gradient: float = 1.0,
+        gate_floor: float = 0.0,
     ):
         super().__init__()
         _check_args(**locals())
@@ -138,11 +142,21 @@ class BrainTumNet(nn.Module):
         self.pyramid = PyramidFusion([f, 2 * f, 4 * f, 8 * f], f, seg_classes)
 
         self.gate_grad = Detach() if mode == "two-stage" or not gate_gradient else nn.Identity()
+        self.gate_floor = gate_floor
+        # Shared features: the classification loss trains the shared encoder through them, scaled by
+        # shared_gradient; two-stage training never lets it (identical network, segmentation trained first).
+        self.shared_pool = GatedPooling() if shared_features else None
+        self.shared_grad = GradientScale(0.0 if mode == "two-stage" else shared_gradient)
         self.classifier = TInceptionNet(in_channels + 1, num_classes, f, num_heads, dropout_rate,
-                                        block_layer=TInceptionBlock if use_inception else ConvNormAct)
+                                        block_layer=TInceptionBlock if use_inception else ConvNormAct,
+                                        extra_features=16 * f if shared_features else 0)
 
     def forward_segmentation(self, x: torch.Tensor) -> torch.Tensor:
         """B×C_in×H×W -> B×seg_classes×H×W logits."""
+        return self._segment(x)[0]
+
+    def _segment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B×C_in×H×W -> (B×seg_classes×H×W logits, B×8f×H/16×W/16 bottleneck features)."""
         enc1 = self.enc1(x)
         enc2 = self.enc2(enc1)
         enc3 = self.enc3(enc2)
@@ -152,23 +166,32 @@ class BrainTumNet(nn.Module):
         dec3 = self.dec3(dec4, enc3)
         dec2 = self.dec2(dec3, enc2)
         dec1 = self.dec1(dec2, enc1)
-        return self.pyramid([dec1, dec2, dec3, dec4])
+        return self.pyramid([dec1, dec2, dec3, dec4]), bottleneck
 
     def gate(self, seg_logits: torch.Tensor) -> torch.Tensor:
         """The soft region mask, B×seg_classes×H×W -> B×1×H×W in (0, 1)."""
         return seg_logits.softmax(dim=1)[:, self.gate_labels].sum(dim=1, keepdim=True)
 
-    def forward_classification(self, x: torch.Tensor, seg_logits: torch.Tensor) -> torch.Tensor:
-        """Image B×C_in×H×W and its seg_logits -> B×num_classes logits."""
+    def forward_classification(self, x: torch.Tensor, seg_logits: torch.Tensor,
+                               bottleneck: torch.Tensor | None = None) -> torch.Tensor:
+        """Image B×C_in×H×W, its seg_logits and (with ``shared_features``) the B×8f×h×w bottleneck
+        -> B×num_classes logits."""
         gate = self.gate_grad(self.gate(seg_logits))
-        return self.classifier(torch.cat([x * gate, gate], dim=1))
+        if self.gate_floor > 0:  # the classifier still sees the slice, dimmed, where the segmenter finds nothing
+            gate = self.gate_floor + (1.0 - self.gate_floor) * gate
+        extra = None
+        if self.shared_pool is not None:
+            if bottleneck is None:
+                raise ValueError("shared_features=True: pass the bottleneck features (forward does)")
+            extra = self.shared_pool(self.shared_grad(bottleneck), gate)
+        return self.classifier(torch.cat([x * gate, gate], dim=1), extra)
 
     def forward(self, x: torch.Tensor) -> BrainTumNetOutput:
         B, C, H, W = x.shape
         if H % 2**DOWNSAMPLINGS or W % 2**DOWNSAMPLINGS:
             raise ValueError(f"input of {H}×{W} pixels: both sides must be multiples of {2**DOWNSAMPLINGS}")
-        seg_logits = self.forward_segmentation(x)
-        return BrainTumNetOutput(seg_logits, self.forward_classification(x, seg_logits))
+        seg_logits, bottleneck = self._segment(x)
+        return BrainTumNetOutput(seg_logits, self.forward_classification(x, seg_logits, bottleneck))
 
     def segmentation_parameters(self) -> Iterator[nn.Parameter]:
         """Everything but the classifier: what stage one of two-stage training optimises."""
@@ -198,6 +221,8 @@ def _check_args(
     gate_region: str,
     mode: str,
     dropout_rate: float,
+    shared_gradient: float,
+    gate_floor: float,
     **_: object,
 ) -> None:
     side = 2**DOWNSAMPLINGS
@@ -224,3 +249,7 @@ def _check_args(
         raise ValueError(f"mode={mode!r}: use one of {MODES}")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate={dropout_rate}: use a value in [0, 1)")
+    if not 0.0 <= shared_gradient <= 1.0:
+        raise ValueError(f"shared_gradient={shared_gradient}: use a value in [0, 1]")
+    if not 0.0 <= gate_floor < 1.0:
+        raise ValueError(f"gate_floor={gate_floor}: use a value in [0, 1)")

@@ -33,6 +33,8 @@ class TInceptionNet(nn.Module):
         block_layer: the stages' block, called as ``block_layer(C_in, C_out, norm_layer=..., act_layer=...)``.
             Default ``TInceptionBlock``; ``ConvNormAct`` (one plain 3×3 convolution) is the ablation without the
             Inception module.
+        extra_features: E, the width of a vector joined to the pooled features before the head (BrainTumNet's
+            shared segmenter features, ``GatedPooling``); ``forward(x, extra)`` then takes it as B×E. Default 0.
 
     Examples::
 
@@ -50,6 +52,7 @@ class TInceptionNet(nn.Module):
         norm_layer: NormFactory = group_norm,
         act_layer: type[nn.Module] = nn.LeakyReLU,
         block_layer: Callable[..., nn.Module] = TInceptionBlock,
+        extra_features: int = 0,
     ):
         super().__init__()
         c = feature_size
@@ -66,7 +69,7 @@ class TInceptionNet(nn.Module):
         self.avg_pool, self.max_pool = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * c, 4 * c),
+            nn.Linear(16 * c + extra_features, 4 * c),
             act_layer(),
             nn.Dropout(dropout_rate),
             nn.Linear(4 * c, num_classes),
@@ -76,9 +79,10 @@ class TInceptionNet(nn.Module):
         """B×C_in×H×W -> B×8c×H/16×W/16."""
         return self.transformer(self.stages(self.stem(x)))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """B×8c×h×w -> B×num_classes logits."""
-        return self.head(torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1))
+    def forward_head(self, features: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """B×8c×h×w (and B×E when ``extra_features`` = E) -> B×num_classes logits."""
+        pooled = torch.cat([self.avg_pool(features), self.max_pool(features)], dim=1).flatten(1)
+        return self.head(pooled if extra is None else torch.cat([pooled, extra], dim=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x), extra)

@@ -49,8 +49,19 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet:
-    """BrainTumNet sized by the profile; K from the task unless given."""
+    """BrainTumNet sized by the profile; K from the task unless given.
+
+    The initial weights are drawn from ``train.seed`` (without touching the global random state), so every arm of a
+    study (centralized, local-only, the federated centre) starts from the same weights for the same seed: on a small
+    cohort the initial draw alone moved the tumour Dice of one configuration between 0.34 and 0.86.
+    """
     m = profile.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(profile.train.seed)
+        return _build(profile, m, num_classes)
+
+
+def _build(profile: Profile, m, num_classes: int | None) -> BrainTumNet:
     return BrainTumNet(
         in_channels=1,
         seg_classes=3,
@@ -179,6 +190,7 @@ def train_model(
         criterion = MultiTaskLoss(
             weight_seg=0.0 if stage == "cls" else cfg.weight_seg,
             weight_cls=0.0 if stage == "seg" else cfg.weight_cls,
+            lambda_ce=cfg.seg_ce_weight,
         )
         if hasattr(model, "segmentation_parameters"):
             for p in model.segmentation_parameters():

@@ -38,6 +38,10 @@ class MultiTaskLoss(nn.Module):
     * ``batch=True``: Dice is pooled over the whole batch before the ratio (nnU-Net's "batch Dice"). Many slices
       have no edema or only a sliver of tumour; a per-slice Dice of such a slice is dominated by the smoothing terms
       and is noisy, while the batch almost always holds some of every region.
+    * ``lambda_ce`` (``train.seg-ce-weight``): the cross-entropy part averages over every pixel, and at 64 px the
+      tumour is under 1 % of a training slice's pixels, so at full weight it pushes the whole slice towards
+      background faster than the Dice part pulls the tumour out: from some initial weights the segmenter then
+      predicted no tumour at all for the whole schedule (docs/model-card.md gives the measurement).
     * ``smooth_nr = smooth_dr = 1e-5`` (MONAI's default): small enough not to bias a region of a few hundred pixels,
       and it makes an empty prediction of a region absent from the batch a perfect 0 instead of 0/0.
 

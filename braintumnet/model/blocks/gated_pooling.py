@@ -23,7 +23,7 @@ class GradientScale(nn.Module):
 
     Why: the classification loss reaches the segmenter through two links, the soft tumour gate and the shared
     encoder features. At initialisation the 0.7·CE gradient through the gate is an order of magnitude above the
-    segmentation loss's own per-pixel gradient and collapses segmentation on the phantom (docs/model_card.md); a scale
+    segmentation loss's own per-pixel gradient and collapses segmentation on the phantom (docs/model-card.md); a scale
     lets each link be measured and set on its own.
 
     B×... -> B×... (unchanged).

@@ -97,6 +97,14 @@ def _stage_switch(total_epochs: int) -> int:
     return max(1, total_epochs // 2)
 
 
+def warmup_factor(warmup_epochs: float, epoch: float) -> float:
+    """Linear learning-rate warm-up over the first ``warmup_epochs`` (1 = none): ``epoch`` counts from 0 and is
+    the fraction of the schedule done after this step, so the first step already trains."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, epoch / warmup_epochs)
+
+
 def schedule_progress(profile: Profile, epoch: float, total_epochs: int) -> float:
     """Where ``epoch`` (fractional, from 0) sits in its cosine schedule, in [0, 1].
 
@@ -202,6 +210,7 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.learning_rate,
                                         schedule_progress(profile, global_epoch + step / steps, total_epochs))
+                group["lr"] *= warmup_factor(cfg.warmup_epochs, global_epoch + (step + 1) / steps)
             # Default (contiguous) memory format: Opacus's Conv2d per-sample gradients are wrong for channels-last
             # input (found in this project), so nothing here may switch to it.
             image = batch["image"].to(device, non_blocking=True)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 BENCHMARKS = {"compute": "bench.compute", "accuracy": "bench.accuracy", "federation": "bench.federation",
-              "data": "bench.data_pipeline", "gpu": "bench.gpu"}
+              "data": "bench.data_pipeline", "gpu": "bench.gpu", "joint": "bench.joint"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "multitask,two-stage,detached-gate,no-transformer,no-inception,no-cbam,basicunet,dynunet,swinunetr,"
                              "densenet121,resnet18,resnet50; 'kept' trains none and rewrites the tables from the "
                              "kept arms")
+    parser.add_argument("--seeds", default="",
+                        help="joint: comma-separated seeds, each arm trained once per seed (default 0,1,2)")
     parser.add_argument("--fresh", action="store_true",
                         help="accuracy: retrain the chosen arms even where a kept result with the same settings exists")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -52,11 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--sites {args.sites}: every count must be at least 1")
     args.arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     from bench.accuracy import ARM_KEYS
+    from bench.joint import ARMS as JOINT_ARMS
 
     kept_only = args.arms == ("kept",)  # train nothing: rewrite the tables from the kept arms
-    wrong = [] if kept_only else [a for a in args.arms if a not in ARM_KEYS]
+    known = {**ARM_KEYS, **JOINT_ARMS}
+    wrong = [] if kept_only else [a for a in args.arms if a not in known]
     if wrong:
-        parser.error(f"--arms {','.join(wrong)}: use some of {','.join(ARM_KEYS)}, or kept")
+        parser.error(f"--arms {','.join(wrong)}: use some of {','.join(known)}, or kept")
+    try:
+        args.seeds = tuple(int(n) for n in args.seeds.split(",") if n.strip())
+    except ValueError:
+        parser.error(f"--seeds {args.seeds}: use comma-separated whole numbers, e.g. 0,1,2")
     args.arms = () if kept_only else args.arms or None
     unknown = [b for b in args.only if b not in BENCHMARKS]
     if unknown:
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=args.out.absolute(), workdir=workdir.absolute(), quick=args.quick, device=device,
                   deployment=True if args.deployment else None, sites=args.sites or None,
-                  arms=args.arms, fresh=args.fresh)
+                  arms=args.arms, fresh=args.fresh, seeds=args.seeds or None)
     started, failed = time.perf_counter(), []
     try:
         for name in args.only:

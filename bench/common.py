@@ -35,6 +35,7 @@ class Context:
         sites: the federation benchmark's site counts for the scaling runs (None: the mode's own).
         arms: the accuracy benchmark's arms to train (``bench.accuracy.ARM_KEYS``; None: every one not yet kept).
         fresh: retrain accuracy arms even where a kept result with the same settings exists.
+        seeds: the joint-model benchmark's seeds (None: 0, 1, 2).
     """
 
     out: Path
@@ -48,6 +49,7 @@ class Context:
     sites: tuple[int, ...] | None = None
     arms: tuple[str, ...] | None = None
     fresh: bool = False
+    seeds: tuple[int, ...] | None = None
     _phantoms: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -48,8 +48,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet:
-    """BrainTumNet sized by the profile; K from the task unless given.
+def build_model(profile: Profile, num_classes: int | None = None, **switches) -> BrainTumNet:
+    """BrainTumNet sized by the profile; K from the task unless given; ``switches`` are further ``BrainTumNet``
+    arguments (the ablations: ``use_transformer``, ``use_inception``, ``use_cbam``).
 
     The initial weights are drawn from ``train.seed`` (without touching the global random state), so every arm of a
     study (centralized, local-only, the federated centre) starts from the same weights for the same seed: on a small
@@ -58,10 +59,10 @@ def build_model(profile: Profile, num_classes: int | None = None) -> BrainTumNet
     m = profile.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.train.seed)
-        return _build(profile, m, num_classes)
+        return _build(profile, m, num_classes, switches)
 
 
-def _build(profile: Profile, m, num_classes: int | None) -> BrainTumNet:
+def _build(profile: Profile, m, num_classes: int | None, switches: dict) -> BrainTumNet:
     return BrainTumNet(
         in_channels=1,
         seg_classes=3,
@@ -78,6 +79,7 @@ def _build(profile: Profile, m, num_classes: int | None) -> BrainTumNet:
         shared_features=m.shared_features,
         shared_gradient=m.shared_gradient,
         gate_floor=m.gate_floor,
+        **switches,
     )
 
 

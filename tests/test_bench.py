@@ -231,3 +231,22 @@ def test_federation_sites_option_sets_the_scaling_runs_and_grows_the_phantom(tmp
     assert settings["phantom"] == 0.24  # about 38 internal test cases: one for each of 24 dealt sites
     with pytest.raises(SystemExit):
         parse_args(["--sites", "0,3"])
+
+
+def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, prepared_sites):
+    from bench import joint
+
+    ctx.arms, ctx.seeds = ("multitask", "two-stage"), (0, 1)
+    first = joint.run(ctx, sites=prepared_sites)
+    assert set(first["arms"]) == {"multitask", "two-stage"} and "no-cbam" in first["missing"]
+    claim = first["multitask_minus_two_stage"]["internal_test"]["dice_tumor"]
+    per_seed = first["per_seed"]
+    expected = [100 * (per_seed["multitask"][s]["internal_test"]["dice_tumor"]
+                       - per_seed["two-stage"][s]["internal_test"]["dice_tumor"]) for s in (0, 1)]
+    assert claim["per_seed"] == pytest.approx(expected)
+    assert "the paper's claim" in (ctx.out / "joint.md").read_text()
+    kept = sorted(p.name for p in (ctx.out / "joint-arms-tiny").iterdir())
+    assert kept == ["multitask-s0.json", "multitask-s1.json", "two-stage-s0.json", "two-stage-s1.json"]
+    stamp = (ctx.out / "joint-arms-tiny" / "multitask-s0.json").stat().st_mtime_ns
+    joint.run(ctx, sites=prepared_sites)  # nothing retrained: the kept arm-seeds match their settings
+    assert (ctx.out / "joint-arms-tiny" / "multitask-s0.json").stat().st_mtime_ns == stamp

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from braintumnet.config import check_keys
 from braintumnet.errors import BrainTumNetError
 
 
@@ -33,15 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs each simulated site reserves")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-federated", action="store_true", help="only the centralized and local arms")
+    parser.add_argument("--gate-regions", action="store_true",
+                        help="Table 2, classification by region: also train a centralized model for each other "
+                        "model.gate-region (the region the classifier sees: tumor, edema, whole), two more trainings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Per-site test splits of a small cohort often lack a class; the report shows the NaN AUC instead.
     logging.getLogger("braintumnet.metrics").setLevel(logging.ERROR)
     out = args.out or Path("runs") / f"study-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from simulation.study import run_study
-
-    from simulation.study import Cluster
-
     try:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
@@ -50,9 +50,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--folds must be 0 (no cross-validation) or at least 2")
     try:
         overrides = dict(_override(item) for item in args.run_config)
+        # Here, before the study's heavy imports and before its run folder exists, so a misspelt key costs nothing
+        # and leaves nothing behind.
+        check_keys(overrides)
+    except BrainTumNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    from simulation.study import Cluster, run_study
+
+    try:
         run_study(out, args.profile, phantom=args.phantom, data=args.data, site_column=args.site_column,
                   external=args.external, scale=args.scale, seeds=seeds or (0,), folds=args.folds,
-                  device=args.device, skip_federated=args.skip_federated, overrides=overrides,
+                  device=args.device, skip_federated=args.skip_federated, gate_regions=args.gate_regions,
+                  overrides=overrides,
                   cluster=Cluster(args.ray_address, args.cpus_per_site, args.gpus_per_site))
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ import numpy as np
 
 from braintumnet.centralized import SYNTHETIC_NOTE
 from braintumnet.checkpoint import load_checkpoint, save_checkpoint
-from braintumnet.config import Profile, resolve, to_dict
+from braintumnet.config import GATE_REGIONS, Profile, resolve, to_dict
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
@@ -30,10 +30,11 @@ from braintumnet.data.loading import load_sites
 from braintumnet.engine import (build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device,
                                predict_slices, train_model)
 from braintumnet.report.plots import overlay_examples
+from braintumnet.report.provenance import provenance as run_provenance
 from simulation import figures as fig
 from simulation.flower_run import run_federated
 from simulation.pooled import StudySites, phantom_sites, split_pooled
-from simulation.report import write_report
+from simulation.report import GATE_ARM, arms_of, write_report
 from simulation.tracking import log_arm, tracking_uri
 
 log = logging.getLogger("simulation")
@@ -66,7 +67,7 @@ class Cluster:
 def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, data: Path | None = None,
               site_column: str = "hospital", external: str = "external", scale: float | None = None,
               seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
-              overrides: dict | None = None, cluster: Cluster = Cluster()) -> dict:
+              overrides: dict | None = None, cluster: Cluster = Cluster(), gate_regions: bool = False) -> dict:
     """Run every arm and write ``metrics.json``, ``report.md``, ``report.html``, ``figures/`` and an MLflow run per
     arm into ``out``.
 
@@ -77,11 +78,15 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         seeds, folds: repetitions (every seed × every fold; ``folds`` < 2 = no cross-validation).
         overrides: run-config keys (``[tool.flwr.app.config]`` names) applied on top of the profile in every arm,
             the federated one included.
+        gate_regions: also train one centralized model per other ``model.gate-region`` (the region the classifier
+            sees: tumor, edema, whole), arms ``gate:<region>``, for the report's Table 2 (accuracy by region).
     """
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
-    base = resolve({"profile": profile_name, **overrides})
+    base = resolve({"profile": profile_name, **overrides})  # refuses an unknown key before the run folder exists
+    out.mkdir(parents=True, exist_ok=True)
+    # Taken before any training: the tree may change while a long study runs.
+    provenance = run_provenance(overrides)
     fed = base.federation
     epochs = fed.num_rounds * fed.local_epochs
     dev = pick_device(device)
@@ -95,6 +100,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
     ext = [sites[layout.external]] if layout.external else []
     classes = task_classes(base.data.task)
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
+    extra_regions = [r for r in GATE_REGIONS if r != base.model.gate_region] if gate_regions else []
     repetitions, timings, cases_of, fed_rounds, overlay_model = [], {}, {}, [], None
 
     for index, (seed, fold) in enumerate(plan):
@@ -105,31 +111,36 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         rep: dict = {"seed": seed, "fold": fold}
         first = index == 0
 
-        def keep(name: str, model) -> None:
-            scores, per_case = _score(model, internal, ext, profile, dev, held)
+        def keep(name: str, model, arm_profile: Profile) -> None:
+            scores, per_case = _score(model, internal, ext, arm_profile, dev, held)
             rep[name] = scores
             if first:
                 cases_of[name] = per_case
             timings[name] = timings.get(name, 0.0) + rep[name].pop("wall_s", 0.0)
-            log_arm(out, EXPERIMENT, name, scores, to_dict(profile),
+            log_arm(out, EXPERIMENT, name, scores, to_dict(arm_profile),
                     {"seed": str(seed), "fold": str(fold), "synthetic": str(layout.synthetic)})
             r = scores["internal_test"]
             say(f"  {name} ({tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
 
-        def arm(name: str, train_sites) -> None:
+        def arm(name: str, train_sites, arm_profile: Profile | None = None) -> None:
+            arm_profile = arm_profile or profile
             t0 = time.perf_counter()
-            model = build_model(profile, len(classes))
+            model = build_model(arm_profile, len(classes))
             ids = _training_cases(train_sites, classes, held)
-            train_model(model, train_sites, profile, dev, epochs=epochs, case_ids=ids, progress=False)
+            train_model(model, train_sites, arm_profile, dev, epochs=epochs, case_ids=ids, progress=False)
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             save_checkpoint(out / "models" / f"{name.replace(':', '-')}-s{seed}{_fold_tag(fold)}.pt",
-                            model.state_dict(), profile, classes,
+                            model.state_dict(), arm_profile, classes,
                             {"arm": name, "synthetic": layout.synthetic, "epochs": epochs, "seed": seed,
                              "fold": fold})
-            keep(name, model)
+            keep(name, model, arm_profile)
 
         say(f"phase 3/5 centralized ({tag}): pooled {', '.join(layout.internal)}, {epochs} epochs")
         arm("centralized", internal)
+        for region in extra_regions:
+            say(f"  Table 2 ({tag}): centralized, the classifier sees the {region} region")
+            arm(f"{GATE_ARM}{region}", internal, dataclasses.replace(
+                profile, model=dataclasses.replace(profile.model, gate_region=region)))
         say(f"phase 4/5 local-only ({tag}): each site alone, {epochs} epochs")
         for site in internal:
             arm(f"local:{site.site}", [site])
@@ -156,7 +167,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
             if first:
                 fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
                 overlay_model = model
-            keep("federated", model)
+            keep("federated", model, profile)
         repetitions.append(rep)
         if first and overlay_model is None:
             overlay_model = model_of(out, "centralized", seed, fold, profile, len(classes))
@@ -180,7 +191,11 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         **{a: _mean([r[a] for r in repetitions]) for a in arms},
         "sd": {a: _sd([r[a] for r in repetitions]) for a in arms},
         "repetitions": repetitions,
+        "provenance": provenance,
     }
+    if extra_regions:  # region -> the arm whose classifier saw it (the centralized arm sees the profile's region)
+        document["gate_regions"] = {base.model.gate_region: "centralized",
+                                    **{r: f"{GATE_ARM}{r}" for r in extra_regions}}
     say("report: figures and tables")
     document["figures"] = _figures(out, document, cases_of, fed_rounds, overlay_model, internal, profile, dev, classes)
     document["wall_s"]["total"] = round(time.perf_counter() - started, 1)
@@ -275,17 +290,24 @@ def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal
     def add(path: Path, title: str) -> None:
         shown.append({"title": title, "path": str(path.relative_to(out))})
 
-    arms = [a for a in doc["sd"]]
+    arms = arms_of(doc)  # the study's arms; Table 2's gate-region arms are only in its table
+    synthetic = bool(doc.get("synthetic"))
+    several = doc.get("n_repetitions", 1) > 1  # error bars only where there is a spread to show
     if rounds:
-        add(fig.learning_curves(rounds, {a: doc[a]["internal_test"] for a in arms}, folder / "learning_curves.png"),
-            "Learning curves: federated Dice and accuracy per round (internal and external); other arms' finals")
-    add(fig.site_bars({a: doc[a] for a in arms}, doc["sites"]["internal"], folder / "per_site.png"),
-        "Every arm on every site's test split")
+        add(fig.learning_curves(rounds, {a: doc[a]["internal_test"] for a in arms}, folder / "learning_curves.png",
+                                sd={a: doc["sd"][a]["internal_test"] for a in arms} if several else None,
+                                synthetic=synthetic),
+            "Learning curves: federated Dice and accuracy per round (internal and external); other arms' finals"
+            + (" (mean, band ±1 sd over the repetitions; rounds of the first)" if several else ""))
+    add(fig.site_bars({a: doc[a] for a in arms}, doc["sites"]["internal"], folder / "per_site.png",
+                      sd={a: doc["sd"][a] for a in arms} if several else None, synthetic=synthetic),
+        "Every arm on every site's test split" + (" (mean ± sd over the repetitions)" if several else ""))
     for arm in [a for a in ("federated", "centralized") if a in cases_of]:
         for section, label in (("internal_test", "pooled internal test"), ("external", "external site")):
             if section in cases_of[arm]:
                 stem = f"{arm}_{section}"
-                paths = fig.classification_figures(cases_of[arm][section], classes, folder, stem, f"{arm}, {label}")
+                paths = fig.classification_figures(cases_of[arm][section], classes, folder, stem, f"{arm}, {label}",
+                                                   synthetic=synthetic)
                 add(paths[0], f"ROC curves, {arm}, {label} (first repetition)")
                 add(paths[1], f"Confusion matrix, {arm}, {label} (first repetition)")
     if model is not None:
@@ -301,7 +323,7 @@ def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal
         targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
         titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]
         name = "federated" if "federated" in cases_of else "centralized"
-        add(overlay_examples(images, targets, list(seg), folder / "overlays.png", titles),
+        add(overlay_examples(images, targets, list(seg), folder / "overlays.png", titles, synthetic=synthetic),
             f"Example internal test slices, {name} model: reference solid, prediction dashed")
     return shown
 

@@ -77,3 +77,97 @@ def test_roc_with_a_class_absent_and_empty_inputs(tmp_path):
     assert plots.roc_curves(y, probs, CLASSES, tmp_path / "roc.png").is_file()
     assert plots.dice_distribution({}, tmp_path / "dice.png").is_file()
     assert plots.overlay_examples([], [], [], tmp_path / "overlay.png").is_file()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every Figure a plot function saves, kept for inspection (the PNG is still written)."""
+    figures = []
+    real_save = plots.save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "save", keep)
+    return figures
+
+
+def test_plots_use_constrained_layout_readable_labels_and_the_synthetic_mark(tmp_path, slices, drawn):
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    y, probs = np.array([0, 1, 2, 0]), np.eye(3)[[0, 1, 2, 1]]
+    image, target, pred = slices
+    plots.roc_curves(y, probs, CLASSES, tmp_path / "roc.png", synthetic=True)
+    plots.confusion_matrix_plot([[1, 0], [0, 1]], CLASSES[:2], tmp_path / "cm.png", synthetic=True)
+    plots.dice_distribution({"tumor": [0.5], "whole": [0.7]}, tmp_path / "dice.png", synthetic=True)
+    plots.overlay_examples([image], [target], [pred], tmp_path / "overlay.png", synthetic=True)
+    for fig in drawn:
+        assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+        assert "SYNTHETIC" in fig.get_suptitle()
+    assert drawn[0].axes[0].get_xlabel().startswith("False-positive rate")
+    assert [t.get_text() for t in drawn[2].axes[0].get_xticklabels()] == ["tumour", "whole lesion"]
+    drawn.clear()
+    plots.roc_curves(y, probs, CLASSES, tmp_path / "roc.png")
+    assert "SYNTHETIC" not in drawn[0].get_suptitle()  # real data: no mark
+    assert plots.metric_label("dice_tumor") == "Tumour Dice" and plots.metric_label("acc") == "Accuracy"
+
+
+def test_overlay_legend_names_only_what_was_predicted(tmp_path, slices, drawn):
+    image, target, pred = slices
+    empty = np.zeros_like(pred)
+
+    def legend(preds):
+        drawn.clear()
+        plots.overlay_examples([image] * len(preds), [target] * len(preds), preds, tmp_path / "overlay.png")
+        return [t.get_text() for t in drawn[0].legends[0].get_texts()]
+
+    nothing = legend([empty, empty])
+    assert not any("predicted" in label for label in nothing) and "the model segmented nothing" in " ".join(nothing)
+    assert "tumour, reference" in nothing
+    assert sum("predicted" in label for label in legend([pred, empty])) == 2  # tumour and whole lesion
+    edema_only = np.where(target == 2, 2, 0).astype(np.uint8)  # no tumour label: only the whole-lesion contour
+    assert [label for label in legend([edema_only]) if "predicted" in label] == ["tumour + edema, predicted"]
+
+
+def test_git_commit_marks_a_dirty_tree_and_never_fails(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from braintumnet.report import provenance
+
+    assert provenance.git_commit(tmp_path) == "unknown"  # not a checkout
+    if shutil.which("git"):
+        def git(*args):
+            subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                           capture_output=True)
+
+        git("init", "-q")
+        (tmp_path / "a.txt").write_text("1")
+        git("add", "a.txt")
+        git("commit", "-q", "-m", "one")
+        clean = provenance.git_commit(tmp_path)
+        assert clean != "unknown" and not clean.endswith("-dirty")
+        (tmp_path / "a.txt").write_text("2")
+        assert provenance.git_commit(tmp_path) == f"{clean}-dirty"
+        (tmp_path / "sub").mkdir()  # a folder inside some other checkout is not that checkout's code
+        assert provenance.git_commit(tmp_path / "sub") == "unknown"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    assert provenance.git_commit(tmp_path) == "unknown"
+
+
+def test_provenance_records_overrides_versions_and_machine():
+    import braintumnet
+    from braintumnet.report.provenance import one_line, provenance
+
+    record = provenance({"model.gate-gradient": False, "num-server-rounds": 5})
+    assert record["overrides"] == {"model.gate-gradient": False, "num-server-rounds": 5}
+    assert record["braintumnet"] == braintumnet.__version__ and record["commit"]
+    assert {"python", "torch", "flwr"} <= set(record) and all(record[k] for k in ("python", "torch", "flwr"))
+    assert record["machine"]["cpu"] and record["machine"]["cores"] >= 1 and "gpu" in record["machine"]
+    line = one_line(record)
+    assert "model.gate-gradient=false" in line and "num-server-rounds=5" in line and record["commit"] in line

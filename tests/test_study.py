@@ -178,3 +178,95 @@ def test_a_ratio_against_a_model_that_learned_nothing_is_not_a_pass():
     assert verdicts["external / internal, centralized, dice_tumor"] == "yes"  # 1.057
     assert verdicts["external / internal, federated, acc"] == "no"  # 0.792
     assert verdicts["federated / centralized, dice_tumor (internal)"] == "no"
+
+
+def test_an_unknown_run_config_key_stops_the_study_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the study started")
+
+    monkeypatch.setattr(study, "run_study", never)
+    out = tmp_path / "run"
+    code = simulation_main(["-c", "model.gate-gradiant=false", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "'model.gate-gradiant'" in err and "did you mean 'model.gate-gradient'" in err
+    assert not out.exists()
+
+
+def test_gate_regions_is_off_unless_asked_for(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "run_study", lambda *args, **kwargs: calls.append(kwargs))
+    assert simulation_main(["--out", str(tmp_path / "a")]) == 0
+    assert simulation_main(["--out", str(tmp_path / "b"), "--gate-regions", "-c", "model.gate-gradient=false"]) == 0
+    assert [c["gate_regions"] for c in calls] == [False, True]
+    assert calls[1]["overrides"] == {"model.gate-gradient": False}
+
+
+def test_gate_regions_train_a_centralized_model_per_region_for_table_2(phantom_root, tiny_run_config, tmp_path,
+                                                                       monkeypatch):
+    """Through the same arm() path as the centralized arm; training itself is skipped (the wiring is under test)."""
+    from braintumnet.checkpoint import load_checkpoint
+
+    trained = []
+    monkeypatch.setattr(study, "train_model", lambda model, sites, profile, *a, **k: trained.append(
+        (model.gate_region, profile.model.gate_region, tuple(sorted(s.site for s in sites)))))
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", skip_federated=True, gate_regions=True,
+                    overrides=overrides)
+
+    pooled = [t for t in trained if t[2] == tuple(sorted(SITES))]
+    assert [t[0] for t in pooled] == ["tumor", "edema", "whole"] and all(t[0] == t[1] for t in trained)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["gate_regions"] == {"tumor": "centralized", "edema": "gate:edema", "whole": "gate:whole"}
+    for arm in ("gate:edema", "gate:whole"):
+        assert {"acc", "auc"} <= set(saved[arm]["internal_test"]) and arm in saved["sd"]
+    assert load_checkpoint(tmp_path / "models" / "gate-whole-s0.pt").profile.model.gate_region == "whole"
+    assert not any("gate:" in f["title"] for f in saved["figures"])  # the study's figures keep the study's arms
+
+    report = (tmp_path / "report.md").read_text()
+    table2 = report.split("## Table 2.")[1].split("## Table 3.")[0]
+    assert "| arm | classifier sees | ACC | AUC (macro) |" in table2 and "DSC" not in table2
+    for region, arm in (("tumour", "centralized"), ("edema", "gate:edema"), ("whole lesion", "gate:whole")):
+        assert f"| {arm} | {region} | {saved[arm]['internal_test']['acc']:.3f} |" in table2
+    assert "| paper (reference, not ours) | edema | 0.850 |" in table2
+
+    record = saved["provenance"]
+    assert record["overrides"] == overrides and record["commit"] and record["machine"]["cores"] >= 1
+    assert f"commit {record['commit']}" in report and "data.img-size=32" in report
+
+
+def test_without_gate_regions_table_2_says_how_to_produce_it():
+    from simulation.report import _tables
+
+    doc = json.loads((REPO / "docs" / "results" / "study-standard" / "metrics.json").read_text())
+    table2 = next(t for t in _tables(doc) if t.title.startswith("Table 2."))
+    assert table2.rows == [] and "--gate-regions" in table2.note and "--profile standard" in table2.note
+
+
+def test_study_figures_label_axes_in_words_show_sd_and_the_synthetic_mark(tmp_path, monkeypatch):
+    import simulation.figures as figures
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.append(fig) or path)
+    results = {"centralized": {"per_site": {"a": {"dice_tumor": 0.5, "acc": 0.8}, "b": {"dice_tumor": 0.4, "acc": 0.7}}}}
+    sd = {"centralized": {"per_site": {"a": {"dice_tumor": 0.1, "acc": 0.05}, "b": {"dice_tumor": 0.2, "acc": 0.0}}}}
+    figures.site_bars(results, ["a", "b"], tmp_path / "bars.png", sd=sd, synthetic=True)
+    figures.site_bars(results, ["a", "b"], tmp_path / "bars.png")
+    rounds = [{"round": 1, "evaluate": {"dice_tumor": 0.1, "acc": 0.5}, "train": {"train_loss": 1.0}}]
+    figures.learning_curves(rounds, {"centralized": {"dice_tumor": 0.5, "acc": 0.8}}, tmp_path / "lc.png",
+                            sd={"centralized": {"dice_tumor": 0.1, "acc": 0.05}}, synthetic=True)
+
+    with_sd, without_sd, curves = drawn
+    for fig in drawn:
+        assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+        labels = {ax.get_ylabel() for ax in fig.axes} | {ax.get_xlabel() for ax in fig.axes}
+        assert not labels & {"dice_tumor", "acc", "loss", "round"}, labels
+    assert {ax.get_ylabel() for ax in with_sd.axes} == {"Tumour Dice", "Accuracy"}
+    assert "SYNTHETIC" in with_sd.get_suptitle() and "SYNTHETIC" in curves.get_suptitle()
+    assert "SYNTHETIC" not in without_sd.get_suptitle()
+    errorbars = [c for c in with_sd.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    assert list(errorbars[0].lines[2][0].get_segments()[0][:, 1]) == pytest.approx([0.4, 0.6])  # site a: 0.5 ± 0.1
+    assert not any(isinstance(c, ErrorbarContainer) for c in without_sd.axes[0].containers)
+    assert len(curves.axes[0].patches) == 1  # the centralized final's ±1 sd band

@@ -1,6 +1,7 @@
 """PNG figures of an evaluation or a prediction, drawn with matplotlib's object API (Agg canvas, no pyplot state).
 
-Each function takes arrays the caller already holds, writes one PNG and returns its path. Axial slices are ``H×W``
+Each function takes arrays the caller already holds, writes one PNG and returns its path; ``synthetic=True`` puts a
+red SYNTHETIC mark on the figure (a PNG travels without the report's banner). Axial slices are ``H×W``
 arrays in the prepared slices' display order (``braintumnet.data.preprocess``): rows from anterior (top) to posterior,
 columns from the patient's left to right, as nilearn draws them; they are shown as they are.
 """
@@ -21,11 +22,30 @@ REGION_COLOURS = {"whole": "#f4c20d", "tumour": "#e8302a"}
 REGION_LABELS = {"whole": (1, 2), "tumour": (1,)}
 LABEL_COLOURS = {1: REGION_COLOURS["tumour"], 2: REGION_COLOURS["whole"]}
 REGION_NAMES = {"whole": "tumour + edema", "tumour": "tumour"}
+REGION_AXIS = {"tumor": "tumour", "edema": "edema", "whole": "whole lesion"}
 DPI = 110
+SYNTHETIC_MARK = "SYNTHETIC DATA (phantom cohort, not patients)"
+# Axis labels for metrics.json keys: a reader of a figure should not need the key names.
+METRIC_LABELS = {
+    "dice_tumor": "Tumour Dice", "dice_edema": "Edema Dice", "dice_whole": "Whole-lesion Dice",
+    "iou_tumor": "Tumour IoU", "acc": "Accuracy", "auc": "AUC (macro)", "f1": "F1 (macro)",
+    "sensitivity": "Sensitivity (macro)", "specificity": "Specificity (macro)", "train_loss": "Training loss",
+}
+
+
+def metric_label(key: str) -> str:
+    """A readable name for a metric key (the key itself, tidied, when it has none)."""
+    return METRIC_LABELS.get(key, key.replace("_", " "))
+
+
+def mark_synthetic(fig: Figure, synthetic: bool) -> None:
+    """The red SYNTHETIC line at the top of a figure drawn from phantom data (the figure's own suptitle)."""
+    if synthetic:
+        fig.suptitle(SYNTHETIC_MARK, color="#c00000", fontweight="bold", fontsize=9)
 
 
 def roc_curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str], path: Path,
-               title: str = "ROC, one-vs-rest (case level)") -> Path:
+               title: str = "ROC, one-vs-rest (case level)", *, synthetic: bool = False) -> Path:
     """One ROC curve per class, one-vs-rest, from scikit-learn's ``roc_curve``.
 
     Args:
@@ -37,7 +57,8 @@ def roc_curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[s
     A class with no positive or no negative case has no curve; the legend says so.
     """
     y_true, probs = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float)
-    fig = Figure(figsize=(4.8, 4.4))
+    fig = Figure(figsize=(4.8, 4.6), layout="constrained")
+    mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     for k, name in enumerate(class_names):
@@ -47,18 +68,20 @@ def roc_curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[s
             ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc_score(positives, probs[:, k]):.2f})")
         else:
             ax.plot([], [], lw=0, label=f"{name}: undefined ({int(positives.sum())} of {len(y_true)} cases)")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False-positive rate (1 − specificity)",
+           ylabel="True-positive rate (sensitivity)", title=title)
     ax.set_aspect("equal")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def confusion_matrix_plot(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path,
-                          title: str = "Confusion matrix (case level)") -> Path:
+                          title: str = "Confusion matrix (case level)", *, synthetic: bool = False) -> Path:
     """Counts, rows = true class, columns = predicted class, each cell shaded by its share of the row."""
     matrix = np.asarray(matrix, dtype=int)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(1.4 + 1.1 * len(class_names), 1.1 + 1.0 * len(class_names)))
+    fig = Figure(figsize=(2.4 + 1.1 * len(class_names), 1.6 + 1.0 * len(class_names)), layout="constrained")
+    mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(matrix):
@@ -66,32 +89,34 @@ def confusion_matrix_plot(matrix: Sequence[Sequence[int]], class_names: Sequence
     ticks = range(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=30, ha="right")
     ax.set_yticks(ticks, class_names)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    return _save(fig, path)
+    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
+    return save(fig, path)
 
 
 def dice_distribution(dice: Mapping[str, Sequence[float]], path: Path,
-                      title: str = "Dice per case") -> Path:
+                      title: str = "Dice per case", *, synthetic: bool = False) -> Path:
     """A box plot per region (``{"tumor": [...], "edema": [...], "whole": [...]}``) with every case as a dot."""
     names = [n for n, v in dice.items() if len(v)]
     values = [np.asarray(dice[n], dtype=float) for n in names]
-    fig = Figure(figsize=(1.6 + 1.2 * max(len(names), 1), 3.8))
+    fig = Figure(figsize=(2.4 + 1.2 * max(len(names), 1), 4.0), layout="constrained")
+    mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     if names:
         ax.boxplot(values, showfliers=False, widths=0.5)
-        ax.set_xticks(range(1, len(names) + 1), names)
+        ax.set_xticks(range(1, len(names) + 1), [REGION_AXIS.get(n, n) for n in names])
         jitter = np.random.default_rng(0)
         for i, v in enumerate(values, start=1):
             ax.scatter(i + jitter.uniform(-0.12, 0.12, v.size), v, s=10, alpha=0.6, color="#1f77b4", zorder=3)
     ax.set(ylim=(-0.02, 1.02), ylabel="Dice", title=f"{title} (n = {max((v.size for v in values), default=0)})")
     ax.grid(axis="y", color="0.9")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def overlay_examples(images: Sequence[np.ndarray], targets: Sequence[np.ndarray] | None,
-                     preds: Sequence[np.ndarray], path: Path, titles: Sequence[str] | None = None) -> Path:
+                     preds: Sequence[np.ndarray], path: Path, titles: Sequence[str] | None = None, *,
+                     synthetic: bool = False) -> Path:
     """A row of slices, each with the reference (solid) and predicted (dashed) contours of the tumour and of the
-    whole lesion (tumour + edema).
+    whole lesion (tumour + edema). The legend lists only the predicted regions that appear in some slice.
 
     Args:
         images: H×W slices (see the module docstring).
@@ -100,16 +125,17 @@ def overlay_examples(images: Sequence[np.ndarray], targets: Sequence[np.ndarray]
         titles: one caption per slice.
     """
     n = len(images)
-    fig = Figure(figsize=(2.8 * max(n, 1), 3.3))
+    fig = Figure(figsize=(2.8 * max(n, 1), 3.6), layout="constrained")
+    mark_synthetic(fig, synthetic)
     for i in range(n):
         ax = fig.add_subplot(1, max(n, 1), i + 1)
         show_slice(ax, images[i], None if targets is None else targets[i], preds[i])
         if titles:
             ax.set_title(titles[i], fontsize=8)
-    fig.legend(handles=legend_handles(targets is not None), loc="lower center", ncol=2 if n < 3 else 4, fontsize=7,
+    handles = legend_handles(targets is not None, predicted_regions(preds))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 if n < 3 else 5), fontsize=7,
                frameon=False)
-    fig.subplots_adjust(bottom=0.2 if n < 3 else 0.12)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def case_report(path: Path, *, images: Sequence[np.ndarray], preds: Sequence[np.ndarray],
@@ -121,14 +147,15 @@ def case_report(path: Path, *, images: Sequence[np.ndarray], preds: Sequence[np.
     ``aspect`` is the pixel height over width (row spacing / column spacing) of the slices.
     """
     n = max(len(images), 1)
-    fig = Figure(figsize=(8.27, 9.5))
+    fig = Figure(figsize=(8.27, 9.5), layout="constrained")
     fig.suptitle(heading, fontsize=13)
     top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.5, 0.8, 1.0])
     axes = top.subplots(1, n, squeeze=False)[0]
     for ax, image, pred, title in zip(axes, images, preds, slice_titles):
         show_slice(ax, image, None, pred, filled=True, aspect=aspect)
         ax.set_title(title, fontsize=9)
-    top.legend(handles=legend_handles(False), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    top.legend(handles=legend_handles(False, predicted_regions(preds)), loc="outside lower center", ncol=2,
+               fontsize=8, frameon=False)
     ax = middle.subplots()
     names, values = list(probabilities), [float(v) for v in probabilities.values()]
     bars = ax.barh(names, values, color=["#d62728" if v == max(values) else "#1f77b4" for v in values])
@@ -138,7 +165,7 @@ def case_report(path: Path, *, images: Sequence[np.ndarray], preds: Sequence[np.
     ax = bottom.subplots()
     ax.axis("off")
     ax.text(0.0, 0.95, "\n".join(lines), va="top", ha="left", fontsize=9, family="monospace", transform=ax.transAxes)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def show_slice(ax, image: np.ndarray, target: np.ndarray | None, pred: np.ndarray | None,
@@ -163,16 +190,28 @@ def show_slice(ax, image: np.ndarray, target: np.ndarray | None, pred: np.ndarra
     ax.set_yticks([])
 
 
-def legend_handles(with_reference: bool) -> list[Line2D]:
+def predicted_regions(preds: Sequence[np.ndarray | None]) -> set[str]:
+    """The contour regions (``REGION_LABELS``) present in at least one of the label maps."""
+    return {region for region, labels in REGION_LABELS.items()
+            if any(p is not None and np.isin(np.asarray(p), labels).any() for p in preds)}
+
+
+def legend_handles(with_reference: bool, predicted: set[str] | None = None) -> list[Line2D]:
+    """Reference (solid) and predicted (dashed) entries per region; ``predicted`` limits the dashed ones to the
+    regions a prediction shows (None: every region), so the legend never names a line the figure lacks."""
     handles = []
     for region, colour in REGION_COLOURS.items():
         if with_reference:
             handles.append(Line2D([], [], color=colour, ls="solid", label=f"{REGION_NAMES[region]}, reference"))
-        handles.append(Line2D([], [], color=colour, ls="dashed", label=f"{REGION_NAMES[region]}, predicted"))
+        if predicted is None or region in predicted:
+            handles.append(Line2D([], [], color=colour, ls="dashed", label=f"{REGION_NAMES[region]}, predicted"))
+    if predicted is not None and not predicted:
+        handles.append(Line2D([], [], ls="none", label="the model segmented nothing in these slices"))
     return handles
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")

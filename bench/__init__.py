@@ -1,4 +1,4 @@
-"""Benchmarks of BrainTumNet-FL (issue 8): model compute, accuracy against baselines and ablations, federation cost,
+"""Benchmarks of BrainTumNet-FL: model compute, accuracy against baselines and ablations, federation cost,
 the data pipeline, and a GPU script. ``python -m bench [--quick]``; results in ``bench/results/<name>.json|.md``.
 
 Every comparison runs side by side in one process run (repetitions interleaved, medians taken) and is reported as a

@@ -1,4 +1,4 @@
-"""Run the benchmarks of issue 8 and write ``<out>/<name>.json`` and ``<out>/<name>.md`` for each.
+"""Run the benchmarks and write ``<out>/<name>.json`` and ``<out>/<name>.md`` for each.
 
 ``python -m bench [--quick] [--only compute,accuracy,federation,data,gpu] [--out bench/results]
 [--device auto|cpu|cuda] [--deployment] [--sites N,...] [--arms KEY,...] [--fresh] [--workdir DIR]`` (bench/README.md).

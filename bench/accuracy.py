@@ -1,4 +1,4 @@
-"""Accuracy against baselines on the phantom cohort (issue 8, part 2), in the simulation report's metric names.
+"""Accuracy against baselines on the phantom cohort, in the simulation report's metric names.
 
 Arms, all trained centrally on the pooled internal training split with the project's own ``train_model`` (same
 data, augmentation, Adam + cosine schedule, batch, epochs and seed) and scored with ``evaluate_model`` on the pooled

@@ -1,4 +1,4 @@
-"""Model compute (issue 8, part 1): training and inference slices per second and peak memory of BrainTumNet at the
+"""Model compute: training and inference slices per second and peak memory of BrainTumNet at the
 ``quick`` and ``paper`` widths against MONAI's BasicUNet, DynUNet (nnU-Net) and SwinUNETR (2-D) at the same input
 size and batch; and BrainTumNet's sparse (top-k) attention against dense attention at inference.
 
@@ -462,5 +462,5 @@ def _sections(doc: dict, sparse: bool = True) -> list[tuple[str, list[str]]]:
             aims.append([f"{key} (the top-k global branch against the dense one)", "≥ 1.3", a["ratio"], a["met"]])
         else:
             aims.append([f"{key} (the whole model, for scale)", "≥ 1.3", a["ratio"], a["met"]])
-    sections.append(("Aims (issue 8)", table(["figure", "aim", "measured", "met"], aims)))
+    sections.append(("Aims", table(["figure", "aim", "measured", "met"], aims)))
     return sections

@@ -1,4 +1,4 @@
-"""The data pipeline (issue 8, part 4): ``prepare`` throughput in cases per minute for DICOM and NIfTI sites, and the
+"""The data pipeline: ``prepare`` throughput in cases per minute for DICOM and NIfTI sites, and the
 prepared cache's load time at the start of a ClientApp.
 
 * Prepare: the same phantom cohort (same seed and scale, so the same cases) written once as NIfTI and once as DICOM

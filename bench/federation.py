@@ -1,4 +1,4 @@
-"""Federation cost (issue 8, part 3): round overhead, bytes per site per round, and wall time as sites are added.
+"""Federation cost: round overhead, bytes per site per round, and wall time as sites are added.
 
 * **Round overhead** = a round's wall time / the slowest site's own train + evaluate time (the ClientApps'
   ``seconds``), as the ServerApp records it in the run folder's ``metrics.json`` (``server.strategy._overhead``).
@@ -380,5 +380,5 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
             sections.append(("Data scaling, 3 sites one at a time, the heavier local work",
                              table(["share of the cases", "rounds wall s", "vs all cases"], rows)))
     rows = [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()]
-    sections.append(("Aims (issue 8)", table(["figure", "aim", "measured", "met"], rows, digits=4)))
+    sections.append(("Aims", table(["figure", "aim", "measured", "met"], rows, digits=4)))
     return sections

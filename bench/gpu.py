@@ -1,4 +1,4 @@
-"""The GPU script (issue 8, part 5): on one H100-class GPU, within 8 minutes, the model-compute benchmark at the
+"""The GPU script: on one H100-class GPU, within 8 minutes, the model-compute benchmark at the
 paper's width and a short ``paper``-profile training on CUDA, printing slices per second, GPU memory and the
 projected time of the paper's full schedule.
 

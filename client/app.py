@@ -2,7 +2,7 @@
 
 Flower starts a fresh process for every message, so each handler opens the memory-mapped cache (prepared beforehand
 by ``python client/run.py``) and rebuilds the model from the received arrays. Replies carry exactly what FedAvg
-needs and nothing patient-level (issue 7):
+needs and nothing patient-level:
 
 - ``arrays``: the model's state dict (train replies only);
 - ``metrics``: aggregate numbers with the same keys at every site, ``num-examples`` = training **slices** (train)

@@ -1,10 +1,10 @@
 """The paper's own BrainTumNet figures, shown beside ours as a reference (never as our result).
 
-Transcribed from the text of the paper (../shared/seed, §3 and the abstract): the tables themselves are images the
-text does not carry, so only the BrainTumNet values its sentences quote are here, each with where it comes from. The
-paper's metric definitions are not ours (docs/metrics.md): its IoU 0.921 above its DSC 0.91 cannot be a per-case
-foreground IoU, its HD has no unit or percentile, and its "accuracy by region" (Table 2) is not defined; we show our
-Dice per region there and say so.
+Transcribed from the text of the paper (its §3 and abstract): the tables themselves are images the text does not
+carry, so only the BrainTumNet values its sentences quote are here, each with where it comes from. The paper's metric
+definitions are not ours (docs/metrics.md): its IoU 0.921 above its DSC 0.91 cannot be a per-case foreground IoU and
+its HD has no unit or percentile. Its Table 2 is classification accuracy by the region the classifier sees (tumour,
+edema, whole); ours is the same measurement (``--gate-regions``), case-level accuracy and AUC per region.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PAPER = {
         "all": {"dice": (0.91, "abstract"), "iou": (0.921, "abstract (above its DSC: not a foreground IoU)"),
                 "hd": (12.13, "abstract")},
     },
-    "table2": {  # five-fold means, "accuracy" per region (undefined in the paper)
+    "table2": {  # five-fold means, classification accuracy per input region
         "tumor": (0.926, "§3: folds 0.91, 0.94, 0.93, 0.92, 0.93"),
         "edema": (0.85, "§3: folds 0.87, 0.83, 0.86, 0.85, 0.85"),
         "whole": (0.872, "§3: folds 0.89, 0.83, 0.91, 0.85, 0.87"),

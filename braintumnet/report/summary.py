@@ -1,4 +1,4 @@
-"""A compact, human-readable table of the canonical metrics (issue 3, point 6) of any report dict.
+"""A compact, human-readable table of the canonical metrics of any report dict.
 
 The table has one row per metric and one column per metrics dict found in the report: the report itself, any value
 at its top level that is a metrics dict (``internal_test``, ``external``, ``metrics`` ...), and the entries of

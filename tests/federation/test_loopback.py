@@ -1,12 +1,12 @@
 """A real federation on loopback: ``flower-superlink`` with a database, TLS and SuperNode authentication, three
 ``python client/run.py`` sites over a tiny phantom cohort, runs submitted with ``flwr run`` and watched with
-``flwr ls`` (issue 4, point 8; issue 6, points 2, 3 and 5).
+``flwr ls``.
 
 The tests share one federation and run in order: the first deploys it as deploy/README.md does (``braintumnet
 certs``, ``--enable-supernode-auth``, ``flwr supernode register``) and checks what must be refused; the second trains
 two rounds; the third resumes the federation for a third round, restarts the site the second one stopped, and kills
 the SuperLink during that round.
-Figures for the issue's closing note (round overhead, bytes per site) are written to ``measurements.json`` in the
+Figures (round overhead, bytes per site) are written to ``measurements.json`` in the
 federation's tmp folder and printed (``pytest -s``).
 """
 

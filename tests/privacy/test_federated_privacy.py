@@ -1,4 +1,4 @@
-"""One federated run on Flower's Simulation Engine (``flwr run . local``), DP on, the message audit on (issue 7).
+"""One federated run on Flower's Simulation Engine (``flwr run . local``), DP on, the message audit on.
 
 Three phantom hospitals, three rounds, a budget that lets every site train rounds 1 and 2 and refuses round 3. The
 same run feeds every check, so the suite pays for one federation (about a minute and a half on 2 cores):

@@ -1,7 +1,8 @@
 """Shared convolution helpers: the normalisation factories and ``ConvNormAct``.
 
 BrainTumNet uses GroupNorm, never BatchNorm: FedAvg across non-IID hospitals and Opacus's per-sample gradients both
-need statistics that belong to one sample, not to a batch (``../shared/notes/field.md``). The factories return a
+need statistics that belong to one sample, not to a batch (BatchNorm buffers averaged across sites and Opacus's
+missing BatchNorm support are known problems in federated MRI). The factories return a
 plain ``nn.GroupNorm``: Opacus picks its per-sample-gradient hook by exact type, so a subclass would silently fall
 back to its slower functorch path.
 """

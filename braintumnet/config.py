@@ -21,6 +21,9 @@ from braintumnet.errors import BrainTumNetError
 GATE_REGIONS = ("tumor", "edema", "whole")
 MODEL_MODES = ("multitask", "two-stage")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+# The centre's server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"); "none" = FedAvg's aggregate
+# is the new global model. The default is ServerOptimizerConfig.optimizer (pyproject.toml's must agree: test_config).
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 class ConfigError(BrainTumNetError, ValueError):
@@ -198,6 +201,46 @@ class RobustConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """The centre's server optimizer: a step on the robust aggregate (docs/federation.md, "Server optimizer").
+
+    The sites' aggregated update ``delta = aggregate - global`` is treated as a pseudo-gradient: ``fedavgm`` adds
+    momentum to it, ``fedadam`` / ``fedyogi`` / ``fedadagrad`` scale it per coordinate by running moments (the maths is
+    Flower's ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``).
+
+    Args:
+        optimizer: one of ``SERVER_OPTIMIZERS``; ``none`` = FedAvg (the aggregate is the new global model).
+        learning_rate: the server learning rate (eta); 0 = Flower's default for the optimizer (1.0 for fedavgm, 0.1
+            for fedadam and fedadagrad, 0.01 for fedyogi).
+        momentum: fedavgm's momentum (0 = none: with learning rate 1 that is FedAvg).
+        beta_1: fedadam / fedyogi: the first moment's decay (fedadagrad has none).
+        beta_2: fedadam / fedyogi: the second moment's decay.
+        tau: fedadam / fedyogi / fedadagrad: the adaptivity floor added to sqrt(v); larger = closer to momentum SGD.
+    """
+
+    optimizer: str = "none"
+    learning_rate: float = 0.0
+    momentum: float = 0.9
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in SERVER_OPTIMIZERS:
+            raise ConfigError(f"strategy.server-optimizer={self.optimizer!r}: use one of {SERVER_OPTIMIZERS}")
+        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"strategy.server-learning-rate={self.learning_rate}: use a positive number, or 0 for "
+                              "the optimizer's default")
+        for key, value in (("server-momentum", self.momentum), ("server-beta1", self.beta_1),
+                           ("server-beta2", self.beta_2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"strategy.{key}={value}: use a value in [0, 1), e.g. 0.9")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ConfigError(f"strategy.server-tau={self.tau}: use a positive number, e.g. 1e-3 (it keeps the "
+                              "adaptive step finite where an update is zero)")
+
+
+@dataclass(frozen=True)
 class Profile:
     data: DataConfig
     model: ModelConfig
@@ -205,6 +248,7 @@ class Profile:
     federation: FederationConfig
     privacy: PrivacyConfig = PrivacyConfig()
     robust: RobustConfig = RobustConfig()
+    server: ServerOptimizerConfig = ServerOptimizerConfig()
 
 
 PROFILES: dict[str, Profile] = {
@@ -273,9 +317,15 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "strategy.aggregation": ("robust", "aggregation"),
     "strategy.trim-fraction": ("robust", "trim_fraction"),
     "robust.norm-factor": ("robust", "norm_factor"),
+    "strategy.server-optimizer": ("server", "optimizer"),
+    "strategy.server-learning-rate": ("server", "learning_rate"),
+    "strategy.server-momentum": ("server", "momentum"),
+    "strategy.server-beta1": ("server", "beta_1"),
+    "strategy.server-beta2": ("server", "beta_2"),
+    "strategy.server-tau": ("server", "tau"),
 }
 # Sections every profile shares; their run-config values are literal (0 is a value, not "the profile's").
-LITERAL_SECTIONS = {"privacy", "robust"}
+LITERAL_SECTIONS = {"privacy", "robust", "server"}
 # Keys whose 0 is a real setting in every profile (no gradient, no floor), so they are literal too.
 LITERAL_KEYS = {"model.shared-gradient", "model.gate-floor", "train.seg-ce-weight", "train.warmup-epochs"}
 # Run-config keys that are not typed into a Profile: the profile's name, the centre's settings
@@ -360,5 +410,6 @@ def from_dict(flat: Mapping[str, Any]) -> Profile:
         section, name = key.split(".", 1)
         sections[section][name] = value
     types = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "federation": FederationConfig,
-             "privacy": PrivacyConfig, "robust": RobustConfig}  # a checkpoint older than issue 7 has neither
+             "privacy": PrivacyConfig, "robust": RobustConfig,
+             "server": ServerOptimizerConfig}  # older checkpoints lack the later sections: their defaults apply
     return Profile(**{s: types[s](**v) for s, v in sections.items()})

@@ -17,8 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from braintumnet.logs import setup_logging
 from braintumnet.errors import BrainTumNetError
-from server.checkpoints import RunFolder, find_resume_point
-from server.strategy import ServerSettings, SiteAwareFedAvg
+from server.checkpoints import RunFolder, find_resume_point, load_server_optimizer
+from server.strategy import ServerSettings, make_strategy, server_optimizer_params
 from server.tracking import Tracker
 
 log = logging.getLogger("braintumnet.server")
@@ -58,11 +58,13 @@ def main(grid: Grid, context: Context) -> None:
 
     external_eval = _external_evaluator(settings, profile)
     tracker = Tracker(settings.checkpoint_dir, settings.mlflow_experiment, f"federation-{context.run_id}",
-                      meta["federation-id"], {**to_dict(profile), **_settings_params(settings)},
+                      meta["federation-id"], {**to_dict(profile), **_settings_params(settings),
+                                              **_server_optimizer_params(profile)},
                       {"flwr-run-id": str(context.run_id)}, enabled=bool(settings.mlflow_experiment))
-    strategy = SiteAwareFedAvg(profile=profile, settings=settings, folder=folder, tracker=tracker,
-                               class_names=classes, round_offset=done, best_value=best,
-                               external_eval=external_eval, meta=meta)
+    strategy = make_strategy(profile, settings, folder=folder, tracker=tracker, class_names=classes,
+                             round_offset=done, best_value=best, external_eval=external_eval, meta=meta)
+    if resume is not None and profile.server.optimizer != "none":
+        strategy.restore_server_optimizer_state(load_server_optimizer(resume, profile.server.optimizer))
     status = "FAILED"
     try:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -101,7 +103,8 @@ def _retry_superlink_500s() -> None:
 
 
 def _check_compatible(saved, profile, path: Path) -> None:
-    """A resumed run must build the same network as the checkpoint's."""
+    """A resumed run must build the same network as the checkpoint's, and step it with the same server optimizer (its
+    moments belong to that one; its hyperparameters may change)."""
     same = (saved.model == profile.model and saved.data.img_size == profile.data.img_size
             and saved.data.task == profile.data.task)
     if not same:
@@ -109,11 +112,21 @@ def _check_compatible(saved, profile, path: Path) -> None:
             f"{path}: trained with model {saved.model}, img_size {saved.data.img_size}, task {saved.data.task}; "
             f"this run asks for model {profile.model}, img_size {profile.data.img_size}, task {profile.data.task}. "
             "Resume with the original run config, or start without resume-from")
+    if saved.server.optimizer != profile.server.optimizer:
+        raise BrainTumNetError(
+            f"{path}: trained with strategy.server-optimizer={saved.server.optimizer}; this run asks for "
+            f"{profile.server.optimizer}, and the checkpoint's server-optimizer state belongs to the first. Resume "
+            f"with strategy.server-optimizer={saved.server.optimizer}, or start without resume-from")
 
 
 def _settings_params(settings: ServerSettings) -> dict:
     return {"server.resume-from": settings.resume_from or "-", "server.external-data": settings.external_data or "-",
             "server.sites": ",".join(settings.sites) or "-", "server.audit-messages": settings.audit_messages}
+
+
+def _server_optimizer_params(profile) -> dict:
+    """The hyperparameters the server step uses (Flower's defaults filled in), beside the run config's ``server.*``."""
+    return {f"server-optimizer.{k}": v for k, v in server_optimizer_params(profile).items() if k != "name"}
 
 
 def _external_evaluator(settings: ServerSettings, profile):

@@ -6,6 +6,9 @@ Layout (absolute paths: a ServerApp runs in the SuperLink's working directory)::
         mlflow.db, mlartifacts/        the embedded MLflow store (unless MLFLOW_TRACKING_URI is set)
         run-<flower run id>/
             round-0001.pt ...          the global model after each round (braintumnet.checkpoint format)
+            round-0001.server-optimizer.npz ...
+                                       with strategy.server-optimizer != none: the server optimizer's state after
+                                       that round (model-shaped moment arrays only), restored by resume-from
             latest.pt, best.pt         hard links to the newest and the best round (best = federated dice_tumor)
             final.pt                   the model when the run finished
             metrics.json               per round: aggregated train / evaluate, per-site, external, timings, bytes,
@@ -14,7 +17,8 @@ Layout (absolute paths: a ServerApp runs in the SuperLink's working directory)::
                                        records, keys, shapes; never array contents)
 
 Every file is written to a temporary name and renamed, so a crash leaves the previous version intact. A checkpoint's
-``meta`` records the global round, so ``resume-from`` continues the numbering.
+``meta`` records the global round, so ``resume-from`` continues the numbering; the server optimizer's state of that
+round is found beside it by the round number (``latest.pt`` is a link, so its own name says nothing).
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from braintumnet.errors import BrainTumNetError
+
+# Entries of a server-optimizer state file that are not state arrays (those are named "<attribute>/<model key>").
+OPTIMIZER_KEY, ROUND_KEY = "optimizer", "round"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,19 @@ class RunFolder:
         _link_atomically(path, self.dir / "latest.pt")
         if best:
             _link_atomically(path, self.dir / "best.pt")
+        return path
+
+    def save_server_optimizer(self, server_round: int, optimizer: str, state: Mapping[str, np.ndarray]) -> Path:
+        """Write the server optimizer's state after ``server_round`` beside that round's checkpoint."""
+        path = server_optimizer_path(self.dir, server_round)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{OPTIMIZER_KEY: np.array(optimizer), ROUND_KEY: np.array(server_round)}, **state)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     def save_final(self, state: Mapping, profile, class_names, meta: dict) -> Path:
@@ -108,6 +130,34 @@ def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
         raise BrainTumNetError(f"{path}: has no federated round in its meta (not written by the ServerApp); "
                                "use a run-*/round-NNNN.pt or latest.pt")
     return ResumePoint(path.resolve(), int(meta["round"]), meta)
+
+
+def server_optimizer_path(run_dir: Path, server_round: int) -> Path:
+    return Path(run_dir) / f"round-{server_round:04d}.server-optimizer.npz"
+
+
+def load_server_optimizer(point: ResumePoint, optimizer: str) -> dict[str, np.ndarray]:
+    """The server optimizer's state saved with the round ``point`` resumes (in the checkpoint's folder).
+
+    Raises:
+        BrainTumNetError: the file is missing, unreadable, or holds another optimizer's or round's state.
+    """
+    path = server_optimizer_path(point.path.parent, point.round)
+    fix = (f"put the run folder's {path.name} beside {point.path.name}, or start without resume-from (the server "
+           "optimizer's moments would start again from zero)")
+    if not path.is_file():
+        raise BrainTumNetError(f"{path}: missing; resuming round {point.round} with strategy.server-optimizer="
+                               f"{optimizer} needs the server optimizer's state of that round: {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            saved = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise BrainTumNetError(f"{path}: not a server-optimizer state file ({exc}): {fix}") from None
+    name, saved_round = str(saved.pop(OPTIMIZER_KEY, "")), int(saved.pop(ROUND_KEY, -1))
+    if name != optimizer or saved_round != point.round:
+        raise BrainTumNetError(f"{path}: holds {name or 'no'} state of round {saved_round}, expected {optimizer} "
+                               f"of round {point.round}: {fix}")
+    return saved
 
 
 def write_json(path: Path, document: Any) -> Path:

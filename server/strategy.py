@@ -13,6 +13,9 @@
   update norm is far above the round's median is rejected, logged with the site and the reason.
 - **Robust aggregation** (``strategy.aggregation``): FedAvg's weighted mean, or a coordinate-wise median or trimmed
   mean.
+- **Server optimizer** (``strategy.server-optimizer``, ``make_strategy``): Flower's FedAvgM, FedAdam, FedYogi or
+  FedAdagrad composed on top of this class by the MRO, so their server step moves the model from the screened, robust
+  aggregate; their state is checkpointed every round and restored on resume.
 - **Privacy budgets.** A site whose DP budget is spent replies ``dp_budget_spent = 1`` without arrays; it is left out
   of the aggregation with a log line naming it (it still evaluates). Each round's ``privacy`` entry in
   ``metrics.json`` and MLflow holds every site's cumulative ε.
@@ -29,6 +32,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -41,9 +45,10 @@ from typing import Any, Mapping
 
 import httpx
 import numpy as np
+from flwr import __version__ as FLWR_VERSION
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from braintumnet.errors import BrainTumNetError
 from server.checkpoints import RunFolder
@@ -299,6 +304,15 @@ def reply_problem(content: RecordDict, reference: ArrayRecord | None, metric_key
     return None
 
 
+def fedavg_arguments(profile) -> dict[str, Any]:
+    """Flower's FedAvg keyword arguments from the profile (every strategy here passes them on to FedAvg)."""
+    fed = profile.federation
+    return dict(fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+                min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
+                min_available_nodes=fed.min_available_nodes, weighted_by_key=WEIGHT_KEY,
+                train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean)
+
+
 class SiteAwareFedAvg(FedAvg):
     """FedAvg with site names, bad-reply rejection, a minimum-replies rule, bounded waiting and end-of-round I/O.
 
@@ -317,13 +331,15 @@ class SiteAwareFedAvg(FedAvg):
     def __init__(self, *, profile, settings: ServerSettings, folder: RunFolder, tracker: Tracker,
                  class_names, round_offset: int = 0, best_value: float | None = None,
                  external_eval: Callable[[dict], dict] | None = None, meta: dict | None = None):
+        super().__init__(**fedavg_arguments(profile))
+        self._init_site(profile=profile, settings=settings, folder=folder, tracker=tracker, class_names=class_names,
+                        round_offset=round_offset, best_value=best_value, external_eval=external_eval, meta=meta)
+
+    def _init_site(self, *, profile, settings: ServerSettings, folder: RunFolder, tracker: Tracker,
+                   class_names, round_offset: int = 0, best_value: float | None = None,
+                   external_eval: Callable[[dict], dict] | None = None, meta: dict | None = None) -> None:
+        """This class's own state (apart from Flower's, which ``__init__`` sets up first)."""
         fed = profile.federation
-        super().__init__(
-            fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-            min_train_nodes=fed.min_train_nodes, min_evaluate_nodes=fed.min_evaluate_nodes,
-            min_available_nodes=fed.min_available_nodes, weighted_by_key=WEIGHT_KEY,
-            train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
-        )
         self.profile, self.settings, self.folder, self.tracker = profile, settings, folder, tracker
         self.robust = profile.robust
         self.class_names = tuple(class_names)
@@ -339,6 +355,7 @@ class SiteAwareFedAvg(FedAvg):
         self._sent_arrays: ArrayRecord | None = None
         self._dtypes: dict[str, np.dtype] = {}
         self._round: dict = {}
+        self._aggregate: ArrayRecord | None = None  # the round's screened, robust aggregate (before a server step)
         self.arrays: ArrayRecord | None = None  # the global model after the last finished round
 
     # ---- Flower entry point -------------------------------------------------------------------------------------
@@ -362,6 +379,10 @@ class SiteAwareFedAvg(FedAvg):
                  f"{r.norm_factor:g} x median (3+ sites)" if r.norm_factor > 0 else "off",
                  "on" if dp.enabled else "off", f", budget epsilon {dp.budget:g} at delta {dp.delta:g}"
                  if dp.enabled else "")
+        params = self.server_optimizer_params()
+        log.info("server optimizer %s%s", params.pop("name"),
+                 f" ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on the aggregate; its state is "
+                 "checkpointed each round" if params else " (FedAvg: the aggregate is the new global model)")
         if self.settings.audit_messages:
             log.info("message audit on: %s", self.folder.audit_path)
 
@@ -402,6 +423,7 @@ class SiteAwareFedAvg(FedAvg):
         contents = [m.content for _, m in valid]
         arrays = _cast_like(aggregate(contents, self.robust.aggregation, self.weighted_by_key,
                                       self.robust.trim_fraction), self._dtypes)
+        self._aggregate = ArrayRecord(dict(arrays.items()))  # a copy: Flower's FedAvgM clears the record it steps
         metrics = MetricRecord({k: v for k, v in self.train_metrics_aggr_fn(contents, self.weighted_by_key).items()
                                 if not k.startswith(RECEIVED_PREFIX)})
         self._round["train"] = dict(metrics)
@@ -460,6 +482,9 @@ class SiteAwareFedAvg(FedAvg):
                      external.get("dice_tumor", math.nan), external.get("acc", math.nan),
                      external.get("num-examples", 0))
         best = self._is_new_best(rec.get("evaluate", {}))
+        optimizer_state = self.server_optimizer_state()
+        if optimizer_state is not None:  # first, so that a checkpoint never exists without the state it resumes with
+            self.folder.save_server_optimizer(g, self.profile.server.optimizer, optimizer_state)
         path = self.folder.save_round(g, state, self.profile, self.class_names, self._checkpoint_meta(rec), best)
         rec.update(_overhead(rec))
         self.history.append(_public(rec))
@@ -479,7 +504,17 @@ class SiteAwareFedAvg(FedAvg):
         return best
 
     def _write_metrics(self) -> None:
-        self.folder.write_metrics({"rounds": self.history, **self.meta})
+        self.folder.write_metrics({"rounds": self.history, **self.meta,
+                                   "server-optimizer": self.server_optimizer_params()})
+
+    # ---- the server optimizer (none here; see _ServerOptimizer) ---------------------------------------------------
+
+    def server_optimizer_params(self) -> dict[str, Any]:
+        return server_optimizer_params(self.profile)
+
+    def server_optimizer_state(self) -> dict[str, np.ndarray] | None:
+        """The server optimizer's state to checkpoint with each round, or None when there is no server optimizer."""
+        return None
 
     def _checkpoint_meta(self, rec: dict) -> dict:
         return {**self.meta, "round": rec["round"], "total_rounds": self.total_rounds, "best_metric": BEST_METRIC,
@@ -636,6 +671,186 @@ class SiteAwareFedAvg(FedAvg):
         return ", ".join(sorted(self._name(n) for n in nodes))
 
 
+# ---- server optimizers: Flower's FedAvgM / FedAdam / FedYogi / FedAdagrad on top of SiteAwareFedAvg ------------------
+
+FLOWER_OPTIMIZERS: dict[str, type[FedAvg]] = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
+                                              "fedadagrad": FedAdagrad}
+# Flower keeps a server optimizer's state in attributes outside its documented API: they are read for each round's
+# checkpoint and set again on resume (container: how Flower holds them, a dict by model key or a list in the model's
+# key order), and FedAvgM's current_arrays (the model it steps from) is reset every round. They were checked against
+# this flwr minor version; another one is refused, and tests/federation/test_server_optimizer.py fails if they change.
+FLOWER_CHECKED = "1.42"
+FLOWER_STATE: dict[str, tuple[tuple[str, type], ...]] = {
+    "fedavgm": (("momentum_vector", list),),
+    "fedadam": (("m_t", dict), ("v_t", dict)),
+    "fedyogi": (("m_t", dict), ("v_t", dict)),
+    "fedadagrad": (("m_t", dict), ("v_t", dict)),
+}
+FLOWER_INTERNALS = ("current_arrays",)
+
+
+def server_optimizer_arguments(profile) -> dict[str, float]:
+    """The keyword arguments Flower's server-optimizer class receives (none for ``none``): the run config's values,
+    and Flower's own default learning rate for that class where ``strategy.server-learning-rate`` is 0."""
+    opt = profile.server
+    if opt.optimizer == "none":
+        return {}
+    if opt.optimizer == "fedavgm":
+        lr, args = "server_learning_rate", {"server_momentum": opt.momentum}
+    else:
+        # eta_l, the sites' learning rate, is only shown in Flower's summary: the sites' own Adam uses theirs.
+        lr, args = "eta", {"eta_l": profile.train.learning_rate, "tau": opt.tau}
+        if opt.optimizer != "fedadagrad":  # FedAdagrad has no moment decays (Flower fixes beta_1 = beta_2 = 0)
+            args.update(beta_1=opt.beta_1, beta_2=opt.beta_2)
+    default = inspect.signature(FLOWER_OPTIMIZERS[opt.optimizer]).parameters[lr].default
+    return {lr: opt.learning_rate if opt.learning_rate > 0 else default, **args}
+
+
+def server_optimizer_params(profile) -> dict[str, Any]:
+    """``name`` (``strategy.server-optimizer``) and the hyperparameters its server step uses, Flower's defaults filled
+    in (for logs, ``metrics.json`` and MLflow)."""
+    args = server_optimizer_arguments(profile)
+    args.pop("eta_l", None)
+    return {"name": profile.server.optimizer, **args}
+
+
+def _check_flower_internals(strategy: FedAvg, name: str) -> None:
+    """Refuse a Flower whose server-optimizer attributes this module has not been checked against."""
+    attributes = [a for a, _ in FLOWER_STATE[name]] + list(FLOWER_INTERNALS)
+    missing = [a for a in attributes if not hasattr(strategy, a)]
+    if FLWR_VERSION.split(".")[:2] != FLOWER_CHECKED.split(".") or missing:
+        raise FederationError(
+            f"strategy.server-optimizer={name}: the centre checkpoints and resumes the state of Flower's "
+            f"{FLOWER_OPTIMIZERS[name].__name__} through attributes checked with flwr {FLOWER_CHECKED} "
+            f"({', '.join(attributes)}); flwr {FLWR_VERSION} is installed"
+            + (f" and lacks {', '.join(missing)}" if missing else "")
+            + f". Install flwr {FLOWER_CHECKED}.x (pyproject.toml pins it), or use strategy.server-optimizer=none")
+
+
+class _UnderServerOptimizer(SiteAwareFedAvg):
+    """SiteAwareFedAvg as the base a Flower server optimizer builds on.
+
+    FedOpt's and FedAvgM's ``__init__`` end with ``super().__init__(<FedAvg's arguments>)``; in the composed MRO that
+    call lands here and goes on to FedAvg's. SiteAwareFedAvg's own arguments are taken by ``_ServerOptimizer``.
+    """
+
+    def __init__(self, **fedavg_kwargs):
+        FedAvg.__init__(self, **fedavg_kwargs)
+
+
+class _ServerOptimizer:
+    """The top of a composed strategy, e.g. ``SiteAwareFedAdam(_ServerOptimizer, FedAdam, _UnderServerOptimizer)``
+    with the MRO _ServerOptimizer -> FedAdam -> FedOpt -> _UnderServerOptimizer -> SiteAwareFedAvg -> FedAvg:
+
+    - ``configure_train``: Flower's first (FedOpt records the global model it steps from), then SiteAwareFedAvg's
+      (sampling, messages).
+    - ``aggregate_train``: SiteAwareFedAvg's screened, norm-bounded, robust aggregate; Flower's server step on it; then
+      here, integer buffers take the aggregate's value and every array gets its initial dtype back.
+    - Flower's state arrays are read for each round's checkpoint and restored on resume (``FLOWER_STATE``).
+    """
+
+    optimizer_name = ""  # the strategy.server-optimizer value
+
+    def __init__(self, **site):
+        profile = site["profile"]
+        if profile.server.optimizer != self.optimizer_name:
+            raise ValueError(f"{type(self).__name__} runs strategy.server-optimizer={self.optimizer_name}, the profile "
+                             f"asks for {profile.server.optimizer}: build the strategy with make_strategy()")
+        super().__init__(**fedavg_arguments(profile), **server_optimizer_arguments(profile))
+        _check_flower_internals(self, self.optimizer_name)
+        self._init_site(**site)
+        self._restore: dict[str, np.ndarray] | None = None
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):
+        if self._restore is not None:
+            self._set_state(self._restore, initial_arrays)
+            self._restore = None
+        return super().start(grid, initial_arrays, *args, **kwargs)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        # FedAdam's bias correction counts rounds: count the federation's, so a resumed run steps like an unbroken one.
+        arrays, metrics = super().aggregate_train(self.round_offset + server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights: no server step moves them.
+        kept = {k for k, dtype in self._dtypes.items() if dtype.kind != "f"}
+        stepped = ArrayRecord({k: self._aggregate[k] if k in kept else a for k, a in arrays.items()})
+        return _cast_like(stepped, self._dtypes), metrics
+
+    def server_optimizer_state(self) -> dict[str, np.ndarray]:
+        """Flower's state arrays as ``<attribute>/<model key>``; empty before the first server step."""
+        out: dict[str, np.ndarray] = {}
+        for attribute, container in FLOWER_STATE[self.optimizer_name]:
+            value = getattr(self, attribute)
+            if not value:
+                continue
+            if container is list:
+                value = dict(zip(self._dtypes, value, strict=True))
+            out.update({f"{attribute}/{k}": np.asarray(v) for k, v in value.items()})
+        return out
+
+    def restore_server_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from a checkpoint's state (``server_optimizer_state`` of the round resumed); applied in ``start``,
+        where it is checked against the model's keys and shapes."""
+        self._restore = dict(state)
+
+    def _set_state(self, state: Mapping[str, np.ndarray], model: ArrayRecord) -> None:
+        for attribute, container in FLOWER_STATE[self.optimizer_name]:
+            parts = {k.split("/", 1)[1]: np.asarray(v) for k, v in state.items() if k.split("/", 1)[0] == attribute}
+            if not parts:
+                continue  # saved before the first server step
+            wrong = sorted(k for k in set(parts) | set(model)
+                           if k not in parts or k not in model or parts[k].shape != tuple(model[k].shape))
+            if wrong:
+                raise FederationError(
+                    f"the saved {self.optimizer_name} state does not fit the model ({attribute} differs at "
+                    f"{wrong[:3]}): resume with the checkpoint's run config, or start without resume-from")
+            setattr(self, attribute, [parts[k] for k in model] if container is list else {k: parts[k] for k in model})
+        log.info("server optimizer %s: state restored (%s)", self.optimizer_name,
+                 ", ".join(sorted({k.split("/", 1)[0] for k in state})) or "empty: no step yet")
+
+
+class SiteAwareFedAvgM(_ServerOptimizer, FedAvgM, _UnderServerOptimizer):
+    """SiteAwareFedAvg with Flower's FedAvgM (server momentum) on the robust aggregate."""
+
+    optimizer_name = "fedavgm"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        # FedAvgM records the global model in its first round only, then keeps its own (uncast) step; the model sent
+        # (integer buffers at the aggregate's value, initial dtypes; a checkpoint on resume) is the one to step from.
+        self.current_arrays = None
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class SiteAwareFedAdam(_ServerOptimizer, FedAdam, _UnderServerOptimizer):
+    """SiteAwareFedAvg with Flower's FedAdam on the robust aggregate."""
+
+    optimizer_name = "fedadam"
+
+
+class SiteAwareFedYogi(_ServerOptimizer, FedYogi, _UnderServerOptimizer):
+    """SiteAwareFedAvg with Flower's FedYogi on the robust aggregate."""
+
+    optimizer_name = "fedyogi"
+
+
+class SiteAwareFedAdagrad(_ServerOptimizer, FedAdagrad, _UnderServerOptimizer):
+    """SiteAwareFedAvg with Flower's FedAdagrad on the robust aggregate."""
+
+    optimizer_name = "fedadagrad"
+
+
+STRATEGIES: dict[str, type[SiteAwareFedAvg]] = {"none": SiteAwareFedAvg, "fedavgm": SiteAwareFedAvgM,
+                                                 "fedadam": SiteAwareFedAdam, "fedyogi": SiteAwareFedYogi,
+                                                 "fedadagrad": SiteAwareFedAdagrad}
+
+
+def make_strategy(profile, settings: ServerSettings, **kwargs) -> SiteAwareFedAvg:
+    """The centre's strategy for ``strategy.server-optimizer``; ``kwargs`` are SiteAwareFedAvg's other arguments."""
+    return STRATEGIES[profile.server.optimizer](profile=profile, settings=settings, **kwargs)
+
+
 def _split_received(sites: dict[str, dict]) -> dict[str, dict]:
     """Move the ``received_*`` metrics out of each site's train metrics; returns them per site, unprefixed."""
     out = {}
@@ -679,10 +894,11 @@ def _privacy(rec: dict) -> dict:
 
 
 def _cast_like(arrays: ArrayRecord, dtypes: Mapping[str, np.dtype]) -> ArrayRecord:
-    """FedAvg's mean is float64 for integer buffers: give every array its initial dtype back."""
+    """FedAvg's mean is float64 for integer buffers: give every array its initial dtype back, in the initial key order
+    (FedAvgM pairs the global model's arrays with the aggregate's by position)."""
     out = {}
-    for key, array in arrays.items():
-        values = array.numpy()
+    for key in [k for k in dtypes if k in arrays] + [k for k in arrays if k not in dtypes]:
+        values = arrays[key].numpy()
         dtype = dtypes.get(key, values.dtype)
         if dtype.kind in "iu" and values.dtype.kind == "f":
             values = np.rint(values)

@@ -691,7 +691,8 @@ FLOWER_INTERNALS = ("current_arrays",)
 
 def server_optimizer_arguments(profile) -> dict[str, float]:
     """The keyword arguments Flower's server-optimizer class receives (none for ``none``): the run config's values,
-    and Flower's own default learning rate for that class where ``strategy.server-learning-rate`` is 0."""
+    and where ``strategy.server-learning-rate`` is 0 the optimizer's default: ours where we measured one
+    (``braintumnet.config.SERVER_LEARNING_RATES``), else Flower's own for that class."""
     opt = profile.server
     if opt.optimizer == "none":
         return {}
@@ -702,7 +703,10 @@ def server_optimizer_arguments(profile) -> dict[str, float]:
         lr, args = "eta", {"eta_l": profile.train.learning_rate, "tau": opt.tau}
         if opt.optimizer != "fedadagrad":  # FedAdagrad has no moment decays (Flower fixes beta_1 = beta_2 = 0)
             args.update(beta_1=opt.beta_1, beta_2=opt.beta_2)
-    default = inspect.signature(FLOWER_OPTIMIZERS[opt.optimizer]).parameters[lr].default
+    from braintumnet.config import SERVER_LEARNING_RATES
+
+    default = SERVER_LEARNING_RATES.get(opt.optimizer,
+                                        inspect.signature(FLOWER_OPTIMIZERS[opt.optimizer]).parameters[lr].default)
     return {lr: opt.learning_rate if opt.learning_rate > 0 else default, **args}
 
 

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-site", type=float, default=0.0, help="Ray GPUs each simulated site reserves")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-federated", action="store_true", help="only the centralized and local arms")
+    parser.add_argument("--budget", default="epochs", choices=["epochs", "wall-time", "both"],
+                        help="the federated arm's compute budget: epochs (each site passes over its data as often as "
+                             "the centralized model: the paper's setting), wall-time (each site trains as long as the "
+                             "centralized model, the sites in parallel), or both (two federated arms)")
     parser.add_argument("--gate-regions", action="store_true",
                         help="Table 2, classification by region: also train a centralized model for each other "
                         "model.gate-region (the region the classifier sees: tumor, edema, whole), two more trainings")
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         run_study(out, args.profile, phantom=args.phantom, data=args.data, site_column=args.site_column,
                   external=args.external, scale=args.scale, seeds=seeds or (0,), folds=args.folds,
                   device=args.device, skip_federated=args.skip_federated, gate_regions=args.gate_regions,
+                  budgets=("epochs", "wall-time") if args.budget == "both" else (args.budget,),
                   overrides=overrides,
                   cluster=Cluster(args.ray_address, args.cpus_per_site, args.gpus_per_site))
     except BrainTumNetError as exc:

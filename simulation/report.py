@@ -44,7 +44,7 @@ class Table(NamedTuple):
 
 
 def arms_of(doc: dict) -> list[str]:
-    return [k for k in doc if k in ("centralized", "federated") or k.startswith("local:")]
+    return [k for k in doc if k in ("centralized", "federated") or k.startswith(("local:", "federated:"))]
 
 
 def _number(value) -> float | None:
@@ -169,21 +169,24 @@ def _verdict(ratio: str, aim: float, denominator, metric: str, what: str) -> str
 
 def _questions(doc: dict) -> list[list[str]]:
     rows = []
-    fed, cen = doc.get("federated", {}).get("internal_test"), doc.get("centralized", {}).get("internal_test")
-    for metric in ("dice_tumor", "acc"):
-        if fed and cen:
-            r = _ratio(fed.get(metric), cen.get(metric))
-            met = _verdict(r, AIM_PARITY, cen.get(metric), metric, "centralized")
-            rows.append([f"federated / centralized, {metric} (internal)", r, f">= {AIM_PARITY}", met])
+    cen = doc.get("centralized", {}).get("internal_test")
+    federated = [a for a in arms_of(doc) if a == "federated" or a.startswith("federated:")]
     locals_ = [a for a in arms_of(doc) if a.startswith("local:")]
-    if fed and locals_:
+    for arm in federated:
+        fed = doc[arm].get("internal_test")
         for metric in ("dice_tumor", "acc"):
-            best = max(locals_, key=lambda a: _number(doc[a]["internal_test"].get(metric)) or -1)
-            f, b = _number(fed.get(metric)), _number(doc[best]["internal_test"].get(metric))
-            rows.append([f"federated vs best local-only ({best}), {metric} (internal)",
-                         f"{f:.3f} vs {b:.3f}" if f is not None and b is not None else "n/a", "federated ahead",
-                         "yes" if f is not None and b is not None and f > b else "no"])
-    for arm in ("federated", "centralized"):
+            if fed and cen:
+                r = _ratio(fed.get(metric), cen.get(metric))
+                met = _verdict(r, AIM_PARITY, cen.get(metric), metric, "centralized")
+                rows.append([f"{arm} / centralized, {metric} (internal)", r, f">= {AIM_PARITY}", met])
+        if fed and locals_:
+            for metric in ("dice_tumor", "acc"):
+                best = max(locals_, key=lambda a: _number(doc[a]["internal_test"].get(metric)) or -1)
+                f, b = _number(fed.get(metric)), _number(doc[best]["internal_test"].get(metric))
+                rows.append([f"{arm} vs best local-only ({best}), {metric} (internal)",
+                             f"{f:.3f} vs {b:.3f}" if f is not None and b is not None else "n/a", "federated ahead",
+                             "yes" if f is not None and b is not None and f > b else "no"])
+    for arm in (*federated, "centralized"):
         if arm in doc and doc[arm].get("external"):
             for metric in ("dice_tumor", "acc"):
                 r = _ratio(doc[arm]["external"].get(metric), doc[arm]["internal_test"].get(metric))

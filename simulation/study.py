@@ -27,6 +27,7 @@ from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
+from braintumnet.errors import BrainTumNetError
 from braintumnet.engine import (build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device,
                                predict_slices, train_model)
 from braintumnet.report.plots import overlay_examples
@@ -67,7 +68,8 @@ class Cluster:
 def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, data: Path | None = None,
               site_column: str = "hospital", external: str = "external", scale: float | None = None,
               seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
-              overrides: dict | None = None, cluster: Cluster = Cluster(), gate_regions: bool = False) -> dict:
+              overrides: dict | None = None, cluster: Cluster = Cluster(), gate_regions: bool = False,
+              budgets: tuple[str, ...] = ("epochs",)) -> dict:
     """Run every arm and write ``metrics.json``, ``report.md``, ``report.html``, ``figures/`` and an MLflow run per
     arm into ``out``.
 
@@ -78,9 +80,16 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         seeds, folds: repetitions (every seed × every fold; ``folds`` < 2 = no cross-validation).
         overrides: run-config keys (``[tool.flwr.app.config]`` names) applied on top of the profile in every arm,
             the federated one included.
+        budgets: the federated arm's compute budgets, each a federated arm of its own: ``epochs`` (every site passes
+            over its data as often as the centralized model does: arm ``federated``) and ``wall-time`` (every site
+            trains as long as the centralized model does, sites working in parallel: each site's local epochs are
+            multiplied by pooled / largest site's training slices; arm ``federated:wall-time``).
         gate_regions: also train one centralized model per other ``model.gate-region`` (the region the classifier
             sees: tumor, edema, whole), arms ``gate:<region>``, for the report's Table 2 (accuracy by region).
     """
+    unknown = [b for b in budgets if b not in BUDGETS]
+    if unknown or not budgets:
+        raise BrainTumNetError(f"budgets {list(budgets)}: use one or more of {BUDGETS}")
     out = Path(out).absolute()
     overrides = dict(overrides or {})
     base = resolve({"profile": profile_name, **overrides})  # refuses an unknown key before the run folder exists
@@ -145,29 +154,32 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         for site in internal:
             arm(f"local:{site.site}", [site])
         if not skip_federated:
-            say(f"phase 5/5 federated ({tag}): FedAvg on Flower's Simulation Engine, {fed.num_rounds} rounds x "
-                f"{fed.local_epochs} local epochs, {len(internal)} simulated sites")
-            t0 = time.perf_counter()
-            run_config = {
-                "profile": profile_name, **overrides, "train.seed": seed, "num-server-rounds": fed.num_rounds,
-                "train.local-epochs": fed.local_epochs, "checkpoint-dir": str(out / "federated"),
-                "cache-dir": str(cache), "phantom-dir": str(layout.root), "device": device,
-                "sites": ",".join(layout.internal), "mlflow-experiment": EXPERIMENT,
-                "external-data": str(layout.root / layout.external) if layout.external else "",
-            }
-            if fold is not None:
-                run_config.update({"cv.folds": folds, "cv.fold": fold + 1})  # 1-based in the run config
-            run_dir = run_federated(run_config, out, num_sites=len(internal), cpus_per_site=cluster.cpus_per_site,
-                                    gpus_per_site=cluster.gpus_per_site, ray_address=cluster.ray_address,
-                                    mlflow_uri=tracking_uri(out), log=say)
-            timings["federated"] = timings.get("federated", 0.0) + time.perf_counter() - t0
-            ckpt = load_checkpoint(run_dir / "final.pt")
-            model = build_model(ckpt.profile, len(ckpt.class_names))
-            model.load_state_dict(ckpt.state_dict)
-            if first:
-                fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
-                overlay_model = model
-            keep("federated", model, profile)
+            for budget in budgets:
+                local_epochs = _federated_local_epochs(budget, fed.local_epochs, internal, classes, held)
+                name = "federated" if budget == "epochs" else f"federated:{budget}"
+                say(f"phase 5/5 {name} ({tag}): {_strategy_words(profile)} on Flower's Simulation Engine, "
+                    f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(internal)} simulated sites")
+                t0 = time.perf_counter()
+                run_config = {
+                    "profile": profile_name, **overrides, "train.seed": seed, "num-server-rounds": fed.num_rounds,
+                    "train.local-epochs": local_epochs, "checkpoint-dir": str(out / "federated"),
+                    "cache-dir": str(cache), "phantom-dir": str(layout.root), "device": device,
+                    "sites": ",".join(layout.internal), "mlflow-experiment": EXPERIMENT,
+                    "external-data": str(layout.root / layout.external) if layout.external else "",
+                }
+                if fold is not None:
+                    run_config.update({"cv.folds": folds, "cv.fold": fold + 1})  # 1-based in the run config
+                run_dir = run_federated(run_config, out, num_sites=len(internal),
+                                        cpus_per_site=cluster.cpus_per_site, gpus_per_site=cluster.gpus_per_site,
+                                        ray_address=cluster.ray_address, mlflow_uri=tracking_uri(out), log=say)
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+                ckpt = load_checkpoint(run_dir / "final.pt")
+                model = build_model(ckpt.profile, len(ckpt.class_names))
+                model.load_state_dict(ckpt.state_dict)
+                if first and budget == budgets[0]:
+                    fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
+                    overlay_model = model
+                keep(name, model, profile)
         repetitions.append(rep)
         if first and overlay_model is None:
             overlay_model = model_of(out, "centralized", seed, fold, profile, len(classes))
@@ -182,6 +194,8 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         "sites": {"internal": list(layout.internal), "external": layout.external},
         "budget": {"centralized_epochs": epochs, "local_epochs_per_site": epochs,
                    "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
+                   "federated_budgets": {b: _federated_local_epochs(b, fed.local_epochs, internal, classes, {})
+                                         for b in budgets},
                    **_optimizer_steps(internal, classes, profile.train.batch_size, epochs, fed)},
         "cases": {s.site: int(s.slices["case_id"].nunique()) for s in sites.values()},
         "n_repetitions": len(plan),
@@ -222,6 +236,26 @@ def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, 
     else:
         say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
     return phantom_sites(phantom)
+
+
+BUDGETS = ("epochs", "wall-time")
+
+
+def _federated_local_epochs(budget: str, local_epochs: int, internal, classes, held: dict) -> int:
+    """Local epochs per round of the federated arm under ``budget`` (``BUDGETS``).
+
+    ``wall-time``: the sites train in parallel, so in the wall time the centralized model takes for E epochs over
+    the pooled slices, the largest site can pass over its own slices E x pooled / largest times.
+    """
+    if budget == "epochs":
+        return local_epochs
+    sizes = [len(select_slices([s], "train", classes, _training_cases([s], classes, held))) for s in internal]
+    return max(local_epochs, round(local_epochs * sum(sizes) / max(max(sizes), 1)))
+
+
+def _strategy_words(profile: Profile) -> str:
+    server = profile.server.optimizer if hasattr(profile, "server") else "none"
+    return "FedAvg" if server == "none" else f"FedAvg with server optimizer {server}"
 
 
 def _training_cases(train_sites, classes, held: dict) -> list[str] | None:

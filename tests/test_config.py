@@ -39,11 +39,11 @@ def test_gate_gradient_switch_reaches_the_model():
     from braintumnet.engine import build_model
     from braintumnet.model.braintumnet import Detach
 
-    assert resolve({}).model.gate_gradient is True
-    profile = resolve({"model.gate-gradient": "false"})
-    assert profile.model.gate_gradient is False
-    assert isinstance(build_model(profile).gate_grad, Detach)
-    assert not isinstance(build_model(resolve({})).gate_grad, Detach)
+    assert resolve({}).model.gate_gradient is False  # detached by default (docs/model-card.md)
+    profile = resolve({"model.gate-gradient": "true"})
+    assert profile.model.gate_gradient is True
+    assert not isinstance(build_model(profile).gate_grad, Detach)
+    assert isinstance(build_model(resolve({})).gate_grad, Detach)
 
 
 def test_paper_profile_is_the_papers_settings():

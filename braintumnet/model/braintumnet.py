@@ -86,8 +86,14 @@ class BrainTumNet(nn.Module):
         use_transformer: the BT Blocks at the bottleneck and at 1/8. Default True.
         use_inception: T-Inception blocks in the classifier (else plain 3×3 convolutions). Default True.
         use_cbam: CBAM on the skip connections (else the skips pass unweighted). Default True.
-        gate_gradient: in ``multitask`` mode, let the classification loss train the segmenter through the gate.
-            Default True (``two-stage`` always detaches it).
+        gate_gradient: in ``multitask`` mode, let the classification loss train the segmenter through the gate
+            (the paper's joint training). Default False: through the gate, the classification gradient collapsed
+            segmentation on the phantom (docs/model-card.md); ``two-stage`` always detaches it.
+        shared_features: the classifier head also receives the segmenter's bottleneck features pooled inside the
+            gate and over the slice (``GatedPooling``). Default False.
+        shared_gradient: the scale, in [0, 1], of the classification gradient into the shared encoder through those
+            features (0 = none; two-stage forces 0). Default 1.0.
+        gate_floor: the gate the classifier sees never drops below this, in [0, 1). Default 0.0.
 
     Raises:
         ValueError: naming the argument, for a size, width, class count, region or mode it cannot use.
@@ -116,7 +122,7 @@ class BrainTumNet(nn.Module):
         use_transformer: bool = True,
         use_inception: bool = True,
         use_cbam: bool = True,
-        gate_gradient: bool = True,
+        gate_gradient: bool = False,
         shared_features: bool = False,
         shared_gradient: float = 1.0,
         gate_floor: float = 0.0,

@@ -95,8 +95,8 @@ def test_multitask_every_parameter_gets_a_finite_gradient():
     assert not zero
 
 
-def test_multitask_classification_trains_the_segmenter_through_the_gate():
-    model = tiny()
+def test_multitask_classification_trains_the_segmenter_through_the_attached_gate():
+    model = tiny(gate_gradient=True)
     x, _, label = batch()
     F.cross_entropy(model(x).cls_logits, label).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.segmentation_parameters())

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 BENCHMARKS = {"compute": "bench.compute", "accuracy": "bench.accuracy", "federation": "bench.federation",
-              "data": "bench.data_pipeline", "gpu": "bench.gpu", "joint": "bench.joint"}
+              "data": "bench.data_pipeline", "gpu": "bench.gpu", "joint": "bench.joint",
+              "evaluation": "bench.evaluation"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_dir", type=Path)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("prepare", help="check and cache a site's representative slices")
+    p = sub.add_parser("prepare", help="check and cache a site's slices (training cases: representative slices; "
+                                       "test cases: every slice of the head)")
     p.add_argument("site_dir", type=Path)
     _add_profile_args(p)
     p.add_argument("--strict", action="store_true", help="any problem is fatal (nothing is cached)")

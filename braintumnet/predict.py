@@ -3,18 +3,20 @@
 For each case (a NIfTI file, a DICOM series folder, or every case of a folder):
 
 1. The image is read by ``braintumnet.data.readers.read_volume`` into the canonical RAS grid.
-2. Every axial slice goes through ``braintumnet.data.preprocess.preprocess_case``, the very function that prepares
-   training slices (normalisation, in-plane resampling to ``fov_mm / img_size`` mm, crop/pad around the brain).
+2. Every axial slice inside the head (``braintumnet.data.preprocess.scored_slices``, the rule that chooses the slices
+   a test case is scored on, from the image alone) goes through ``braintumnet.data.preprocess.preprocess_case``, the
+   very function that prepares training and test slices (normalisation, in-plane resampling to ``fov_mm / img_size``
+   mm, crop/pad around the brain). Slices outside it (air beyond the head) are labelled background.
 3. BrainTumNet segments and classifies each slice; with ``tta`` the softmax outputs are averaged over the four flips
    of the slice (none, rows, columns, both: the flips training augments with, §2.1.2).
 4. The label maps go back to the scan's voxel grid: the crop/pad is undone, the resampling inverted with nearest
    neighbour (a voxel takes the label of the model pixel its centre falls in), and the axes turned back from RAS to
    the file's own order, so the mask has the input's exact shape and affine.
 5. Case-level tumour type: the mean of the slice class probabilities over the slices where the model predicts the
-   region that gates its classifier (tumour by default; ``gate_region`` of the checkpoint), or over all slices if
-   it predicts none. Slices without that region show the classifier an empty gate, so their probabilities carry no
-   evidence; averaging (as ``braintumnet.metrics.case_probabilities`` does for evaluation) keeps a vector that sums
-   to 1 and lets no single slice decide.
+   region that gates its classifier (tumour by default; ``gate_region`` of the checkpoint), or over all its slices
+   inside the head if it predicts none. Slices without that region show the classifier an empty gate, so their
+   probabilities carry no evidence; averaging (as ``braintumnet.metrics.case_probabilities`` does for evaluation)
+   keeps a vector that sums to 1 and lets no single slice decide.
 6. Volumes in millilitres: voxel count × the voxel volume from the affine.
 
 Outputs, in ``out_dir``, per case ``<case>_mask.nii.gz`` (uint8, 1 tumour, 2 edema), ``<case>.json`` (the summary),
@@ -24,7 +26,6 @@ that want both files in one format); and ``predictions.csv`` with one row per ca
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import textwrap
@@ -46,7 +47,7 @@ from braintumnet.config import DataConfig
 from braintumnet.data.checks import Case
 from braintumnet.data.contract import CANONICAL_AXES, CASES_CSV, EDEMA_LABEL, TUMOUR_LABEL
 from braintumnet.data.dicom_io import FileProblem
-from braintumnet.data.preprocess import brain_mask, preprocess_case
+from braintumnet.data.preprocess import brain_mask, preprocess_case, scored_slices
 from braintumnet.data.readers import Volume, read_volume
 from braintumnet.data.site import load_site
 from braintumnet.engine import pick_device
@@ -137,11 +138,13 @@ class VolumePrediction:
 
     Args:
         labels: ``(X, Y, Z)`` uint8 labels (0 background, 1 tumour, 2 edema) on the volume's own grid.
-        slice_probs: ``Z×K`` class probabilities per slice.
+        slice_probs: ``Z×K`` class probabilities per slice (NaN on slices outside ``scored``).
+        scored: ``Z`` booleans: the slices the model ran on (those inside the head).
     """
 
     labels: np.ndarray
     slice_probs: np.ndarray
+    scored: np.ndarray
 
 
 def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = False, device: str = "auto",
@@ -242,7 +245,7 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
     class_names = context["class_names"]
     # On the scan's grid, not the model's: a prediction in the crop's padding is no lesion (and is not in the mask).
     gate = np.isin(pred.labels, GATE_LABELS[profile.model.gate_region]).any(axis=(0, 1))
-    used = gate if gate.any() else np.ones(len(gate), dtype=bool)
+    used = gate if gate.any() else pred.scored
     probs = pred.slice_probs[used].mean(axis=0)
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
 
@@ -255,7 +258,7 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
         "tumor_type": class_names[int(np.argmax(probs))],
         "probabilities": {name: round(float(p), 4) for name, p in zip(class_names, probs)},
         "type_from": f"mean over the {int(used.sum())} slice(s) with predicted {profile.model.gate_region}"
-        if gate.any() else f"mean over all {len(used)} slices, as no {profile.model.gate_region} was predicted",
+        if gate.any() else f"mean over all {int(used.sum())} slices, as no {profile.model.gate_region} was predicted",
         "volume_tumor_ml": round(float((pred.labels == TUMOUR_LABEL).sum()) * voxel_ml, 3),
         "volume_edema_ml": round(float((pred.labels == EDEMA_LABEL).sum()) * voxel_ml, 3),
         "n_slices": int(pred.labels.shape[2]),
@@ -300,22 +303,19 @@ def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarr
 @torch.inference_mode()
 def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False, device: torch.device | None = None,
                    batch_size: int = BATCH_SIZE, progress: bool = False) -> VolumePrediction:
-    """Segment and classify every axial slice of a canonical volume; labels mapped back to its grid."""
+    """Segment and classify every axial slice of a canonical volume inside the head; labels mapped back to its grid."""
     device = device or torch.device("cpu")
     depth = volume.array.shape[2]
-    # preprocess_case prepares the "representative slices" of a case's tumour. Asked for as many slices as the volume
-    # has, with a stand-in mask that has a tumour voxel in every slice, it must return every slice, so inference sees
-    # exactly what training saw. (The stand-in mask's own output is discarded.)
+    # The slices a test case of this scan would be scored on, chosen from the image alone, so `predict` and
+    # `evaluate` see the same slices. The labels are unknown: preprocess_case gets an empty stand-in mask.
+    z = scored_slices(volume.array)
     stand_in = np.zeros(volume.array.shape, dtype=np.uint8)
-    stand_in[0, 0, :] = TUMOUR_LABEL
-    slices = preprocess_case(Case("predict", "", volume, stand_in), dataclasses.replace(cfg, slices_per_case=depth))
-    if len(slices.z_index) != depth or np.any(slices.z_index != np.arange(depth)):
-        raise RuntimeError("preprocess_case did not return every slice in order; update predict_volume to match")
+    slices = preprocess_case(Case("predict", "", volume, stand_in), cfg, z)
     grid = SliceGrid.of(volume.array, volume.spacing[:2], cfg)
 
     model = model.to(device).eval()
     labels, probs = [], []
-    starts = range(0, depth, batch_size)
+    starts = range(0, len(z), batch_size)
     for i in tqdm(starts, desc="slices", unit="batch", disable=not progress, leave=False):
         x = torch.from_numpy(slices.images[i:i + batch_size].astype(np.float32))[:, None].to(device)
         seg, cls = 0.0, 0.0
@@ -324,9 +324,15 @@ def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False,
             seg_p = out.seg_logits.float().softmax(1)
             seg = seg + (seg_p.flip(dims) if dims else seg_p)
             cls = cls + out.cls_logits.float().softmax(1)
-        labels.append(seg.argmax(1).to(torch.uint8).cpu().numpy())
+        labels.append(seg.max(1).indices.to(torch.uint8).cpu().numpy())  # argmax's labels, faster on the CPU
         probs.append((cls / (len(TTA_FLIPS) if tta else 1)).cpu().numpy())
-    return VolumePrediction(labels=grid.to_volume(np.concatenate(labels)), slice_probs=np.concatenate(probs))
+    volume_labels = np.zeros(volume.array.shape, dtype=np.uint8)
+    volume_labels[:, :, z] = grid.to_volume(np.concatenate(labels))
+    slice_probs = np.full((depth, probs[0].shape[1]), np.nan)
+    slice_probs[z] = np.concatenate(probs)
+    scored = np.zeros(depth, dtype=bool)
+    scored[z] = True
+    return VolumePrediction(labels=volume_labels, slice_probs=slice_probs, scored=scored)
 
 
 def write_mask(labels: np.ndarray, to_input: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import accuracy, compute, data_pipeline, federation
+from bench import accuracy, compute, data_pipeline, evaluation, federation
 from bench.__main__ import main, parse_args
 from bench.common import Context, interleaved, ratio
 
@@ -205,6 +205,19 @@ def test_resnet_baselines_have_he_et_al_stem_and_give_logits_for_every_slice():
         assert logits.shape == (2, 3) and seg.shape == (2, 3, 64, 64) and not seg.any(), name
         if name.startswith("ResNet"):  # MONAI's default stride 1 would keep 4x the pixels through every stage
             assert model.net.conv1.stride == (2, 2) and isinstance(model.net.maxpool, torch.nn.MaxPool2d), name
+
+
+def test_evaluation_speed(tmp_path):
+    """Seconds per evaluated case, through engine.evaluate_cases on synthetic whole-scan cases (no phantom)."""
+    ctx = Context(out=tmp_path / "results", workdir=tmp_path / "work", quick=True, device="cpu", tiny=True)
+    evaluation.run(ctx)
+    doc = _written(ctx, "evaluation")
+    (found,) = doc["sizes"].values()
+    assert found["cases"] == 2 and found["slices_per_case"] == 12
+    assert 0 < found["scoring_s_per_case"] and 0 < found["total_s_per_case"]
+    assert "scoring s/case" in (ctx.out / "evaluation.md").read_text()
+    site = evaluation.synthetic_site(32, 1, 12)
+    assert (site.masks == 1).any() and site.slices["z_index"].tolist() == list(range(12))
 
 
 def test_data_pipeline(ctx):

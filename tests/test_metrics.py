@@ -1,4 +1,5 @@
-"""Metrics: agreement with MONAI and scikit-learn, the empty-mask policy, case pooling, names and JSON."""
+"""Metrics: agreement with MONAI and scikit-learn, the empty-mask convention, 3-D scoring of whole scans, case
+pooling, names and JSON."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
 from braintumnet.metrics import (
+    HD_PENALTY_MM,
     METRIC_NAMES,
     EvaluationAccumulator,
     case_probabilities,
     classification_metrics,
     evaluation_summary,
-    image_diagonal_mm,
     segmentation_case_metrics,
     summarize_cases,
 )
@@ -192,44 +193,123 @@ def test_anisotropic_spacing_uses_the_right_axis():
     assert segmentation_case_metrics(right, target, spacing)["hd_tumor_mm"] == pytest.approx(1.0)
 
 
-def test_missed_tumour_scores_zero_and_the_diagonal():
-    target, pred = square(label=1), np.zeros((1, 20, 30), dtype=np.int64)
-    spacing = (0.9, 0.7)
-    diagonal = math.hypot(20 * 0.9, 30 * 0.7)
-    assert image_diagonal_mm((20, 30), spacing) == pytest.approx(diagonal)
-    ours = segmentation_case_metrics(pred, target, spacing)
+@pytest.mark.parametrize("spacing_z", [None, 2.0])
+def test_missed_tumour_scores_zero_and_the_penalty(spacing_z):
+    """BraTS: a region in the reference and nowhere in the prediction scores Dice 0 and HD = HD95 = 374 mm."""
+    target, pred = np.concatenate([square(label=1)] * 3), np.zeros((3, 20, 30), dtype=np.int64)
+    assert HD_PENALTY_MM == 374.0
+    ours = segmentation_case_metrics(pred, target, (0.9, 0.7), spacing_z)
     assert ours["dice_tumor"] == 0.0 and ours["iou_tumor"] == 0.0
-    assert ours["hd_tumor_mm"] == pytest.approx(diagonal) and ours["hd95_tumor_mm"] == pytest.approx(diagonal)
+    assert ours["hd_tumor_mm"] == HD_PENALTY_MM and ours["hd95_tumor_mm"] == HD_PENALTY_MM
     # No edema anywhere: both empty, a perfect score.
     assert (ours["dice_edema"], ours["iou_edema"], ours["hd_edema_mm"], ours["hd95_edema_mm"]) == (1.0, 1.0, 0.0, 0.0)
 
 
-def test_false_positive_on_empty_reference_scores_zero_and_the_diagonal():
+@pytest.mark.parametrize("spacing_z", [None, 2.0])
+def test_false_positive_on_empty_reference_scores_zero_and_the_penalty(spacing_z):
     pred, target = square(label=2), np.zeros((1, 20, 30), dtype=np.int64)
-    ours = segmentation_case_metrics(pred, target, (1.0, 1.0))
-    diagonal = math.hypot(20, 30)
+    ours = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z)
     assert ours["dice_edema"] == 0.0 and ours["iou_edema"] == 0.0
-    assert ours["hd_edema_mm"] == pytest.approx(diagonal) and ours["hd95_edema_mm"] == pytest.approx(diagonal)
-    assert ours["dice_whole"] == 0.0 and ours["hd_whole_mm"] == pytest.approx(diagonal)
+    assert ours["hd_edema_mm"] == HD_PENALTY_MM and ours["hd95_edema_mm"] == HD_PENALTY_MM
+    assert ours["dice_whole"] == 0.0 and ours["hd_whole_mm"] == HD_PENALTY_MM
 
 
-def test_both_empty_is_perfect():
+@pytest.mark.parametrize("spacing_z", [None, 2.0])
+def test_both_empty_is_perfect(spacing_z):
     empty = np.zeros((3, 16, 16), dtype=np.int64)
-    ours = segmentation_case_metrics(empty, empty, (1.0, 1.0))
+    ours = segmentation_case_metrics(empty, empty, (1.0, 1.0), spacing_z)
     for region in REGIONS:
         assert ours[f"dice_{region}"] == 1.0 and ours[f"iou_{region}"] == 1.0
         assert ours[f"hd_{region}_mm"] == 0.0 and ours[f"hd95_{region}_mm"] == 0.0
 
 
-def test_tumour_missed_in_one_slice_only():
-    """A slice whose tumour is missed contributes the diagonal for its surface; the other slices stay exact."""
+def test_tumour_missed_in_one_slice_of_separate_slices():
+    """Slices with no through-plane neighbour (no slice spacing): the surface of a slice whose tumour is missed has
+    nothing to match in its own plane and sits at the penalty; the other slice stays exact."""
     target = np.concatenate([square(), square()])
     pred = target.copy()
     pred[1] = 0
     ours = segmentation_case_metrics(pred, target, (1.0, 1.0))
     assert ours["dice_tumor"] == pytest.approx(2 * 36 / (36 + 72))
-    assert ours["hd_tumor_mm"] == pytest.approx(math.hypot(20, 30))
-    assert ours["hd95_tumor_mm"] == pytest.approx(math.hypot(20, 30))  # half of the GT surface is unmatched
+    assert ours["hd_tumor_mm"] == HD_PENALTY_MM
+    assert ours["hd95_tumor_mm"] == HD_PENALTY_MM  # half of the GT surface is unmatched
+
+
+def test_tumour_missed_in_one_slice_of_a_volume_is_measured_in_3d():
+    """In a contiguous stack the missed slice's surface is measured to the neighbouring slice's, in mm along z."""
+    target = np.concatenate([square(), square()])
+    pred = target.copy()
+    pred[1] = 0
+    ours = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=4.0)
+    assert ours["dice_tumor"] == pytest.approx(2 * 36 / (36 + 72))
+    assert ours["hd_tumor_mm"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9, 0.7, 2.5), (1.2, 1.2, 6.0)])
+def test_3d_case_equals_monai(seed, spacing):
+    """A contiguous stack with a slice spacing is one volume: Dice, IoU, HD and HD95 are MONAI's 3-D figures."""
+    rng = np.random.default_rng(200 + seed)
+    field = gaussian_filter(rng.standard_normal((10, 44, 40)), sigma=(1.5, 3.0, 3.0))
+    field /= field.std()
+    target = np.where(field > 1.2, 1, np.where(field > 0.6, 2, 0))
+    pred = np.roll(target, (int(rng.integers(-1, 2)), 1, -2), axis=(0, 1, 2))
+    pred[rng.random(pred.shape) < 0.01] = 1
+    *in_plane, spacing_z = spacing
+    ours = segmentation_case_metrics(pred, target, in_plane, spacing_z_mm=spacing_z)
+    monai_spacing = (spacing_z, *in_plane)  # array axis order: slices, rows, columns
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(onehot_regions(pred),
+                                                                                     onehot_regions(target))[0]
+    for percentile, key in ((95, "hd95_{}_mm"), (None, "hd_{}_mm")):
+        expected = compute_hausdorff_distance(onehot_regions(pred), onehot_regions(target), include_background=True,
+                                              percentile=percentile, spacing=monai_spacing)[0]
+        for r, region in enumerate(REGIONS):
+            assert ours[key.format(region)] == pytest.approx(float(expected[r]), rel=1e-5, abs=1e-5), (region, key)
+            assert ours[f"dice_{region}"] == pytest.approx(float(dice[r]), rel=1e-6)
+
+
+@pytest.mark.parametrize("spacing_z", [1.0, 3.0, 6.5])
+def test_slice_spacing_sets_the_through_plane_distance(spacing_z):
+    """A box predicted one slice too high: every surface distance is along z, so HD is the slice spacing."""
+    target = np.zeros((8, 20, 20), dtype=np.int64)
+    target[2:6, 5:15, 5:15] = 1
+    pred = np.roll(target, 1, axis=0)
+    ours = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=spacing_z)
+    assert ours["hd_tumor_mm"] == pytest.approx(spacing_z)
+    assert ours["hd95_tumor_mm"] == pytest.approx(spacing_z)
+    assert ours["dice_tumor"] == pytest.approx(2 * 3 / 8)
+
+
+def test_slices_with_a_gap_are_never_bridged():
+    """Representative slices far apart (z 10 and 30): each is scored in-plane, as without a slice spacing."""
+    target = np.concatenate([square(), square(cols=slice(6, 12))])
+    pred = np.concatenate([square(cols=slice(8, 14)), square(cols=slice(6, 12))])
+    gapped = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=1.0, z_index=[10, 30])
+    assert gapped == segmentation_case_metrics(pred, target, (1.0, 1.0))
+    assert gapped["hd_tumor_mm"] == pytest.approx(3.0)
+    # Neighbours 1 mm apart: the shifted slice's far edge is nearer to the other slice's square (sqrt(1 + 2²) mm).
+    neighbours = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=1.0, z_index=[10, 11])
+    assert neighbours["hd_tumor_mm"] == pytest.approx(math.sqrt(5))
+
+
+def test_a_false_positive_on_a_tumour_free_slice_lowers_the_score():
+    """The whole scan is scored: a lesion predicted on a slice with no tumour is a false positive and a far surface."""
+    target = np.zeros((12, 20, 30), dtype=np.int64)
+    target[4:7] = square(shape=(3, 20, 30))
+    pred = target.copy()
+    clean = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=3.0)
+    pred[10, 2:5, 20:24] = 1  # a small false lesion 4 slices above the tumour
+    noisy = segmentation_case_metrics(pred, target, (1.0, 1.0), spacing_z_mm=3.0)
+    assert clean["dice_tumor"] == 1.0 and clean["hd_tumor_mm"] == 0.0
+    assert noisy["dice_tumor"] == pytest.approx(2 * 108 / (2 * 108 + 12))
+    # Its farthest voxel (z 10, row 2, column 23) from the tumour's nearest surface voxel (z 6, row 5, column 10).
+    assert noisy["hd_tumor_mm"] == pytest.approx(math.sqrt((3 * 4) ** 2 + 3**2 + 13**2))
+
+
+def test_a_repeated_slice_is_refused():
+    labels = np.zeros((2, 8, 8), dtype=np.int64)
+    with pytest.raises(ValueError, match="same axial slice"):
+        segmentation_case_metrics(labels, labels, (1.0, 1.0), spacing_z_mm=2.0, z_index=[3, 3])
 
 
 @pytest.mark.parametrize(
@@ -246,6 +326,10 @@ def test_tumour_missed_in_one_slice_only():
 def test_segmentation_ill_arg(pred, target, spacing, message):
     with pytest.raises(ValueError, match=message):
         segmentation_case_metrics(pred, target, spacing)
+    if "spacing" not in message:
+        return
+    with pytest.raises(ValueError, match="spacing_z_mm"):
+        segmentation_case_metrics(np.zeros((1, 4, 4), int), np.zeros((1, 4, 4), int), (1.0, 1.0), spacing_z_mm=-1.0)
 
 
 # --- classification: agreement with scikit-learn ------------------------------------------------------------------
@@ -316,6 +400,16 @@ def test_classification_ill_arg(y, probs, message):
 # --- aggregation ---------------------------------------------------------------------------------------------------
 
 
+def test_case_probabilities_pool_the_slices_in_use_or_all():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.4, 0.6], [0.3, 0.7]])
+    use = np.array([False, True, False, False, False])
+    ids, case_probs = case_probabilities(probs, ["a", "a", "a", "b", "b"], use=use)
+    assert ids == ["a", "b"]
+    np.testing.assert_allclose(case_probs, [[0.2, 0.8], [0.35, 0.65]])  # b has no slice in use: all of its slices
+    with pytest.raises(ValueError, match="one boolean per slice"):
+        case_probabilities(probs, ["a"] * 5, use=use[:3])
+
+
 def test_case_probabilities_mean_in_order_of_first_appearance():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.4, 0.6], [0.3, 0.7]])
     ids, case_probs = case_probabilities(probs, ["b", "a", "b", "a", "c"])
@@ -348,7 +442,8 @@ def test_evaluation_summary_names_values_and_json():
     assert tuple(out)[: len(METRIC_NAMES)] == METRIC_NAMES
     assert out["n_cases"] == 6 and out["n_slices"] == 18 and len(per_case) == 6
     for key in ("iou_edema", "hd95_whole_mm", "slice_acc", "slice_auc", "dice_tumor_glioma", "auc_meningioma",
-                "confusion_matrix"):
+                "confusion_matrix", "dice_tumor_median", "hd95_tumor_median_mm", "miss_rate_tumor", "acc_all_slices",
+                "auc_all_slices"):
         assert key in out
     # Plain Python values only: what json writes is what json reads back.
     assert json.loads(json.dumps(out)) == out
@@ -359,10 +454,11 @@ def test_evaluation_summary_names_values_and_json():
     assert out["dice_tumor"] == pytest.approx(np.mean([m["dice_tumor"] for m in per_case_ref]))
     assert out["hd95_tumor_mm"] == pytest.approx(np.mean([m["hd95_tumor_mm"] for m in per_case_ref]))
     np.testing.assert_allclose(per_case["dice_tumor"], [m["dice_tumor"] for m in per_case_ref])
-    _, case_probs = case_probabilities(probs, case_ids)
+    _, case_probs = case_probabilities(probs, case_ids, use=(pred == 1).any(axis=(1, 2)))
     np.testing.assert_allclose(per_case[[f"prob_{c}" for c in CLASSES]].to_numpy(), case_probs)
     assert out["acc"] == pytest.approx(classification_metrics(labels[::3], case_probs, CLASSES)["acc"])
-    assert out["slice_acc"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
+    through = (target == 1).any(axis=(1, 2))
+    assert out["slice_acc"] == pytest.approx(accuracy_score(labels[through], probs[through].argmax(1)))
     glioma = [m["dice_tumor"] for m, c in zip(per_case_ref, labels[::3]) if c == 0]
     assert out["dice_tumor_glioma"] == pytest.approx(np.mean(glioma)) and out["n_cases_glioma"] == len(glioma)
     assert per_case["label"].tolist() == [CLASSES[c] for c in labels[::3]]
@@ -406,3 +502,124 @@ def test_accumulator_rejects_inconsistent_cases():
         evaluation_summary(pred, target, probs, labels, case_ids, {"case00": (1.0, 1.0)}, CLASSES)
     with pytest.raises(ValueError, match="integer labels"):
         evaluation_summary(pred.astype(float), target, probs, labels, case_ids, spacing, CLASSES)
+
+
+# --- whole-scan evaluation: 3-D cases, misses, medians, case classification ----------------------------------------
+
+
+def scan_case(rng, depth=12, size=24, lesion=True):
+    """A contiguous stack of slices with a tumour (1) inside edema (2) on a few of them, and its perturbed copy."""
+    target = np.zeros((depth, size, size), dtype=np.int64)
+    if lesion:
+        z0 = int(rng.integers(2, depth - 5))
+        target[z0:z0 + 4, 6:18, 6:18] = 2
+        target[z0:z0 + 3, 9:15, 9:15] = 1
+    pred = np.roll(target, int(rng.integers(-1, 2)), axis=2)
+    return pred, target
+
+
+def test_summary_reports_medians_and_the_miss_rate():
+    rng = np.random.default_rng(3)
+    cases = [scan_case(rng) for _ in range(3)]
+    cases[0] = (np.zeros_like(cases[0][1]), cases[0][1])  # the first case is missed entirely
+    pred, target = np.concatenate([c[0] for c in cases]), np.concatenate([c[1] for c in cases])
+    case_ids = [f"c{i}" for i in range(3) for _ in range(12)]
+    labels = np.zeros(36, dtype=int)
+    probs = np.tile([0.7, 0.2, 0.1], (36, 1))
+    z = np.tile(np.arange(12), 3)
+    out, per_case = evaluation_summary(pred, target, probs, labels, case_ids, (1.0, 1.0), CLASSES, z_index=z,
+                                       spacing_z_mm=2.0)
+    each = [segmentation_case_metrics(p, t, (1.0, 1.0), 2.0) for p, t in cases]
+    assert each[0]["dice_tumor"] == 0.0 and each[0]["hd95_tumor_mm"] == HD_PENALTY_MM
+    assert out["dice_tumor"] == pytest.approx(np.mean([m["dice_tumor"] for m in each]))
+    assert out["dice_tumor_median"] == pytest.approx(np.median([m["dice_tumor"] for m in each]))
+    assert out["hd95_tumor_median_mm"] == pytest.approx(np.median([m["hd95_tumor_mm"] for m in each]))
+    assert out["hd95_tumor_mm"] > out["hd95_tumor_median_mm"]  # the miss pulls the mean, not the median
+    assert out["miss_rate_tumor"] == pytest.approx(1 / 3) and out["miss_rate_whole"] == pytest.approx(1 / 3)
+    assert per_case["missed_tumor"].tolist() == [True, False, False]
+
+
+def test_miss_rate_counts_only_cases_with_the_reference_region():
+    rng = np.random.default_rng(4)
+    pred, target = scan_case(rng)
+    no_edema = target.copy()
+    no_edema[no_edema == 2] = 0
+    out, per_case = evaluation_summary(np.concatenate([pred, pred]), np.concatenate([target, no_edema]),
+                                       np.full((24, 3), 1 / 3), np.zeros(24, int), ["a"] * 12 + ["b"] * 12,
+                                       (1.0, 1.0), CLASSES, spacing_z_mm=3.0)
+    assert per_case["missed_edema"].tolist() == [False, None]
+    assert out["miss_rate_edema"] == 0.0 and math.isnan(
+        evaluation_summary(np.zeros((2, 4, 4), int), np.zeros((2, 4, 4), int), np.full((2, 3), 1 / 3),
+                           np.zeros(2, int), ["a", "a"], (1.0, 1.0), CLASSES)[0]["miss_rate_tumor"])
+
+
+def test_case_type_pools_the_slices_with_predicted_tumour():
+    """Most slices of a scan show no lesion; the type comes from the slices where the model predicts tumour."""
+    rng = np.random.default_rng(5)
+    pred, target = scan_case(rng)
+    with_tumour = (pred == 1).any(axis=(1, 2))
+    probs = np.where(with_tumour[:, None], [[0.1, 0.8, 0.1]], [[0.6, 0.3, 0.1]])
+    out, per_case = evaluation_summary(pred, target, probs, np.ones(12, int), ["a"] * 12, (1.0, 1.0), CLASSES,
+                                       spacing_z_mm=2.0)
+    np.testing.assert_allclose(per_case[["prob_glioma", "prob_metastasis"]].to_numpy()[0], [0.1, 0.8])
+    assert out["acc"] == 1.0 and out["acc_all_slices"] == 0.0
+    # Gated by the whole lesion instead: edema slices count too.
+    _, whole = evaluation_summary(pred, target, probs, np.ones(12, int), ["a"] * 12, (1.0, 1.0), CLASSES,
+                                  spacing_z_mm=2.0, gate_labels=(1, 2))
+    lesion = (pred > 0).any(axis=(1, 2))
+    assert whole["prob_metastasis"][0] == pytest.approx(probs[lesion, 1].mean())
+
+
+def test_3d_accumulator_streams_batches_in_any_order():
+    rng = np.random.default_rng(6)
+    cases = [scan_case(rng) for _ in range(4)]
+    pred, target = np.concatenate([c[0] for c in cases]), np.concatenate([c[1] for c in cases])
+    pred[0, 1:3, 1:3] = 1  # a false positive on a tumour-free slice (every lesion starts at z >= 2)
+    case_ids = [f"c{i}" for i in range(4) for _ in range(12)]
+    z = np.tile(np.arange(12), 4)
+    probs, labels = np.full((48, 3), 1 / 3), np.repeat([0, 1, 2, 0], 12)
+    whole, rows = evaluation_summary(pred, target, probs, labels, case_ids, (0.9, 0.8), CLASSES, z_index=z,
+                                     spacing_z_mm=4.0)
+    acc = EvaluationAccumulator(CLASSES)
+    for batch in np.array_split(np.random.default_rng(0).permutation(48), 5):
+        acc.update(pred[batch], target[batch], probs[batch], labels[batch], [case_ids[i] for i in batch],
+                   (0.9, 0.8), z_index=z[batch], spacing_z_mm=4.0)
+    streamed = acc.summary()
+    for key in (*METRIC_NAMES, "hd95_whole_mm", "dice_tumor_median", "miss_rate_tumor"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-9), key
+    # In 3-D the false positive is a far surface; scored slice by slice it would be the penalty.
+    _, in_plane = evaluation_summary(pred, target, probs, labels, case_ids, (0.9, 0.8), CLASSES, z_index=z)
+    assert in_plane["hd_tumor_mm"][0] == HD_PENALTY_MM and 8.0 < rows["hd_tumor_mm"][0] < 60.0
+
+
+def test_closed_cases_keep_their_metrics_and_refuse_more_slices():
+    rng = np.random.default_rng(7)
+    pred, target = scan_case(rng)
+    expected = segmentation_case_metrics(pred, target, (1.0, 1.0), 2.0)
+    acc = EvaluationAccumulator(CLASSES)
+    acc.update(pred, target, np.full((12, 3), 1 / 3), np.zeros(12, int), ["a"] * 12, (1.0, 1.0),
+               z_index=np.arange(12), spacing_z_mm=2.0)
+    acc.close(["a"])
+    row = acc.case_rows()[0]
+    assert all(row[k] == pytest.approx(v) for k, v in expected.items())
+    with pytest.raises(ValueError, match="closed"):
+        acc.update(pred[:1], target[:1], np.full((1, 3), 1 / 3), [0], ["a"], (1.0, 1.0), z_index=[20],
+                   spacing_z_mm=2.0)
+
+
+def test_summary_of_some_cases_equals_their_own_evaluation():
+    """Per-site figures of a pooled evaluation are the figures each site's cases get on their own."""
+    rng = np.random.default_rng(8)
+    cases = [scan_case(rng) for _ in range(4)]
+    pred, target = np.concatenate([c[0] for c in cases]), np.concatenate([c[1] for c in cases])
+    case_ids = [f"{'ab'[i // 2]}/c{i}" for i in range(4) for _ in range(12)]
+    rng_probs = random_probs(rng, 48, 3)
+    labels = np.repeat([0, 1, 1, 2], 12)
+    acc = EvaluationAccumulator(CLASSES)
+    acc.update(pred, target, rng_probs, labels, case_ids, (1.0, 1.0), spacing_z_mm=3.0)
+    part = acc.summary(only=["a/c0", "a/c1"])
+    alone, _ = evaluation_summary(pred[:24], target[:24], rng_probs[:24], labels[:24], case_ids[:24], (1.0, 1.0),
+                                  CLASSES, spacing_z_mm=3.0)
+    assert part["n_cases"] == 2 and part["n_slices"] == 24
+    for key in (*METRIC_NAMES, "slice_acc", "dice_tumor_median"):
+        assert part[key] == pytest.approx(alone[key], nan_ok=True), key

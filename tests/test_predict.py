@@ -27,6 +27,8 @@ from braintumnet.data.preprocess import preprocess_case
 from braintumnet.data.readers import Volume, read_volume
 from braintumnet.engine import build_model, train_model
 from braintumnet.errors import BrainTumNetError
+from braintumnet.evaluate import evaluate_checkpoint
+from braintumnet.metrics import segmentation_case_metrics
 from braintumnet.predict import SliceGrid, SomeCasesFailed, predict
 
 CPU = torch.device("cpu")
@@ -145,6 +147,42 @@ def test_predict_nifti_keeps_the_input_geometry_and_finds_the_tumour(trained, sc
     voxel_ml = np.prod(SPACING) / 1000
     assert summary["volume_tumor_ml"] == pytest.approx((labels == 1).sum() * voxel_ml, rel=1e-3)
     assert summary["synthetic_training"] is True and "not for clinical use" in summary["note"]
+
+
+def test_predict_and_evaluate_give_the_same_numbers(trained, tmp_path):
+    """One test case, one checkpoint: ``braintumnet evaluate``'s per-case Dice, HD95 and tumour type equal what the
+    mask and summary ``braintumnet predict`` writes give on the scan's own grid (3-D, its own slice spacing).
+
+    The scan's in-plane spacing is the model grid's (96 mm / 32 px = 3 mm), so preparing it only crops: predict's
+    mask on the scan grid holds exactly the labels evaluate scores on the prepared grid. At another spacing predict
+    maps the labels back to the scan grid by nearest neighbour, which moves surfaces by up to a pixel, and the two
+    agree only to that precision.
+    """
+    image, mask, _ = tiny_head(centre=(21, 19, 5), seed=3)
+    affine = np.diag([3.0, 3.0, 4.0, 1.0])  # 4 mm slices: HD95 is measured through-plane too
+    site = tmp_path / "site"
+    for sub, array in (("images", image), ("masks", mask)):
+        (site / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(array, affine), site / sub / "c002.nii.gz")
+    (site / "dataset.json").write_text(json.dumps({"site": "tiny", "modality": "CE-T1", "synthetic": True,
+                                                   "labels": {str(k): v for k, v in LABELS.items()},
+                                                   "tumor_types": list(TASKS["3class"])}))
+    (site / "cases.csv").write_text("case_id,image,mask,tumor_type,split\n"
+                                    "c002,images/c002.nii.gz,masks/c002.nii.gz,glioma,test\n")
+
+    evaluated = evaluate_checkpoint(trained, [site], tmp_path / "eval", cache_root=tmp_path / "cache", split="test",
+                                    progress=False)
+    row = pd.read_csv(tmp_path / "eval" / "per_case.csv").iloc[0]
+    summary = predict(trained, site / "images" / "c002.nii.gz", tmp_path / "pred", progress=False)[0]
+    labels = np.asarray(nib.load(summary["mask"]).dataobj)
+    ours = segmentation_case_metrics(np.moveaxis(labels, 2, 0), np.moveaxis(mask, 2, 0), (3.0, 3.0), 4.0)
+
+    assert 0.3 < ours["dice_tumor"] < 1.0  # a real prediction, neither empty nor trivially perfect
+    for key in ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "hd95_whole_mm"):
+        assert row[key] == pytest.approx(ours[key], rel=1e-6, abs=1e-9), key
+    assert evaluated["metrics"]["dice_tumor"] == pytest.approx(ours["dice_tumor"], rel=1e-6)
+    for name, p in summary["probabilities"].items():
+        assert row[f"prob_{name}"] == pytest.approx(p, abs=1e-4), name
 
 
 def test_predict_dicom_series_with_tta(trained, scan, tmp_path):

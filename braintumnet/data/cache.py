@@ -6,7 +6,8 @@ Layout (docs/data.md, "The prepared cache")::
         images.npy      N×H×W float16, intensities in [0, 1]
         masks.npy       N×H×W uint8, labels 0/1/2
         slices.csv      one row per slice (row i describes images[i]): case_id, tumor_type, split, z_index,
-                        spacing_y_mm, spacing_x_mm, then the site's scanner columns
+                        spacing_y_mm, spacing_x_mm, spacing_z_mm, then the site's scanner columns; a training case
+                        holds its representative slices, a test case every slice inside the head, in axial order
         prepared.json   site, data config, counts, source fingerprint, code version, created
         quarantine.csv  case_id, path, problem: the cases left out
 
@@ -32,7 +33,7 @@ from braintumnet.data.contract import SPLITS, TASKS
 from braintumnet.errors import BrainTumNetError
 
 IMAGES, MASKS, SLICES, META, QUARANTINE = "images.npy", "masks.npy", "slices.csv", "prepared.json", "quarantine.csv"
-SLICE_COLUMNS = ("case_id", "tumor_type", "split", "z_index", "spacing_y_mm", "spacing_x_mm")
+SLICE_COLUMNS = ("case_id", "tumor_type", "split", "z_index", "spacing_y_mm", "spacing_x_mm", "spacing_z_mm")
 QUARANTINE_COLUMNS = ("case_id", "path", "problem")
 
 
@@ -68,7 +69,7 @@ class PreparedSite:
         """One row per case (``split`` None = all): case_id, tumor_type, split, n_slices and scanner columns."""
         table = self.slices if split is None else self.slices[self.slices["split"] == split]
         counts = table.groupby("case_id", sort=False).size()
-        drop = [c for c in ("z_index", "spacing_y_mm", "spacing_x_mm") if c in table.columns]
+        drop = [c for c in ("z_index", "spacing_y_mm", "spacing_x_mm", "spacing_z_mm") if c in table.columns]
         cases = table.drop_duplicates("case_id").drop(columns=drop).reset_index(drop=True)
         return cases.assign(n_slices=counts.loc[cases["case_id"]].to_numpy())
 

@@ -174,6 +174,10 @@ def prepare_site(
         else:
             usable.append(row)
             parts.append(outcome)
+            if outcome.unchosen_tumour_voxels and row["split"] == "test":
+                logger.warning("case %s: %d reference tumour voxels lie outside the scored slices (chosen from the "
+                               "image alone) and are not scored; check the image covers the head",
+                               row["case_id"], outcome.unchosen_tumour_voxels)
     if strict and problems:
         raise StrictFailure(f"{site.root}: {len(problems)} case(s) with problems (logged above) and strict mode is "
                             "on, so nothing was prepared; fix them, or run without --strict to quarantine them")
@@ -256,9 +260,12 @@ def _one_case(job: tuple[Path, dict, DataConfig | None]) -> Slices | tuple[str, 
         if cfg is None:
             return None
         # Imported here: torch and MONAI take seconds to load, and `check` never needs them.
-        from braintumnet.data.preprocess import preprocess_case
+        from braintumnet.data.preprocess import preprocess_case, scored_slices
 
-        return preprocess_case(case, cfg)
+        # Training cases keep the representative slices through the tumour; a test case is scored on the whole scan,
+        # so its slices are chosen without the labels (docs/data.md, "Which slices").
+        z = scored_slices(case.image.array) if row["split"] == "test" else None
+        return preprocess_case(case, cfg, z)
     except CaseProblem as p:
         return p.case_id, p.path, p.problem
 
@@ -281,7 +288,8 @@ def _usable_frame(rows: list[dict]) -> pd.DataFrame:
 def _slice_table(site: Site, rows: list[dict], parts: list[Slices]) -> pd.DataFrame:
     columns = [*cache.SLICE_COLUMNS, *site.scanner_columns]
     records = [
-        {**row, "z_index": int(z), "spacing_y_mm": round(p.spacing_mm[0], 6), "spacing_x_mm": round(p.spacing_mm[1], 6)}
+        {**row, "z_index": int(z), "spacing_y_mm": round(p.spacing_mm[0], 6), "spacing_x_mm": round(p.spacing_mm[1], 6),
+         "spacing_z_mm": round(p.spacing_z_mm, 6)}
         for row, p in zip(rows, parts)
         for z in p.z_index
     ]

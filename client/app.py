@@ -37,7 +37,7 @@ app = ClientApp()
 
 # Evaluation metrics every site sends, always all of them (Flower aborts the round on differing keys).
 EVAL_KEYS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "dice_whole", "acc",
-             "sensitivity", "specificity", "f1", "auc", "n_cases")
+             "sensitivity", "specificity", "f1", "auc", "miss_rate_tumor", "n_cases")
 TRAIN_KEYS = ("train_loss", "train_loss_seg", "train_loss_cls")
 DP_KEYS = ("dp_epsilon", "dp_budget_spent")  # train replies, only when dp.enabled (every site shares the run config)
 # A train message with ``evaluate-received`` asks the site to score the global model it received (the previous

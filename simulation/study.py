@@ -346,11 +346,13 @@ def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal
                 add(paths[1], f"Confusion matrix, {arm}, {label} (first repetition)")
     if model is not None:
         table = select_slices(internal, "test", classes)
-        # One slice per tumour type: the middle slice of the first test case of each type.
+        # One slice per tumour type: the slice with the most reference tumour in the first test case of each type
+        # (test cases hold the whole scan, most of it tumour-free; a figure may pick by the labels, scoring never does).
         picks = []
         for _, grp in table.groupby("tumor_type", sort=True):
             case = grp[grp["case_id"] == grp["case_id"].iloc[0]]
-            picks.append(case.index[len(case) // 2])
+            area = [int((internal[i].masks[r] == 1).sum()) for i, r in zip(case["site_index"], case["row"])]
+            picks.append(case.index[int(np.argmax(area))])
         rows = table.loc[picks]
         seg, probs = predict_slices(model, internal, rows, dev, profile.train.batch_size, progress=False)
         images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]

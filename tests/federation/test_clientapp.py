@@ -28,7 +28,9 @@ def test_a_failure_names_the_site_not_the_case():
 def test_every_site_sends_the_same_evaluation_keys():
     from braintumnet.metrics import METRIC_NAMES
 
-    assert set(EVAL_KEYS) == set(METRIC_NAMES)  # the canonical names; per-tumour-type extras vary by site
+    # The canonical names, and the miss rate (a case-weighted mean of the sites' rates is the federation's rate; a
+    # mean of site medians would not be a median, so no median travels). Per-tumour-type extras vary by site.
+    assert set(EVAL_KEYS) == set(METRIC_NAMES) | {"miss_rate_tumor"}
 
 
 def test_the_centre_reads_the_prefix_the_sites_write():

@@ -241,7 +241,7 @@ def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_pro
                             tiny_profile)
 
 
-# ---- issue 7: update validation, robust aggregation, privacy budgets, the message audit --------------------------
+# ---- update validation, robust aggregation, privacy budgets, the message audit --------------------------
 
 
 def test_a_poisoned_and_a_scaled_update_are_rejected_and_the_model_stays_sane(make_strategy, prepared_sites,

@@ -193,7 +193,11 @@ def _notes(doc: dict) -> list[str]:
              "The transformer ablation cannot separate local from global attention at 64 px: the bottleneck is "
              "4 × 4 tokens and one 4 × 4 window covers it, so the local and the global branch attend over the same "
              "tokens; it measures the BT Blocks as a whole, not the masking. At 256 px (16 × 16 tokens, 16 windows) "
-             "the two differ."]
+             "the two differ.",
+             "With the gate detached and no shared features (the default) the classification loss cannot reach the "
+             "segmenter, and the segmenter draws the same initial weights and batches for the same seed: an ablation "
+             "of a classifier part (Inception) must then give the default's segmentation figures exactly, which "
+             "checks that isolation."]
     if doc["missing"]:
         notes.append(f"Not trained yet: {', '.join(doc['missing'])} (`python -m bench --only joint --arms ...`).")
     return notes

@@ -6,15 +6,7 @@ import os
 import platform
 import time
 
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from braintumnet.report.provenance import cpu_model
 
 
 def _memory_gib() -> float | None:
@@ -41,7 +33,7 @@ def describe() -> dict:
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -724,15 +724,20 @@ def _to_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _per_slice_from_cases(by_case: Mapping, case_ids: Sequence[str], name: str, check) -> list:
+    """One checked value per slice from a mapping case id -> value (every case must have one)."""
+    missing = sorted({str(c) for c in case_ids} - {str(k) for k in by_case})
+    if missing:
+        raise ValueError(f"{name} has no entry for case(s) {missing}")
+    checked = {str(k): check(v) for k, v in by_case.items()}
+    return [checked[str(c)] for c in case_ids]
+
+
 def _spacings_z_per_slice(spacing_z_mm, case_ids: Sequence[str]) -> list[float | None]:
     if spacing_z_mm is None:
         return [None] * len(case_ids)
     if isinstance(spacing_z_mm, Mapping):
-        missing = sorted({str(c) for c in case_ids} - {str(k) for k in spacing_z_mm})
-        if missing:
-            raise ValueError(f"spacing_z_mm has no entry for case(s) {missing}")
-        by_case = {str(k): _check_spacing_z(v) for k, v in spacing_z_mm.items()}
-        return [by_case[str(c)] for c in case_ids]
+        return _per_slice_from_cases(spacing_z_mm, case_ids, "spacing_z_mm", _check_spacing_z)
     array = _to_numpy(spacing_z_mm).astype(float).reshape(-1)
     if array.size == 1:
         return [_check_spacing_z(array[0])] * len(case_ids)
@@ -744,11 +749,7 @@ def _spacings_z_per_slice(spacing_z_mm, case_ids: Sequence[str]) -> list[float |
 
 def _spacings_per_slice(spacings_mm, case_ids: Sequence[str]) -> list[tuple[float, float]]:
     if isinstance(spacings_mm, Mapping):
-        missing = sorted({str(c) for c in case_ids} - {str(k) for k in spacings_mm})
-        if missing:
-            raise ValueError(f"spacings_mm has no entry for case(s) {missing}")
-        by_case = {str(k): _check_spacing(v) for k, v in spacings_mm.items()}
-        return [by_case[str(c)] for c in case_ids]
+        return _per_slice_from_cases(spacings_mm, case_ids, "spacings_mm", _check_spacing)
     array = _to_numpy(spacings_mm).astype(float)
     if array.shape == (2,):
         return [_check_spacing(array)] * len(case_ids)

@@ -254,7 +254,7 @@ def _federated_local_epochs(budget: str, local_epochs: int, internal, classes, h
 
 
 def _strategy_words(profile: Profile) -> str:
-    server = profile.server.optimizer if hasattr(profile, "server") else "none"
+    server = profile.server.optimizer
     return "FedAvg" if server == "none" else f"FedAvg with server optimizer {server}"
 
 

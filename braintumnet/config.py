@@ -101,6 +101,9 @@ class TrainConfig:
     weight_cls: float = 0.7
     seg_ce_weight: float = 0.3  # the cross-entropy's weight inside DiceCE (losses.MultiTaskLoss lambda_ce)
     warmup_epochs: float = 0.0  # linear learning-rate warm-up before the cosine decay (0 = none)
+    # tau of the logit-adjusted classification loss against the training data's own class prior (losses.py); each
+    # site uses its own prior, which never leaves it. 0 = the paper's plain cross-entropy.
+    logit_adjustment: float = 0.0
     rotation_deg: float = 30.0
     flip_prob: float = 0.5
     seed: int = 0
@@ -116,6 +119,9 @@ class TrainConfig:
             raise ConfigError(f"train.seg-ce-weight={self.seg_ce_weight}: use a number >= 0 (0 = Dice alone)")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
             raise ConfigError(f"train.warmup-epochs={self.warmup_epochs}: use a number of epochs >= 0 (0 = none)")
+        if not (self.logit_adjustment >= 0 and math.isfinite(self.logit_adjustment)):
+            raise ConfigError(f"train.logit-adjustment={self.logit_adjustment}: use a number >= 0 (0 = plain "
+                              "cross-entropy)")
         if self.cv_folds and not (self.cv_folds >= 2 and 1 <= self.cv_fold <= self.cv_folds):
             raise ConfigError(f"cv.folds={self.cv_folds}, cv.fold={self.cv_fold}: use cv.folds >= 2 with cv.fold "
                               "between 1 and cv.folds, or cv.folds=0 for no cross-validation")
@@ -302,6 +308,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "train.learning-rate": ("train", "learning_rate"),
     "train.seed": ("train", "seed"),
     "train.fedprox-mu": ("train", "fedprox_mu"),
+    "train.logit-adjustment": ("train", "logit_adjustment"),
     "train.seg-ce-weight": ("train", "seg_ce_weight"),
     "train.warmup-epochs": ("train", "warmup_epochs"),
     "train.keep-optimizer-state": ("train", "keep_optimizer_state"),
@@ -334,7 +341,8 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
 # Sections every profile shares; their run-config values are literal (0 is a value, not "the profile's").
 LITERAL_SECTIONS = {"privacy", "robust", "server"}
 # Keys whose 0 is a real setting in every profile (no gradient, no floor), so they are literal too.
-LITERAL_KEYS = {"model.shared-gradient", "model.gate-floor", "train.seg-ce-weight", "train.warmup-epochs"}
+LITERAL_KEYS = {"model.shared-gradient", "model.gate-floor", "train.seg-ce-weight", "train.warmup-epochs",
+                "train.logit-adjustment"}
 # Run-config keys that are not typed into a Profile: the profile's name, the centre's settings
 # (server.strategy.ServerSettings) and the simulated sites' (client/sites.py). With RUN_CONFIG_KEYS they are every key
 # of [tool.flwr.app.config]; tests/test_config.py keeps the two lists and pyproject.toml equal.

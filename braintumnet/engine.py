@@ -24,7 +24,7 @@ from braintumnet.config import Profile
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import SliceDataset, augmentation, select_slices
 from braintumnet.errors import BrainTumNetError
-from braintumnet.losses import MultiTaskLoss
+from braintumnet.losses import MultiTaskLoss, class_log_prior
 from braintumnet.metrics import EvaluationAccumulator
 from braintumnet.model import GATE_LABELS, BrainTumNet
 from braintumnet.optimizer_state import make_optimizer
@@ -183,6 +183,8 @@ def train_model(
             weight_seg=0.0 if stage == "cls" else cfg.weight_seg,
             weight_cls=0.0 if stage == "seg" else cfg.weight_cls,
             lambda_ce=cfg.seg_ce_weight,
+            class_log_prior=class_log_prior(table["label"].to_numpy(), len(classes)),
+            logit_adjustment=cfg.logit_adjustment,
         )
         if hasattr(model, "segmentation_parameters"):
             for p in model.segmentation_parameters():

@@ -9,7 +9,14 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-__all__ = ["LossOutput", "MultiTaskLoss"]
+__all__ = ["LossOutput", "MultiTaskLoss", "class_log_prior"]
+
+
+def class_log_prior(labels, num_classes: int) -> torch.Tensor:
+    """(K,) log frequencies of ``labels`` (class indices), with one pseudo-count per class so that a class the data
+    lack gets a finite, low prior instead of -inf."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long).reshape(-1), minlength=num_classes).float() + 1
+    return torch.log(counts / counts.sum())
 
 
 class LossOutput(NamedTuple):
@@ -55,6 +62,9 @@ class MultiTaskLoss(nn.Module):
         smooth_nr: Dice numerator smoothing. Defaults to 1e-5.
         smooth_dr: Dice denominator smoothing. Defaults to 1e-5.
         label_smoothing: label smoothing of the classification cross-entropy. Defaults to 0.0.
+        class_log_prior: (K,) log class frequencies of the training data (``class_log_prior()``); used only with
+            ``logit_adjustment`` > 0. Defaults to None.
+        logit_adjustment: tau of the logit-adjusted cross-entropy (0 = plain cross-entropy). Defaults to 0.0.
 
     Raises:
         ValueError: naming a weight that is negative or not finite, or when both task weights are 0.
@@ -79,6 +89,8 @@ class MultiTaskLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         label_smoothing: float = 0.0,
+        class_log_prior: torch.Tensor | None = None,
+        logit_adjustment: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("weight_seg", weight_seg), ("weight_cls", weight_cls)):
@@ -100,6 +112,17 @@ class MultiTaskLoss(nn.Module):
             lambda_ce=lambda_ce,
         )
         self.cls_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        if not (math.isfinite(logit_adjustment) and logit_adjustment >= 0):
+            raise ValueError(f"logit_adjustment must be a finite number >= 0, got {logit_adjustment!r}")
+        # Logit adjustment (Menon et al. 2021, "Long-tail learning via logit adjustment"; per site as FedLC, Zhang et
+        # al. 2022): the cross-entropy sees logits + tau * log(prior of the data being trained on), so the model's
+        # own logits learn the class-balanced posterior. Each hospital's prior is different (referral patterns);
+        # without this, each site's local epochs pull the classifier's biases toward its own majority type and the
+        # averaged model's decision follows whichever site moved last. Inference uses the raw logits.
+        offset = None
+        if class_log_prior is not None and logit_adjustment > 0:
+            offset = logit_adjustment * torch.as_tensor(class_log_prior, dtype=torch.float32).reshape(1, -1)
+        self.register_buffer("cls_offset", offset, persistent=False)
 
     def forward(
         self,
@@ -129,7 +152,13 @@ class MultiTaskLoss(nn.Module):
                              f"{tuple(cls_logits.shape)} and {tuple(cls_target.shape)}")
 
         seg = self._component(self.weight_seg, self.seg_loss, seg_logits.float(), seg_target)
-        cls = self._component(self.weight_cls, self.cls_loss, cls_logits.float(), cls_target.long())
+        cls_logits = cls_logits.float()
+        if self.cls_offset is not None:
+            if self.cls_offset.shape[1] != cls_logits.shape[1]:
+                raise ValueError(f"class_log_prior has {self.cls_offset.shape[1]} classes, cls_logits "
+                                 f"{cls_logits.shape[1]}")
+            cls_logits = cls_logits + self.cls_offset.to(cls_logits.device)
+        cls = self._component(self.weight_cls, self.cls_loss, cls_logits, cls_target.long())
         # A zero-weight term is left out rather than multiplied by 0, which would turn a NaN or inf into NaN.
         terms = [w * loss for w, loss in ((self.weight_seg, seg), (self.weight_cls, cls)) if w > 0]
         return LossOutput(total=torch.stack(terms).sum(), seg=seg, cls=cls)

@@ -12,11 +12,11 @@ For each case (a NIfTI file, a DICOM series folder, or every case of a folder):
 4. The label maps go back to the scan's voxel grid: the crop/pad is undone, the resampling inverted with nearest
    neighbour (a voxel takes the label of the model pixel its centre falls in), and the axes turned back from RAS to
    the file's own order, so the mask has the input's exact shape and affine.
-5. Case-level tumour type: the mean of the slice class probabilities over the slices where the model predicts the
-   region that gates its classifier (tumour by default; ``gate_region`` of the checkpoint), or over all its slices
-   inside the head if it predicts none. Slices without that region show the classifier an empty gate, so their
-   probabilities carry no evidence; averaging (as ``braintumnet.metrics.case_probabilities`` does for evaluation)
-   keeps a vector that sums to 1 and lets no single slice decide.
+5. Case-level tumour type: the mean of the slice class probabilities weighted by the area of the region that gates
+   the classifier (tumour by default; ``gate_region`` of the checkpoint) in each slice's predicted mask, or the plain
+   mean over all its slices inside the head if it predicts none (``braintumnet.metrics.case_probabilities``, the
+   evaluation's own pooling). Slices without that region show the classifier an empty gate and carry no evidence; a
+   false-positive speck counts by its few pixels, a slice through the tumour by its whole extent.
 6. Volumes in millilitres: voxel count × the voxel volume from the affine.
 
 Outputs, in ``out_dir``, per case ``<case>_mask.nii.gz`` (uint8, 1 tumour, 2 edema), ``<case>.json`` (the summary),
@@ -53,6 +53,7 @@ from braintumnet.data.site import load_site
 from braintumnet.engine import pick_device
 from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
 from braintumnet.evaluate import load_model, task_of
+from braintumnet.metrics import case_probabilities
 from braintumnet.model import GATE_LABELS
 from braintumnet.report import plots
 
@@ -244,9 +245,12 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
     pred = predict_volume(model, profile.data, volume, tta=tta, device=device, progress=progress)
     class_names = context["class_names"]
     # On the scan's grid, not the model's: a prediction in the crop's padding is no lesion (and is not in the mask).
-    gate = np.isin(pred.labels, GATE_LABELS[profile.model.gate_region]).any(axis=(0, 1))
+    area = np.isin(pred.labels, GATE_LABELS[profile.model.gate_region]).sum(axis=(0, 1))
+    gate = area > 0
     used = gate if gate.any() else pred.scored
-    probs = pred.slice_probs[used].mean(axis=0)
+    _, probs = case_probabilities(pred.slice_probs[pred.scored], [case.case] * int(pred.scored.sum()),
+                                  area[pred.scored])
+    probs = probs[0]
     voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
 
     mask_path = out_dir / f"{case.case}_mask.nii.gz"
@@ -257,7 +261,8 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
         "mask": str(mask_path),
         "tumor_type": class_names[int(np.argmax(probs))],
         "probabilities": {name: round(float(p), 4) for name, p in zip(class_names, probs)},
-        "type_from": f"mean over the {int(used.sum())} slice(s) with predicted {profile.model.gate_region}"
+        "type_from": f"mean over the {int(used.sum())} slice(s) with predicted {profile.model.gate_region}, "
+                     f"weighted by its area"
         if gate.any() else f"mean over all {int(used.sum())} slices, as no {profile.model.gate_region} was predicted",
         "volume_tumor_ml": round(float((pred.labels == TUMOUR_LABEL).sum()) * voxel_ml, 3),
         "volume_edema_ml": round(float((pred.labels == EDEMA_LABEL).sum()) * voxel_ml, 3),

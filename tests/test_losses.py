@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from braintumnet.losses import LossOutput, MultiTaskLoss
+from braintumnet.losses import LossOutput, MultiTaskLoss, class_log_prior
 
 # Zero logits: every class has probability 1/C. seg target 1×1×4 = [0, 1, 2, 2], C = 3.
 #   Dice loss of tumour: 1 - 2·(1/3) / (4/3 + 1) = 5/7; of edema: 1 - 2·(2/3) / (4/3 + 2) = 3/5;
@@ -127,3 +127,26 @@ def test_half_precision_logits_give_float32_loss():
         torch.randn(2, 3, 8, 8).half(), torch.randint(0, 3, (2, 8, 8)), torch.randn(2, 3).half(), torch.tensor([0, 1])
     )
     assert all(t.dtype == torch.float32 for t in out)
+
+
+def test_logit_adjustment_is_cross_entropy_on_prior_shifted_logits():
+    prior = class_log_prior([0, 0, 0, 0, 0, 0, 1, 1, 2], 3)
+    torch.testing.assert_close(prior.exp().sum(), torch.tensor(1.0))
+    assert prior[0] > prior[1] > prior[2] > -math.inf  # one pseudo-count per class: a missing class stays finite
+    seg, target = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 8, 8))
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 2])
+    adjusted = MultiTaskLoss(class_log_prior=prior, logit_adjustment=0.5)(seg, target, logits, labels)
+    expected = torch.nn.functional.cross_entropy(logits + 0.5 * prior, labels)
+    torch.testing.assert_close(adjusted.cls, expected)
+    # tau 0 (the default) is the paper's plain cross-entropy, whatever the prior.
+    plain = MultiTaskLoss(class_log_prior=prior, logit_adjustment=0.0)(seg, target, logits, labels)
+    torch.testing.assert_close(plain.cls, torch.nn.functional.cross_entropy(logits, labels))
+    # The majority class's logit gains the most, so its adjusted loss is lower: the model needs less of its own
+    # logit for it, which is what removes the site's prior from the learned logits.
+    only_majority = torch.zeros(1, 3), torch.tensor([0])
+    loss = MultiTaskLoss(class_log_prior=prior, logit_adjustment=1.0)(seg[:1], target[:1], *only_majority)
+    assert loss.cls < math.log(3)
+    with pytest.raises(ValueError, match="logit_adjustment"):
+        MultiTaskLoss(logit_adjustment=-1.0)
+    with pytest.raises(ValueError, match="classes"):
+        MultiTaskLoss(class_log_prior=prior[:2], logit_adjustment=1.0)(seg, target, logits, labels)

@@ -403,11 +403,22 @@ def test_classification_ill_arg(y, probs, message):
 def test_case_probabilities_pool_the_slices_in_use_or_all():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.4, 0.6], [0.3, 0.7]])
     use = np.array([False, True, False, False, False])
-    ids, case_probs = case_probabilities(probs, ["a", "a", "a", "b", "b"], use=use)
+    ids, case_probs = case_probabilities(probs, ["a", "a", "a", "b", "b"], weights=use)
     assert ids == ["a", "b"]
     np.testing.assert_allclose(case_probs, [[0.2, 0.8], [0.35, 0.65]])  # b has no slice in use: all of its slices
-    with pytest.raises(ValueError, match="one boolean per slice"):
-        case_probabilities(probs, ["a"] * 5, use=use[:3])
+    with pytest.raises(ValueError, match="one value per slice"):
+        case_probabilities(probs, ["a"] * 5, weights=use[:3])
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        case_probabilities(probs, ["a"] * 5, weights=[1, -1, 0, 0, 0])
+
+
+def test_case_probabilities_weight_slices_by_predicted_area():
+    # A speck of 2 pixels on a tumour-free slice must not outvote the 98-pixel slice through the tumour.
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]])
+    ids, case_probs = case_probabilities(probs, ["a", "a", "a"], weights=[98, 2, 0])
+    np.testing.assert_allclose(case_probs, [[0.1 * 0.98 + 0.8 * 0.02, 0.9 * 0.98 + 0.2 * 0.02]])
+    assert case_probs[0].argmax() == 1
+    np.testing.assert_allclose(case_probs.sum(axis=1), 1.0)
 
 
 def test_case_probabilities_mean_in_order_of_first_appearance():
@@ -454,7 +465,7 @@ def test_evaluation_summary_names_values_and_json():
     assert out["dice_tumor"] == pytest.approx(np.mean([m["dice_tumor"] for m in per_case_ref]))
     assert out["hd95_tumor_mm"] == pytest.approx(np.mean([m["hd95_tumor_mm"] for m in per_case_ref]))
     np.testing.assert_allclose(per_case["dice_tumor"], [m["dice_tumor"] for m in per_case_ref])
-    _, case_probs = case_probabilities(probs, case_ids, use=(pred == 1).any(axis=(1, 2)))
+    _, case_probs = case_probabilities(probs, case_ids, weights=(pred == 1).sum(axis=(1, 2)))
     np.testing.assert_allclose(per_case[[f"prob_{c}" for c in CLASSES]].to_numpy(), case_probs)
     assert out["acc"] == pytest.approx(classification_metrics(labels[::3], case_probs, CLASSES)["acc"])
     through = (target == 1).any(axis=(1, 2))
@@ -577,7 +588,8 @@ def test_3d_accumulator_streams_batches_in_any_order():
     pred[0, 1:3, 1:3] = 1  # a false positive on a tumour-free slice (every lesion starts at z >= 2)
     case_ids = [f"c{i}" for i in range(4) for _ in range(12)]
     z = np.tile(np.arange(12), 4)
-    probs, labels = np.full((48, 3), 1 / 3), np.repeat([0, 1, 2, 0], 12)
+    # Distinct probabilities: with ties (all 1/3) the AUC would rank cases by the last bit of a sum's order.
+    probs, labels = random_probs(np.random.default_rng(1), 48, 3), np.repeat([0, 1, 2, 0], 12)
     whole, rows = evaluation_summary(pred, target, probs, labels, case_ids, (0.9, 0.8), CLASSES, z_index=z,
                                      spacing_z_mm=4.0)
     acc = EvaluationAccumulator(CLASSES)

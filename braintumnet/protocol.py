@@ -1,0 +1,57 @@
+"""The message format the centre and the sites speak: one module, imported by ``client/`` and ``server/``.
+
+Flower carries a :class:`flwr.app.RecordDict` per message; these are the names of its records and of the keys inside
+them. Both sides import the names from here, so a key renamed on one side cannot silently stop matching the other.
+Plain strings only: this module is part of the framework-free core and imports nothing.
+
+A train or evaluate **instruction** (centre → site) holds
+
+- ``arrays`` (:data:`ARRAYS`): the global model's state dict;
+- ``config`` (:data:`CONFIG`): :data:`SERVER_ROUND`, :data:`TOTAL_ROUNDS`, :data:`FEDERATION_ID` (keys a site's
+  privacy ledger) and, on train messages, :data:`EVALUATE_RECEIVED` (score the received model before training).
+
+A **reply** (site → centre) holds
+
+- ``arrays``: the trained state dict (train replies only);
+- ``metrics`` (:data:`METRICS`): aggregate numbers only, every key one of :data:`REPLY_METRIC_KEYS`, with
+  :data:`WEIGHT_KEY` = training slices (train) or test cases (evaluate), which FedAvg weights by;
+- ``site`` (:data:`SITE`): a ConfigRecord with the site's name under :data:`SITE_NAME` and nothing else.
+"""
+
+from __future__ import annotations
+
+# Record names of a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+SITE_NAME = "name"
+
+# Instruction config keys.
+SERVER_ROUND = "server-round"
+TOTAL_ROUNDS = "total-rounds"
+FEDERATION_ID = "federation-id"
+EVALUATE_RECEIVED = "evaluate-received"
+
+# Reply metric keys.
+WEIGHT_KEY = "num-examples"
+SECONDS = "seconds"
+# Evaluation metrics every site sends, always all of them (Flower aborts the round on differing keys).
+EVAL_KEYS = ("dice_tumor", "iou_tumor", "hd95_tumor_mm", "hd_tumor_mm", "dice_edema", "dice_whole", "acc",
+             "sensitivity", "specificity", "f1", "auc", "miss_rate_tumor", "n_cases")
+TRAIN_KEYS = ("train_loss", "train_loss_seg", "train_loss_cls")
+# Train replies, only when dp.enabled (every site shares the run config): the site's cumulative ε, and 1 when the
+# site refused to train because the round would exceed its budget.
+DP_EPSILON = "dp_epsilon"
+DP_BUDGET_SPENT = "dp_budget_spent"
+DP_KEYS = (DP_EPSILON, DP_BUDGET_SPENT)
+# A train message with EVALUATE_RECEIVED asks the site to score the global model it received (the previous round's)
+# before training: the reply carries those metrics under this prefix, so a round needs one model download per site
+# instead of two (docs/federation.md, "evaluate-in-train").
+RECEIVED_PREFIX = "received_"
+RECEIVED_KEYS = tuple(RECEIVED_PREFIX + k for k in EVAL_KEYS + (WEIGHT_KEY,))
+# Every key a reply's MetricRecord may hold; the message audit allows nothing else.
+REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + RECEIVED_KEYS + (WEIGHT_KEY, SECONDS))
+# Per-site timings and privacy figures: logged per site; a weighted mean of them means nothing (the federation's ε
+# is each site's own, summarised as the maximum in the round's ``privacy`` entry).
+NOT_AVERAGED = frozenset({SECONDS, DP_EPSILON, DP_BUDGET_SPENT})

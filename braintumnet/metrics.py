@@ -17,8 +17,8 @@ slices) are never bridged: each contiguous run of slices is a volume of its own,
   holds nothing of the other mask is at ``HD_PENALTY_MM`` too.
 
 Classification uses scikit-learn. A case's class probabilities are the mean of the softmax probabilities of its
-slices where the model predicts the region that gates its classifier (all its slices where it predicts none), as
-``braintumnet predict`` pools them (:func:`case_probabilities`).
+slices weighted by the area of the region that gates its classifier in the predicted mask (all its slices equally
+where it predicts none), as ``braintumnet predict`` pools them (:func:`case_probabilities`).
 """
 
 from __future__ import annotations

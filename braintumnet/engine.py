@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from braintumnet.config import Profile
+from braintumnet.config import Profile, TrainConfig
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import SliceDataset, augmentation, select_slices
 from braintumnet.errors import BrainTumNetError
@@ -142,97 +142,170 @@ def train_model(
         PrivacyBudgetSpent: (DP) this round would exceed ``dp.max-epsilon``; raised before any step.
     """
     cfg = profile.train
-    classes = task_classes(profile.data.task)
-    table = select_slices(sites, "train", classes, case_ids)
-    if len(table) == 0:
-        raise BrainTumNetError(
-            f"no training slices for task {profile.data.task!r} in sites {[s.site for s in sites]}; "
-            "check that cases.csv has split=train rows of the task's tumour types")
-    generator = seed_everything(cfg.seed + epoch_offset)
-    loader = DataLoader(
-        SliceDataset(sites, table, augmentation(cfg, seed=cfg.seed + epoch_offset)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=cfg.num_workers,
-        worker_init_fn=monai_worker_init if cfg.num_workers else None,
-        drop_last=len(table) > cfg.batch_size,  # a batch of one destabilises GroupNorm statistics less than BN, still noisy
-    )
+    table = _training_slices(sites, profile, case_ids)
+    loader = _training_loader(sites, table, cfg, epoch_offset)
     model.to(device).train()
     total_epochs = total_epochs or epochs
     optimizer = optimizer or make_optimizer(model, cfg.learning_rate)
     mu = cfg.fedprox_mu if proximal_to is not None else 0.0
     net = model  # what the loop calls: the model itself, or Opacus's wrapper around it
     if privacy is not None:
-        if mu > 0:
-            raise BrainTumNetError(f"dp.enabled with train.fedprox-mu={mu:g}: the proximal term's gradient would "
-                                   "skip DP-SGD's per-slice clipping; set train.fedprox-mu=0 or dp.enabled=false")
-        privacy.plan(len(table), len(loader), epochs, total_epochs)
-        net, optimizer, loader = privacy.attach(model, optimizer, loader)
+        net, optimizer, loader = _attach_privacy(privacy, model, optimizer, loader, mu, len(table), epochs,
+                                                 total_epochs)
     # AMP is off under DP: Opacus clips fp32 per-sample gradients and its noise calibration assumes them.
-    use_amp = cfg.amp and device.type == "cuda" and privacy is None
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    anchor = {k: v.detach().to(device) for k, v in (proximal_to or {}).items()} if mu > 0 else {}
-    steps = len(loader)
-    sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
-    seen = 0
+    step = _make_step(net, model, optimizer, device, cfg.amp and privacy is None, mu, proximal_to)
+    losses = _EpochLoss()
     for epoch in range(epochs):
         global_epoch = epoch_offset + epoch
-        stage = _stage(profile, global_epoch, total_epochs)
-        criterion = MultiTaskLoss(
-            weight_seg=0.0 if stage == "cls" else cfg.weight_seg,
-            weight_cls=0.0 if stage == "seg" else cfg.weight_cls,
-            lambda_ce=cfg.seg_ce_weight,
-            class_log_prior=class_log_prior(table["label"].to_numpy(), len(classes)),
-            logit_adjustment=cfg.logit_adjustment,
-        )
-        if hasattr(model, "segmentation_parameters"):
-            for p in model.segmentation_parameters():
-                p.requires_grad_(stage != "cls")
-        sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
-        seen = 0
-        bar = tqdm(loader, desc=f"train epoch {global_epoch + 1}/{total_epochs}", disable=not progress, leave=False)
-        for step, batch in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.learning_rate,
-                                        schedule_progress(profile, global_epoch + step / steps, total_epochs))
-                group["lr"] *= warmup_factor(cfg.warmup_epochs, global_epoch + (step + 1) / steps)
-            # Default (contiguous) memory format: Opacus's Conv2d per-sample gradients are wrong for channels-last
-            # input (found in this project), so nothing here may switch to it.
-            image = batch["image"].to(device, non_blocking=True)
-            mask = batch["mask"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
-            with autocast:
-                out = net(image)
-                loss = criterion(out.seg_logits.float(), mask, out.cls_logits.float(), label)
-            total = loss.total
-            if anchor:
-                total = total + 0.5 * mu * sum(
-                    (p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = image.shape[0]
-            if n == 0:  # a Poisson-sampled empty batch (DP): a noise-only step above, no loss to average
-                continue
-            seen += n
-            sums["loss"] += float(total.detach()) * n
-            sums["seg"] += float(loss.seg.detach()) * n
-            sums["cls"] += float(loss.cls.detach()) * n
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+        criterion = _epoch_criterion(model, profile, table, global_epoch, total_epochs)
+        losses = _train_epoch(step, loader, criterion, profile, global_epoch, total_epochs, progress)
     if privacy is not None:
         privacy.detach(net)
     for p in model.parameters():
         p.requires_grad_(True)
-    seen = max(seen, 1)
-    return {
-        "train_loss": sums["loss"] / seen,
-        "train_loss_seg": sums["seg"] / seen,
-        "train_loss_cls": sums["cls"] / seen,
-        "num-examples": int(len(table)),
-    }
+    return {**losses.means(), "num-examples": int(len(table))}
+
+
+def _training_slices(sites: Sequence, profile: Profile, case_ids: Sequence[str] | None) -> pd.DataFrame:
+    table = select_slices(sites, "train", task_classes(profile.data.task), case_ids)
+    if len(table) == 0:
+        raise BrainTumNetError(
+            f"no training slices for task {profile.data.task!r} in sites {[s.site for s in sites]}; "
+            "check that cases.csv has split=train rows of the task's tumour types")
+    return table
+
+
+def _training_loader(sites: Sequence, table: pd.DataFrame, cfg: TrainConfig, epoch_offset: int) -> DataLoader:
+    """Shuffled, augmented batches, seeded from ``train.seed`` and the epoch offset (each round draws its own)."""
+    generator = seed_everything(cfg.seed + epoch_offset)
+    return DataLoader(
+        SliceDataset(sites, table, augmentation(cfg, seed=cfg.seed + epoch_offset)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        worker_init_fn=monai_worker_init if cfg.num_workers else None,
+        # A batch of one destabilises GroupNorm statistics less than BN, still noisy.
+        drop_last=len(table) > cfg.batch_size,
+    )
+
+
+def _attach_privacy(privacy: PrivateTraining, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    loader: DataLoader, mu: float, num_slices: int, epochs: int, total_epochs: int):
+    """Plan the round's DP-SGD (which may refuse it) and wrap model, optimizer and loader for it."""
+    if mu > 0:
+        raise BrainTumNetError(f"dp.enabled with train.fedprox-mu={mu:g}: the proximal term's gradient would "
+                               "skip DP-SGD's per-slice clipping; set train.fedprox-mu=0 or dp.enabled=false")
+    privacy.plan(num_slices, len(loader), epochs, total_epochs)
+    return privacy.attach(model, optimizer, loader)
+
+
+def _make_step(net: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+               amp: bool, mu: float, proximal_to: Mapping[str, torch.Tensor] | None) -> _Step:
+    """What every step of a call uses; AMP only on CUDA, the FedProx anchor only with ``mu`` > 0."""
+    use_amp = amp and device.type == "cuda"
+    anchor = {k: v.detach().to(device) for k, v in (proximal_to or {}).items()} if mu > 0 else {}
+    return _Step(net, model, optimizer, torch.amp.GradScaler("cuda", enabled=use_amp), device, use_amp, mu, anchor)
+
+
+def _epoch_criterion(model: nn.Module, profile: Profile, table: pd.DataFrame, global_epoch: int,
+                     total_epochs: int) -> MultiTaskLoss:
+    """The loss of this epoch's stage; in the classification stage of two-stage mode the segmenter is frozen."""
+    cfg = profile.train
+    stage = _stage(profile, global_epoch, total_epochs)
+    criterion = MultiTaskLoss(
+        weight_seg=0.0 if stage == "cls" else cfg.weight_seg,
+        weight_cls=0.0 if stage == "seg" else cfg.weight_cls,
+        lambda_ce=cfg.seg_ce_weight,
+        class_log_prior=class_log_prior(table["label"].to_numpy(), len(task_classes(profile.data.task))),
+        logit_adjustment=cfg.logit_adjustment,
+    )
+    if hasattr(model, "segmentation_parameters"):
+        for p in model.segmentation_parameters():
+            p.requires_grad_(stage != "cls")
+    return criterion
+
+
+def _scheduled_lr(profile: Profile, global_epoch: int, step: int, steps: int, total_epochs: int) -> float:
+    """The learning rate of ``step`` (of ``steps``) in ``global_epoch``: cosine decay times the linear warm-up."""
+    lr = cosine_lr(profile.train.learning_rate, schedule_progress(profile, global_epoch + step / steps, total_epochs))
+    return lr * warmup_factor(profile.train.warmup_epochs, global_epoch + (step + 1) / steps)
+
+
+def _train_epoch(step: _Step, loader: DataLoader, criterion: MultiTaskLoss, profile: Profile, global_epoch: int,
+                 total_epochs: int, progress: bool) -> _EpochLoss:
+    """One pass over ``loader`` at the scheduled learning rate; returns the epoch's losses."""
+    losses = _EpochLoss()
+    steps = len(loader)
+    bar = tqdm(loader, desc=f"train epoch {global_epoch + 1}/{total_epochs}", disable=not progress, leave=False)
+    for index, batch in enumerate(bar):
+        for group in step.optimizer.param_groups:
+            group["lr"] = _scheduled_lr(profile, global_epoch, index, steps, total_epochs)
+        total, loss, n = step(batch, criterion)
+        if n == 0:  # a Poisson-sampled empty batch (DP): a noise-only step above, no loss to average
+            continue
+        losses.add(total, loss, n)
+        bar.set_postfix(loss=f"{losses.sums['loss'] / losses.seen:.3f}")
+    return losses
+
+
+class _EpochLoss:
+    """The losses of an epoch, summed over its slices (each batch weighted by its size)."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
+        self.seen = 0
+
+    def add(self, total: torch.Tensor, loss, n: int) -> None:
+        self.seen += n
+        self.sums["loss"] += float(total.detach()) * n
+        self.sums["seg"] += float(loss.seg.detach()) * n
+        self.sums["cls"] += float(loss.cls.detach()) * n
+
+    def means(self) -> dict[str, float]:
+        """``train_loss``, ``train_loss_seg``, ``train_loss_cls`` (0 with no slice seen)."""
+        seen = max(self.seen, 1)
+        return {"train_loss": self.sums["loss"] / seen, "train_loss_seg": self.sums["seg"] / seen,
+                "train_loss_cls": self.sums["cls"] / seen}
+
+
+@dataclasses.dataclass
+class _Step:
+    """One optimisation step: forward (under autocast with AMP), the FedProx term, backward through the scaler."""
+
+    net: nn.Module  # what is called: the model itself, or Opacus's wrapper around it
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    use_amp: bool
+    mu: float
+    anchor: dict[str, torch.Tensor]  # FedProx: the received global weights (empty = plain FedAvg)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], criterion: MultiTaskLoss):
+        """Returns ``(total loss, MultiTaskLoss output, batch size)``."""
+        # Default (contiguous) memory format: Opacus's Conv2d per-sample gradients are wrong for channels-last
+        # input (found in this project), so nothing here may switch to it.
+        image = batch["image"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
+        with autocast:
+            out = self.net(image)
+            loss = criterion(out.seg_logits.float(), mask, out.cls_logits.float(), label)
+        total = loss.total
+        if self.anchor:
+            total = total + proximal_term(self.model, self.anchor, self.mu)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total, loss, image.shape[0]
+
+
+def proximal_term(model: nn.Module, anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2·||w - w_global||²`` over the parameters named in ``anchor``."""
+    return 0.5 * mu * sum((p - anchor[n]).pow(2).sum() for n, p in model.named_parameters() if n in anchor)
 
 
 @torch.no_grad()

@@ -1,36 +1,27 @@
 """Where a site's data, cache and device come from, for the launcher and for the ClientApp.
 
-Three sources, one result (:class:`SiteRuntime`):
+Three sources, one result (a :class:`braintumnet.data.loading.SiteRuntime`, which the core's ``open_site`` opens):
 
 - the **site config file** (``client/sites.toml`` format, read by ``python client/run.py``), which the launcher turns
   into the SuperNode's ``--node-config``;
 - the **node config** in deployment: ``site-name``, ``data-path``, ``cache-dir``, ``device`` (:data:`NODE_KEYS`);
 - in **simulation**, where Flower gives a node only ``partition-id``: the run config's ``sites`` list maps the
-  partition to a site of the phantom cohort, which is generated (once, under a lock) if it is missing.
+  partition to a site of the phantom cohort, which ``open_site`` generates (once, under a lock) if it is missing.
 
 Nothing here imports ``flwr``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import tempfile
 import tomllib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from braintumnet.errors import BrainTumNetError
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; caches are still written atomically, at worst twice
-    fcntl = None
-
-log = logging.getLogger("braintumnet.client")
+if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas and numpy, which the launcher skips
+    from braintumnet.data.loading import SiteRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITES_FILE = REPO / "client" / "sites.toml"
@@ -178,17 +169,6 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
     )
 
 
-@dataclass(frozen=True)
-class SiteRuntime:
-    """What a ClientApp process needs to find its site: name, data folder, cache root and device preference."""
-
-    name: str
-    data: Path | None
-    cache: Path
-    device: str = "auto"
-    phantom: tuple[float, int] | None = None  # simulation: (scale, seed) to generate the data folder if missing
-
-
 def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteRuntime:
     """The site this ClientApp serves.
 
@@ -199,7 +179,7 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
     Raises:
         BrainTumNetError: neither a site name nor a partition id, or a partition beyond the site list.
     """
-    from braintumnet.data.loading import default_cache_root
+    from braintumnet.data.loading import SiteRuntime, default_cache_root
 
     cache_cfg = str(run_config.get("cache-dir", "") or "")
     default_cache = Path(cache_cfg).expanduser().absolute() if cache_cfg else default_cache_root()
@@ -242,69 +222,3 @@ def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:
 def phantom_settings(run_config: Mapping[str, Any]) -> tuple[float, int]:
     """``phantom-scale`` and ``phantom-seed`` of the run config (the simulated cohort's size and seed)."""
     return float(run_config.get("phantom-scale", 0.05)), int(run_config.get("phantom-seed", 0))
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (``flock``): simulated sites sharing one cache take turns preparing it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
-    """Generate the phantom cohort into ``root`` unless it is there; concurrent callers wait for the first one."""
-    root = Path(root)
-    if (root / "yibin" / "dataset.json").is_file():
-        return root
-    with file_lock(root.parent / f".{root.name}.lock"):
-        if (root / "yibin" / "dataset.json").is_file():
-            return root
-        from braintumnet.data.phantom import generate_cohort
-
-        log.info("generating the synthetic phantom cohort (scale %g, seed %d) into %s", scale, seed, root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            generate_cohort(tmp / "cohort", scale=scale, seed=seed, fmt="nifti", progress=False)
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp / "cohort", root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def open_site(site: SiteRuntime, data_cfg):
-    """The site's prepared cache for ``data_cfg``, preparing it first if it is missing (e.g. new data settings).
-
-    Returns:
-        A ``PreparedSite`` (memory-mapped).
-
-    Raises:
-        BrainTumNetError: no cache and no data folder to prepare it from, or the data folder is unusable.
-    """
-    from braintumnet.data.cache import load_prepared, prepared_dir, read_meta
-
-    cache_dir = prepared_dir(site.cache, site.name, data_cfg)
-    if read_meta(cache_dir) is not None:
-        return load_prepared(cache_dir)
-    if site.data is None:
-        raise BrainTumNetError(f"site {site.name}: no prepared cache at {cache_dir} and no data-path to prepare it "
-                               "from; run python client/run.py --site NAME --check with the run's data settings")
-    if site.phantom is not None and not site.data.exists():
-        ensure_phantom(site.data.parent, *site.phantom)
-    with file_lock(site.cache / f".{site.name}.lock"):
-        if read_meta(cache_dir) is None:
-            from braintumnet.data.loading import prepare_and_load
-
-            log.info("site %s: preparing the cache for %d px, %d slices per case in %s", site.name,
-                     data_cfg.img_size, data_cfg.slices_per_case, cache_dir)
-            return prepare_and_load(site.data, site.cache, data_cfg, progress=False)
-    return load_prepared(cache_dir)

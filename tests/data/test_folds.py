@@ -9,8 +9,8 @@ from braintumnet.config import ConfigError, resolve
 from braintumnet.data.contract import class_names
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds, training_cases_without_fold
-from client.app import _cross_validation_cases
-from client.sites import SiteRuntime
+from braintumnet.data.loading import SiteRuntime
+from braintumnet.site_round import cross_validation_cases
 
 CLASSES = class_names("3class")
 
@@ -29,11 +29,11 @@ def test_a_federated_site_leaves_out_the_fold_the_study_holds_out(prepared_sites
     site = prepared_sites["yibin"]
     profile = resolve({**tiny_run_config, "cv.folds": 3, "cv.fold": 2, "train.seed": 5})
     runtime = SiteRuntime(name="yibin", data=None, cache=Path("unused"))
-    cases = _cross_validation_cases(site, profile, runtime)
+    cases = cross_validation_cases(site, profile, runtime)
     held = site_folds(site, CLASSES, 3, seed=5)[1]  # the study's fold index 1 is cv.fold 2
     assert not set(cases) & set(held) and cases
     no_cv = dataclasses.replace(profile, train=dataclasses.replace(profile.train, cv_folds=0, cv_fold=0))
-    assert _cross_validation_cases(site, no_cv, runtime) is None
+    assert cross_validation_cases(site, no_cv, runtime) is None
 
 
 @pytest.mark.parametrize("folds, fold", [(1, 1), (3, 0), (3, 4)])

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from braintumnet.data.loading import SiteRuntime
 from braintumnet.errors import CaseProblem
-from client.app import EVAL_KEYS, SiteFailure, _guarded
-from client.sites import SiteRuntime
+from braintumnet.protocol import EVAL_KEYS
+from client.app import SiteFailure, _guarded
 
 
 def test_a_failure_names_the_site_not_the_case():
@@ -36,7 +37,7 @@ def test_every_site_sends_the_same_evaluation_keys():
 def test_the_centre_reads_the_prefix_the_sites_write():
     """evaluate-in-train: the ClientApp prefixes its scores of the received model; the centre (which does not import
     the sites' code) strips the same prefix."""
-    from client.app import RECEIVED_KEYS, RECEIVED_PREFIX, REPLY_METRIC_KEYS
+    from braintumnet.protocol import RECEIVED_KEYS, RECEIVED_PREFIX, REPLY_METRIC_KEYS
     from server.strategy import RECEIVED_PREFIX as CENTRE_PREFIX
 
     assert RECEIVED_PREFIX == CENTRE_PREFIX

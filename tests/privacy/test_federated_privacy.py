@@ -26,7 +26,7 @@ from braintumnet.data.contract import class_names
 from braintumnet.data.dataset import select_slices
 from braintumnet.engine import build_model
 from braintumnet.privacy import epsilon
-from client.app import REPLY_METRIC_KEYS
+from braintumnet.protocol import REPLY_METRIC_KEYS
 from simulation.flower_run import run_federated
 
 pytestmark = pytest.mark.timeout(900)

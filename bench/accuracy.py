@@ -41,6 +41,7 @@ from bench.machine import one_line
 from braintumnet.config import resolve
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
+from braintumnet.io import atomic_write_json
 from braintumnet.metrics import METRIC_NAMES
 
 REFERENCE = "BrainTumNet (multi-task)"
@@ -157,12 +158,9 @@ class ArmStore:
 
     def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> dict:
         """Keep a finished arm; returns what was written, as ``load`` would read it back."""
-        self.root.mkdir(parents=True, exist_ok=True)
         doc = {"name": name, "settings": self.settings, "commit": commit, "machine": one_line(machine),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "result": result}
-        tmp = self.path(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        tmp.replace(self.path(key))  # a run stopped mid-write leaves no half file behind
+        atomic_write_json(self.path(key), doc)  # a run stopped mid-write leaves no half file behind
         return doc
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
 
 from bench.machine import describe, one_line
+from braintumnet.io import atomic_write_json
 
 log = logging.getLogger("bench")
 
@@ -66,12 +66,11 @@ class Context:
         """A phantom cohort of this scale and format, generated once per run (SYNTHETIC). Returns its summary."""
         key = (scale, fmt, seed)
         if key not in self._phantoms:
-            from braintumnet.data.phantom import generate_cohort
+            from braintumnet.data.phantom import complete_cohort, generate_cohort
 
             root = self.workdir / f"phantom-{fmt}-s{scale:g}-seed{seed}"
-            marker = root / "phantom.json"
-            info = json.loads(marker.read_text()) if marker.is_file() else {}
-            if info.get("complete") and (info.get("scale"), info.get("format"), info.get("seed")) == key:
+            info = complete_cohort(root) or {}
+            if (info.get("scale"), info.get("format"), info.get("seed")) == key:
                 self._phantoms[key] = SimpleNamespace(out=root, seconds=None)  # a kept --workdir: reuse it
             else:
                 self._phantoms[key] = generate_cohort(root, scale=scale, seed=seed, fmt=fmt, workers=workers,
@@ -144,7 +143,7 @@ def write_result(ctx: Context, name: str, title: str, doc: dict, sections: Seque
     machine_end = {**ctx.machine, "load_average_end": list(describe()["load_average"])}
     mode = "tiny (test)" if ctx.tiny else "quick" if ctx.quick else "full"
     document = {"benchmark": name, "mode": mode, "device": ctx.device, "machine": machine_end, **doc}
-    (ctx.out / f"{name}.json").write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+    atomic_write_json(ctx.out / f"{name}.json", document, default=str)
     md = [f"# {title}", "",
           f"Mode `{mode}` on `{ctx.device}`. Machine: {one_line(ctx.machine)}; load average at the end "
           f"{', '.join(str(x) for x in machine_end['load_average_end'])}.", ""]
@@ -154,11 +153,3 @@ def write_result(ctx: Context, name: str, title: str, doc: dict, sections: Seque
     (ctx.out / f"{name}.md").write_text("\n".join(md))
     ctx.say(f"{name}: wrote {ctx.out / (name + '.json')} and {name}.md")
     return document
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)

@@ -23,13 +23,13 @@ from torch import nn
 
 from bench import models
 from bench.common import Context, fmt, interleaved, median, ratio, table, write_result
+from bench.profiling import attention_profile, part_profile
 from braintumnet.losses import MultiTaskLoss
-from braintumnet.model.blocks.attention import AdaptiveMaskedAttention, SelfAttention
 
 REFERENCE = "BrainTumNet"
 
 
-def _settings(ctx: Context) -> dict:
+def settings_for(ctx: Context) -> dict:
     """Batch, repetitions and widths for the run's mode and device."""
     if ctx.tiny:
         return {"widths": {"quick": {"feature_size": 8, "num_heads": 2, "img_size": 32}}, "batch": {"quick": 2},
@@ -175,95 +175,6 @@ def compare_models(ctx: Context, width_name: str, width: dict, batch: int, reps:
 # ---- sparse (top-k) against dense attention ------------------------------------------------------------------------
 
 
-def _attention_profile(model: nn.Module, x: torch.Tensor, reps: int, device: str) -> dict:
-    """Seconds per inference in the whole model, in the BT Blocks' adaptive masked attention, in its global branch
-    and in the plain self-attention layers (forward hooks; medians)."""
-    spent: dict[str, float] = {}
-    handles, originals = [], []
-
-    def timer(key: str):
-        def pre(*_):
-            spent.setdefault("_start_" + key, []).append(time.perf_counter())
-
-        def post(*_):
-            from bench.common import sync
-
-            sync(device)
-            spent[key] = spent.get(key, 0.0) + time.perf_counter() - spent["_start_" + key].pop()
-        return pre, post
-
-    for module in model.modules():
-        key = ("masked_attention" if isinstance(module, AdaptiveMaskedAttention)
-               else "self_attention" if isinstance(module, SelfAttention) else None)
-        if key:
-            pre, post = timer(key)
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        if isinstance(module, AdaptiveMaskedAttention):
-            original = module.global_attention
-
-            def timed(*args, _original=original, **kwargs):
-                start = time.perf_counter()
-                out = _original(*args, **kwargs)
-                spent["global_branch"] = spent.get("global_branch", 0.0) + time.perf_counter() - start
-                return out
-            module.global_attention = timed
-            originals.append(module)
-    results: dict[str, list[float]] = {}
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-            for _ in range(reps):
-                spent.clear()
-                start = time.perf_counter()
-                model(x)
-                total = time.perf_counter() - start
-                for key in ("masked_attention", "global_branch", "self_attention"):
-                    results.setdefault(key, []).append(spent.get(key, 0.0))
-                results.setdefault("total", []).append(total)
-    finally:
-        for h in handles:
-            h.remove()
-        for module in originals:
-            del module.global_attention
-    return {k: median(v) for k, v in results.items()}
-
-
-def part_profile(model: nn.Module, x: torch.Tensor, reps: int, device: str) -> dict[str, float]:
-    """Share of BrainTumNet's forward time (training mode, so the same graph as a training step) spent in each of
-    its top-level parts (``enc1`` ... ``pyramid``, ``classifier``), by forward hooks; medians."""
-    from bench.common import sync
-
-    spent: dict[str, float] = {}
-    starts: dict[str, float] = {}
-    handles = []
-    for name, module in model.named_children():
-        def pre(*_, name=name):
-            sync(device)
-            starts[name] = time.perf_counter()
-
-        def post(*_, name=name):
-            sync(device)
-            spent[name] = spent.get(name, 0.0) + time.perf_counter() - starts[name]
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    shares: dict[str, list[float]] = {}
-    model.train()
-    try:
-        for _ in range(reps):
-            spent.clear()
-            sync(device)
-            start = time.perf_counter()
-            model(x)
-            sync(device)
-            total = time.perf_counter() - start
-            for name, seconds in spent.items():
-                shares.setdefault(name, []).append(seconds / total)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: median(v) for name, v in shares.items()}
-
-
 def _trained_quick_model(ctx: Context, settings: dict):
     """A quick-width BrainTumNet trained briefly at the sparse benchmark's size, and its prepared sites."""
     from braintumnet.config import resolve
@@ -308,8 +219,8 @@ def sparse_vs_dense(ctx: Context, settings: dict) -> dict:
             with torch.no_grad():
                 net(x)
         times = interleaved({"dense": lambda: run(False), "sparse": lambda: run(True)}, reps, device=device)
-        profile_dense = _attention_profile(net.set_sparse_attention(False), x, max(1, reps // 2), device)
-        profile_sparse = _attention_profile(net.set_sparse_attention(True), x, max(1, reps // 2), device)
+        profile_dense = attention_profile(net.set_sparse_attention(False), x, max(1, reps // 2), device)
+        profile_sparse = attention_profile(net.set_sparse_attention(True), x, max(1, reps // 2), device)
         net.set_sparse_attention(False)
         dense_s, sparse_s = median(times["dense"]), median(times["sparse"])
         speed[width_name] = {"batch": batch, "params": models.params(net), "dense_slices_s": batch / dense_s,
@@ -348,7 +259,7 @@ def run(ctx: Context) -> dict:
     torch.manual_seed(0)
     if ctx.device == "cpu":
         torch.set_num_threads(1)  # one core per process: stable on a shared 2-core box, stated in the tables
-    s = _settings(ctx)
+    s = settings_for(ctx)
     widths = {w: compare_models(ctx, w, width, s["batch"][w], s["reps"], s["memory"])
               for w, width in s["widths"].items()}
     ctx.say(f"compute: sparse against dense attention at {s['sparse_size']} px")
@@ -356,7 +267,7 @@ def run(ctx: Context) -> dict:
     doc = {"widths": widths, "sparse_vs_dense": sparse, "swin_note": models.swin_available(),
            "aims": _aims(widths, sparse)}
     return write_result(ctx, "compute", "Model compute: BrainTumNet against U-Net, nnU-Net and Swin-UNETR",
-                        doc, _sections(doc), _notes(ctx))
+                        doc, sections(doc), _notes(ctx))
 
 
 def _aims(widths: dict, sparse: dict) -> dict:
@@ -400,7 +311,7 @@ def _notes(ctx: Context) -> list[str]:
     return notes
 
 
-def _sections(doc: dict, sparse: bool = True) -> list[tuple[str, list[str]]]:
+def sections(doc: dict, sparse: bool = True) -> list[tuple[str, list[str]]]:
     sections = []
     for w, res in doc["widths"].items():
         head = ["model", "params (M)", "params ratio", "train slices/s", "BTN/model train", "infer slices/s",

@@ -41,7 +41,7 @@ def run(ctx: Context) -> dict:
     started = time.perf_counter()
     from bench import compute
 
-    settings = compute._settings(ctx)
+    settings = compute.settings_for(ctx)
     settings["widths"] = {"paper": settings["widths"]["paper"]}
     settings["sparse_widths"] = ["paper"]
     ctx.say("gpu: compute benchmark at the paper's width")
@@ -66,7 +66,7 @@ def _sparse_speed(ctx: Context) -> dict:
     """Sparse against dense inference at 256 px, paper width, random weights (speed only)."""
     from bench import models
     from bench.common import interleaved, median
-    from bench.compute import _attention_profile
+    from bench.profiling import attention_profile
 
     net = models.braintumnet(**models.width_settings("paper")).to(ctx.device).eval()
     x = torch.rand(16, 1, 256, 256, device=ctx.device)
@@ -77,7 +77,7 @@ def _sparse_speed(ctx: Context) -> dict:
             net(x)
     times = interleaved({"dense": lambda: step(False), "sparse": lambda: step(True)}, 20, device=ctx.device)
     with torch.autocast("cuda", dtype=torch.float16):  # the global branch itself, the part top-k changes
-        branch = {mode: _attention_profile(net.set_sparse_attention(sparse), x, 10, ctx.device)["global_branch"]
+        branch = {mode: attention_profile(net.set_sparse_attention(sparse), x, 10, ctx.device)["global_branch"]
                   for mode, sparse in (("dense", False), ("sparse", True))}
     net.set_sparse_attention(False)
     return {"dense_slices_s": 16 / median(times["dense"]), "sparse_slices_s": 16 / median(times["sparse"]),
@@ -131,9 +131,9 @@ def _paper_training(ctx: Context) -> dict:
 
 
 def _sections(doc: dict) -> list[tuple[str, list[str]]]:
-    from bench.compute import _sections as compute_sections
+    from bench import compute
 
-    sections = compute_sections({"widths": doc["compute"], "sparse_vs_dense": None, "aims": {}},
+    sections = compute.sections({"widths": doc["compute"], "sparse_vs_dense": None, "aims": {}},
                                 sparse=False)
     t = doc["training"]
     sections.append(("Paper-profile training on CUDA", table(

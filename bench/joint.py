@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -36,6 +35,8 @@ from bench.machine import one_line
 from braintumnet.config import resolve
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
+from braintumnet.io import atomic_write_json
+from braintumnet.metrics import mean_sd
 
 ARMS = {
     "multitask": ("multi-task (default)", {}, {}),
@@ -104,9 +105,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
             doc = {"arm": key, "seed": seed, "settings": s, "model_defaults": model_defaults,
                    "machine": one_line(ctx.machine), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                    "result": result}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-            tmp.replace(path)
+            atomic_write_json(path, doc)
             r = result["internal_test"]
             ctx.say(f"joint: {key} seed {seed}: {result['train_s']:.0f} s; internal dice_tumor "
                     f"{fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
@@ -131,15 +130,17 @@ def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
 
 
 def _summary(per_seed: dict) -> dict:
-    out = {}
-    for section in ("internal_test", "external"):
-        out[section] = {}
-        for m in METRICS:
-            values = [r[section][m] for r in per_seed.values() if r[section].get(m) == r[section].get(m)]
-            out[section][m] = {"mean": statistics.fmean(values) if values else None,
-                               "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-    out["train_s"] = statistics.fmean(r["train_s"] for r in per_seed.values())
+    out = {section: {m: _cell(r[section].get(m) for r in per_seed.values()) for m in METRICS}
+           for section in ("internal_test", "external")}
+    out["train_s"] = mean_sd(r["train_s"] for r in per_seed.values())[0]
     return out
+
+
+def _cell(values) -> dict:
+    """Mean, sd and count of a metric over seeds; the mean None where no seed defines it, the sd where fewer than
+    two do."""
+    mean, sd, n = mean_sd(values)
+    return {"mean": mean if n else None, "sd": sd if n > 1 else None, "n": n}
 
 
 def _paired(multi: dict | None, two: dict | None) -> dict | None:
@@ -152,8 +153,8 @@ def _paired(multi: dict | None, two: dict | None) -> dict | None:
         out[section] = {}
         for m in ("dice_tumor", "acc"):
             diffs = [100 * (multi[s][section][m] - two[s][section][m]) for s in seeds]
-            out[section][m] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
-                               "sd": statistics.stdev(diffs) if len(diffs) > 1 else None}
+            cell = _cell(diffs)
+            out[section][m] = {"per_seed": diffs, "mean": cell["mean"], "sd": cell["sd"]}
     return out
 
 

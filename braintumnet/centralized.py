@@ -5,15 +5,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
-
-from braintumnet.checkpoint import save_checkpoint
+from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.config import Profile, to_dict
 from braintumnet.data.cache import PreparedSite
 from braintumnet.data.contract import class_names as task_classes
@@ -21,12 +18,11 @@ from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import case_folds
 from braintumnet.engine import (aggregate_metrics, build_model, evaluate_model, evaluate_sites, pick_device,
                                 train_model)
+from braintumnet.io import atomic_write_json
+from braintumnet.metrics import mean_sd_columns
+from braintumnet.report import SYNTHETIC_NOTE
 
 log = logging.getLogger("braintumnet.train")
-
-SYNTHETIC_NOTE = ("Figures computed on the synthetic phantom cohort are NOT clinical results; "
-                  "they show that the pipeline works, not how the model does on patients.")
-
 
 def train_centralized(
     sites: Sequence[PreparedSite],
@@ -86,28 +82,13 @@ def train_centralized(
         for i, held in enumerate(case_folds(sites, classes, folds, profile.train.seed)):
             train_ids = sorted(set(select_slices(sites, "train", classes)["case_id"]) - set(held))
             res = fit_and_score(f"fold{i + 1}", train_ids)
-            res["validation"] = evaluate_model(
-                _load_last(out, f"fold{i + 1}", profile, len(classes), dev), sites, "train", profile, dev,
-                case_ids=held, progress=progress)
+            res["validation"] = evaluate_model(load_model(out / f"fold{i + 1}.pt", dev)[0], sites, "train",
+                                               profile, dev, case_ids=held, progress=progress)
             fold_results.append(res)
         report["folds"] = fold_results
-        report["cross_validation"] = _mean_sd([r["validation"] for r in fold_results])
-        report["internal_test_mean_sd"] = _mean_sd([r["internal_test"] for r in fold_results])
+        report["cross_validation"] = mean_sd_columns([r["validation"] for r in fold_results])
+        report["internal_test_mean_sd"] = mean_sd_columns([r["internal_test"] for r in fold_results])
     report.update(fit_and_score("model"))
     report["wall_s"] = round(time.perf_counter() - started, 2)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
+    atomic_write_json(out / "metrics.json", report)
     return report
-
-
-def _load_last(out: Path, name: str, profile: Profile, k: int, dev):
-    from braintumnet.checkpoint import load_checkpoint
-
-    model = build_model(profile, k)
-    model.load_state_dict(load_checkpoint(out / f"{name}.pt").state_dict)
-    return model.to(dev)
-
-
-def _mean_sd(rows: list[dict]) -> dict:
-    frame = pd.DataFrame(rows).select_dtypes("number")
-    return {k: {"mean": float(frame[k].mean()), "sd": float(frame[k].std(ddof=1)) if len(frame) > 1 else 0.0}
-            for k in frame.columns}

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import atomic_write_bytes
 
 CA_DAYS = 3650
 SUPERLINK_DAYS = 365
@@ -78,19 +79,6 @@ def _crypto():
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` with ``mode`` from the first byte on (never briefly world-readable), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)  # the umask may have removed bits
-    os.replace(tmp, path)
 
 
 def _mkdir(path: Path) -> None:
@@ -172,8 +160,8 @@ def _load_ca(folder: Path, force: bool, backup: _Backup, common_name: str, repor
                                          decipher_only=False), critical=True)
             .add_extension(ski, critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write(key, _pem_key(ca_key), KEY_MODE)
-    _write(crt, _pem_cert(cert), CERT_MODE)
+    atomic_write_bytes(key, _pem_key(ca_key), mode=KEY_MODE)
+    atomic_write_bytes(crt, _pem_cert(cert), mode=CERT_MODE)
     report.lines.append(f"ca.crt          NEW CA '{common_name}' (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
     return cert, ca_key, True
 
@@ -235,8 +223,8 @@ def _superlink_cert(folder: Path, ca_cert, ca_key, dns: list[str], ips: list[str
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384()))
-    _write(key, _pem_key(server_key), KEY_MODE)
-    _write(crt, _pem_cert(cert), CERT_MODE)
+    atomic_write_bytes(key, _pem_key(server_key), mode=KEY_MODE)
+    atomic_write_bytes(crt, _pem_cert(cert), mode=CERT_MODE)
     report.lines.append(f"superlink.crt   issued (valid until {cert.not_valid_after_utc:%Y-%m-%d}; "
                         f"names {', '.join(names + addresses)})")
     if names == list(LOOPBACK_DNS) and addresses == list(LOOPBACK_IPS):
@@ -262,18 +250,19 @@ def _site_key(folder: Path, site: str, rotate: bool, backup: _Backup, report: Ce
     _mkdir(home)
     key, pub = home / f"{site}.key", home / f"{site}.pub"
     if ca_crt is not None:
-        _write(home / "ca.crt", ca_crt.read_bytes(), CERT_MODE)
+        atomic_write_bytes(home / "ca.crt", ca_crt.read_bytes(), mode=CERT_MODE)
     if key.exists() and pub.exists() and not rotate:
         report.lines.append(f"sites/{site:<9} key kept ({fingerprint(pub.read_bytes())}); --rotate {site} "
                             "makes a new one")
     else:
         backup.move(key, pub)
         private = ec.generate_private_key(ec.SECP384R1())
-        _write(key, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()), KEY_MODE)
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        atomic_write_bytes(key, pem, mode=KEY_MODE)
         public = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                    serialization.PublicFormat.OpenSSH)
-        _write(pub, public + f" braintumnet-{site}\n".encode(), CERT_MODE)
+        atomic_write_bytes(pub, public + f" braintumnet-{site}\n".encode(), mode=CERT_MODE)
         report.lines.append(f"sites/{site:<9} NEW key pair ({fingerprint(public)})")
     report.register.append(f"flwr supernode register {pub} CONNECTION --name {site}")
 

@@ -6,94 +6,27 @@ data settings and scored with the same ``engine.evaluate_cases`` every training 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
-from braintumnet.checkpoint import Checkpoint, load_checkpoint
+from braintumnet.checkpoint import load_model, task_of
 from braintumnet.config import to_dict
-from braintumnet.data.contract import TASKS
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.loading import default_cache_root, load_sites
-from braintumnet.engine import build_model, evaluate_sites, pick_device, predict_slices
+from braintumnet.engine import evaluate_sites, pick_device, predict_slices
 from braintumnet.errors import BrainTumNetError
-from braintumnet.report import plots
+from braintumnet.io import atomic_write_json
+from braintumnet.report import SYNTHETIC_NOTE, plots
 
 log = logging.getLogger("braintumnet.evaluate")
 
-SYNTHETIC_NOTE = ("Computed on synthetic (phantom) data: these figures show that the pipeline works, not how the "
-                  "model does on patients.")
 PLOTS = {"roc": "roc.png", "confusion_matrix": "confusion_matrix.png", "dice_distribution": "dice_distribution.png",
          "overlay_examples": "overlay_examples.png"}
 OVERLAY_CASES = 4  # by tumour Dice: the worst, the best and two evenly spaced between
-
-
-def task_of(class_names: Sequence[str]) -> str | None:
-    """The task (``3class`` / ``binary``) whose classes are ``class_names``, in order; None if none is."""
-    return next((task for task, names in TASKS.items() if tuple(names) == tuple(class_names)), None)
-
-
-def load_model(model_path: Path, device: torch.device, *,
-               task: str | None = None) -> tuple[torch.nn.Module, Checkpoint]:
-    """A checkpoint's BrainTumNet, weights loaded, in eval mode on ``device``.
-
-    Args:
-        model_path: a file written by ``save_checkpoint``.
-        device: where the model runs.
-        task: the task the caller expects (``3class`` or ``binary``); None accepts the checkpoint's own.
-
-    Raises:
-        BrainTumNetError: missing, corrupt or non-BrainTumNet file; a checkpoint of another task than ``task``;
-            weights that do not fit the model its config describes (naming the two tasks when that is the cause).
-    """
-    ckpt = load_checkpoint(model_path)
-    names = ckpt.class_names
-    own_task = task_of(names)
-    if task is not None and task not in TASKS:
-        raise BrainTumNetError(f"task {task!r} is not known: use one of {sorted(TASKS)}")
-    if task is not None and own_task != task:
-        raise BrainTumNetError(
-            f"{model_path}: this checkpoint was trained for the {own_task or 'unknown'} task "
-            f"({len(names)} classes: {', '.join(names)}), not {task} ({', '.join(TASKS[task])}); "
-            f"use a {task} model, or leave the task out to use this one")
-    model = build_model(ckpt.profile, len(names))
-    mismatch = _shape_mismatch(model.state_dict(), ckpt.state_dict)
-    if mismatch:
-        fits = [t for t, classes in TASKS.items() if not _shape_mismatch(
-            build_model(ckpt.profile, len(classes)).state_dict(), ckpt.state_dict)]
-        if fits:
-            raise BrainTumNetError(
-                f"{model_path}: the weights are for the {fits[0]} task ({', '.join(TASKS[fits[0]])}) but the "
-                f"checkpoint names the classes of {_task_words(own_task)} ({', '.join(names)}); the file mixes two "
-                "models: use a checkpoint written as a whole by braintumnet train or the federation server")
-        raise BrainTumNetError(
-            f"{model_path}: its weights do not fit the model its config describes ({mismatch}); it was written "
-            "by another version of BrainTumNet or edited: use a checkpoint written by this version")
-    model.load_state_dict(ckpt.state_dict)
-    return model.to(device).eval(), ckpt
-
-
-def _task_words(task: str | None) -> str:
-    return f"the {task} task" if task else "no known task"
-
-
-def _shape_mismatch(expected: dict, given: dict) -> str | None:
-    """None if ``given`` has exactly ``expected``'s keys and shapes, else the first difference, in words."""
-    missing = [k for k in expected if k not in given]
-    if missing:
-        return f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"
-    extra = [k for k in given if k not in expected]
-    if extra:
-        return f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}"
-    for key, tensor in expected.items():
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            return f"{key} is {tuple(given[key].shape)}, expected {tuple(tensor.shape)}"
-    return None
 
 
 def evaluate_checkpoint(
@@ -151,7 +84,7 @@ def evaluate_checkpoint(
         "plots": dict(PLOTS),
         "note": SYNTHETIC_NOTE if synthetic else "",
     }
-    (out / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
+    atomic_write_json(out / "metrics.json", report)
     log.info("evaluated %s on %d case(s): dice_tumor %.3f, acc %.3f; written to %s", model_path,
              metrics["n_cases"], metrics["dice_tumor"], metrics["acc"], out)
     return report
@@ -195,21 +128,4 @@ def _overlay_slices(model, sites, split, classes, per_case: pd.DataFrame, dev):
     return images, targets, list(preds), titles
 
 
-def _jsonable(value):
-    """numpy scalars and arrays -> Python numbers and lists (NaN kept, as every metrics.json here writes it)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
-__all__ = ["PLOTS", "evaluate_checkpoint", "load_model", "task_of"]
+__all__ = ["PLOTS", "evaluate_checkpoint"]

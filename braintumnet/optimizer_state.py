@@ -17,12 +17,12 @@ functions of the privatised gradients (post-processing), so keeping them costs n
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from braintumnet.io import PRIVATE, atomic_write
 
 log = logging.getLogger("braintumnet.optimizer_state")
 
@@ -58,16 +58,7 @@ class OptimizerMemory:
 
     def save(self, optimizer: torch.optim.Optimizer) -> Path:
         """Write atomically (a crash mid-write leaves the previous round's state)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.close(fd)
-        try:
-            torch.save(optimizer.state_dict(), tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path
+        return atomic_write(self.path, lambda f: torch.save(optimizer.state_dict(), f), mode=PRIVATE)
 
     def forget(self) -> None:
         """After the last round: nothing will continue from it."""

@@ -2,22 +2,15 @@
 
 For each case (a NIfTI file, a DICOM series folder, or every case of a folder):
 
-1. The image is read by ``braintumnet.data.readers.read_volume`` into the canonical RAS grid.
-2. Every axial slice inside the head (``braintumnet.data.preprocess.scored_slices``, the rule that chooses the slices
-   a test case is scored on, from the image alone) goes through ``braintumnet.data.preprocess.preprocess_case``, the
-   very function that prepares training and test slices (normalisation, in-plane resampling to ``fov_mm / img_size``
-   mm, crop/pad around the brain). Slices outside it (air beyond the head) are labelled background.
-3. BrainTumNet segments and classifies each slice; with ``tta`` the softmax outputs are averaged over the four flips
-   of the slice (none, rows, columns, both: the flips training augments with, §2.1.2).
-4. The label maps go back to the scan's voxel grid: the crop/pad is undone, the resampling inverted with nearest
-   neighbour (a voxel takes the label of the model pixel its centre falls in), and the axes turned back from RAS to
-   the file's own order, so the mask has the input's exact shape and affine.
-5. Case-level tumour type: the mean of the slice class probabilities weighted by the area of the region that gates
+1. ``braintumnet.inference`` reads the scan into the canonical grid, prepares every axial slice inside the head as
+   training prepares slices, segments and classifies them (with ``tta``, averaged over flips) and maps the labels
+   back to the scan's own voxel grid, shape and affine (its steps 1-4).
+2. Case-level tumour type: the mean of the slice class probabilities weighted by the area of the region that gates
    the classifier (tumour by default; ``gate_region`` of the checkpoint) in each slice's predicted mask, or the plain
    mean over all its slices inside the head if it predicts none (``braintumnet.metrics.case_probabilities``, the
    evaluation's own pooling). Slices without that region show the classifier an empty gate and carry no evidence; a
    false-positive speck counts by its few pixels, a slice through the tumour by its whole extent.
-6. Volumes in millilitres: voxel count × the voxel volume from the affine.
+3. Volumes in millilitres: voxel count × the voxel volume from the affine.
 
 Outputs, in ``out_dir``, per case ``<case>_mask.nii.gz`` (uint8, 1 tumour, 2 edema), ``<case>.json`` (the summary),
 ``<case>_report.png`` (one page) and, for DICOM input, ``<case>_image.nii.gz`` (the series as NIfTI, for viewers
@@ -26,7 +19,6 @@ that want both files in one format); and ``predictions.csv`` with one row per ca
 
 from __future__ import annotations
 
-import json
 import logging
 import textwrap
 import time
@@ -38,23 +30,19 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from monai.transforms import Resize
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from braintumnet.config import DataConfig
-from braintumnet.data.checks import Case
-from braintumnet.data.contract import CANONICAL_AXES, CASES_CSV, EDEMA_LABEL, TUMOUR_LABEL
-from braintumnet.data.dicom_io import FileProblem
-from braintumnet.data.preprocess import brain_mask, preprocess_case, scored_slices
-from braintumnet.data.readers import Volume, read_volume
+from braintumnet.checkpoint import load_model, task_of
+from braintumnet.data.contract import CASES_CSV, EDEMA_LABEL, TUMOUR_LABEL
+from braintumnet.data.readers import Volume
 from braintumnet.data.site import load_site
 from braintumnet.engine import pick_device
 from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
-from braintumnet.evaluate import load_model, task_of
+from braintumnet.inference import VolumePrediction, predict_volume, read_case, write_mask
+from braintumnet.io import atomic_write_json
+from braintumnet.labels import REGIONS
 from braintumnet.metrics import case_probabilities
-from braintumnet.model import GATE_LABELS
 from braintumnet.report import plots
 
 log = logging.getLogger("braintumnet.predict")
@@ -63,8 +51,6 @@ NOT_FOR_CLINICAL_USE = ("Research software, not a medical device: not for clinic
                         "are model outputs that no clinician has checked.")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 REPORT_SLICES = 3
-TTA_FLIPS = ((), (2,), (3,), (2, 3))  # dims of a B×C×H×W batch
-BATCH_SIZE = 16
 
 
 class SomeCasesFailed(BrainTumNetError):
@@ -84,68 +70,6 @@ class CaseInput:
 
     case: str
     path: Path
-
-
-@dataclass(frozen=True)
-class SliceGrid:
-    """Where ``preprocess_case`` puts a canonical ``(X, Y)`` slice in the model's ``img_size``² grid.
-
-    Args:
-        shape_xy: the slice's shape in the canonical volume.
-        resized: its shape after in-plane resampling to ``fov_mm / img_size`` mm per pixel.
-        start: the crop window's first index in the resampled grid, per axis (negative where it pads).
-        img_size: the model's input side.
-    """
-
-    shape_xy: tuple[int, int]
-    resized: tuple[int, int]
-    start: tuple[int, int]
-    img_size: int
-
-    @classmethod
-    def of(cls, image: np.ndarray, spacing_xy, cfg: DataConfig) -> SliceGrid:
-        """The grid ``preprocess_case`` uses for ``image`` (X, Y, Z): the same size and brain-centre rules."""
-        target = cfg.fov_mm / cfg.img_size
-        shape = image.shape[:2]
-        resized = tuple(max(1, round(n * float(s) / target)) for n, s in zip(shape, spacing_xy))
-        brain = brain_mask(image)
-        if brain.sum() < 100:
-            brain = np.ones_like(brain)
-        start = []
-        for axis, (old, new) in enumerate(zip(shape, resized)):
-            idx = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-            centre = ((idx[0] + idx[-1]) / 2 + 0.5) * new / old - 0.5
-            # MONAI's SpatialCrop starts at centre - size // 2 (padded by img_size first, so never clipped).
-            start.append(int(np.floor(centre + 0.5)) - cfg.img_size // 2)
-        return cls(tuple(shape), resized, tuple(start), cfg.img_size)
-
-    def to_volume(self, labels_hw: np.ndarray) -> np.ndarray:
-        """``N×H×W`` model-grid labels (display order) -> ``(X, Y, N)`` labels on the canonical slice grid."""
-        crop = np.flip(labels_hw, axis=1).transpose(0, 2, 1)  # undo preprocess's (X, Y) -> (H, W)
-        canvas = np.zeros((len(labels_hw), *self.resized), dtype=np.float32)
-        src, dst = [], []
-        for start, n in zip(self.start, self.resized):
-            lo, hi = max(start, 0), min(start + self.img_size, n)
-            dst.append(slice(lo, max(lo, hi)))
-            src.append(slice(lo - start, max(lo, hi) - start))
-        canvas[:, dst[0], dst[1]] = crop[:, src[0], src[1]]
-        back = Resize(self.shape_xy, mode="nearest-exact")(torch.from_numpy(canvas))
-        return np.asarray(back).round().astype(np.uint8).transpose(1, 2, 0)
-
-
-@dataclass(frozen=True, eq=False)
-class VolumePrediction:
-    """Model outputs for every axial slice of one canonical volume.
-
-    Args:
-        labels: ``(X, Y, Z)`` uint8 labels (0 background, 1 tumour, 2 edema) on the volume's own grid.
-        slice_probs: ``Z×K`` class probabilities per slice (NaN on slices outside ``scored``).
-        scored: ``Z`` booleans: the slices the model ran on (those inside the head).
-    """
-
-    labels: np.ndarray
-    slice_probs: np.ndarray
-    scored: np.ndarray
 
 
 def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = False, device: str = "auto",
@@ -245,7 +169,7 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
     pred = predict_volume(model, profile.data, volume, tta=tta, device=device, progress=progress)
     class_names = context["class_names"]
     # On the scan's grid, not the model's: a prediction in the crop's padding is no lesion (and is not in the mask).
-    area = np.isin(pred.labels, GATE_LABELS[profile.model.gate_region]).sum(axis=(0, 1))
+    area = np.isin(pred.labels, REGIONS[profile.model.gate_region]).sum(axis=(0, 1))
     gate = area > 0
     used = gate if gate.any() else pred.scored
     _, probs = case_probabilities(pred.slice_probs[pred.scored], [case.case] * int(pred.scored.sum()),
@@ -279,83 +203,10 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
         summary["image"] = str(image_path)
     summary["report"] = str(write_report(out_dir / f"{case.case}_report.png", summary, volume, pred))
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    (out_dir / f"{case.case}.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out_dir / f"{case.case}.json", summary)
     log.info("%s: %s (p=%.2f), tumour %.1f mL, edema %.1f mL -> %s", case.case, summary["tumor_type"],
              float(probs.max()), summary["volume_tumor_ml"], summary["volume_edema_ml"], mask_path)
     return summary
-
-
-def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarray]:
-    """The canonical volume, the orientation that turns it back to the file's own axes, and the file's shape and
-    affine (NIfTI: as nibabel reads them; DICOM: the series as the reader builds it, in canonical order).
-
-    Raises:
-        BrainTumNetError: the reader's message (unreadable, truncated, 4-D, a bad series), naming the file and the fix.
-    """
-    try:
-        volume = read_volume(path)
-    except FileProblem as exc:
-        raise BrainTumNetError(str(exc)) from None
-    if path.is_dir():
-        identity = axcodes2ornt(CANONICAL_AXES)  # the mask stays in the series' canonical order
-        return volume, identity, volume.array.shape, volume.affine
-    header = nib.load(path)  # header only: the voxels were read above
-    shape, affine = tuple(header.shape), header.affine
-    to_input = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(affine))
-    return volume, to_input, shape, affine
-
-
-@torch.inference_mode()
-def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False, device: torch.device | None = None,
-                   batch_size: int = BATCH_SIZE, progress: bool = False) -> VolumePrediction:
-    """Segment and classify every axial slice of a canonical volume inside the head; labels mapped back to its grid."""
-    device = device or torch.device("cpu")
-    depth = volume.array.shape[2]
-    # The slices a test case of this scan would be scored on, chosen from the image alone, so `predict` and
-    # `evaluate` see the same slices. The labels are unknown: preprocess_case gets an empty stand-in mask.
-    z = scored_slices(volume.array)
-    stand_in = np.zeros(volume.array.shape, dtype=np.uint8)
-    slices = preprocess_case(Case("predict", "", volume, stand_in), cfg, z)
-    grid = SliceGrid.of(volume.array, volume.spacing[:2], cfg)
-
-    model = model.to(device).eval()
-    labels, probs = [], []
-    starts = range(0, len(z), batch_size)
-    for i in tqdm(starts, desc="slices", unit="batch", disable=not progress, leave=False):
-        x = torch.from_numpy(slices.images[i:i + batch_size].astype(np.float32))[:, None].to(device)
-        seg, cls = 0.0, 0.0
-        for dims in TTA_FLIPS if tta else ((),):
-            out = model(x.flip(dims) if dims else x)
-            seg_p = out.seg_logits.float().softmax(1)
-            seg = seg + (seg_p.flip(dims) if dims else seg_p)
-            cls = cls + out.cls_logits.float().softmax(1)
-        labels.append(seg.max(1).indices.to(torch.uint8).cpu().numpy())  # argmax's labels, faster on the CPU
-        probs.append((cls / (len(TTA_FLIPS) if tta else 1)).cpu().numpy())
-    volume_labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    volume_labels[:, :, z] = grid.to_volume(np.concatenate(labels))
-    slice_probs = np.full((depth, probs[0].shape[1]), np.nan)
-    slice_probs[z] = np.concatenate(probs)
-    scored = np.zeros(depth, dtype=bool)
-    scored[z] = True
-    return VolumePrediction(labels=volume_labels, slice_probs=slice_probs, scored=scored)
-
-
-def write_mask(labels: np.ndarray, to_input: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
-               source: Path, path: Path) -> Path:
-    """Write canonical ``(X, Y, Z)`` labels in the input's own axis order, shape and affine (uint8 NIfTI).
-
-    The NIfTI's sform and qform codes follow the input's, so viewers place it exactly as they place the scan.
-    """
-    data = apply_orientation(labels, to_input).astype(np.uint8).reshape(shape)
-    image = nib.Nifti1Image(data, affine)
-    header = None if source.is_dir() else nib.load(source).header
-    if header is not None and "sform_code" in header and "qform_code" in header:
-        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
-        image.set_sform(affine, code=sform_code or (0 if qform_code else 2))
-        image.set_qform(affine, code=qform_code)
-    image.header["descrip"] = b"BrainTumNet mask: 1 tumour, 2 edema"
-    nib.save(image, path)
-    return path
 
 
 def write_report(path: Path, summary: dict, volume: Volume, pred: VolumePrediction) -> Path:

@@ -30,9 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch.utils.data import DataLoader
 
 from braintumnet.config import PrivacyConfig
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import PRIVATE, atomic_write_json
 
 log = logging.getLogger("braintumnet.privacy")
 
@@ -209,16 +208,7 @@ class PrivacyLedger:
                 rounds = []
         rounds.append({"round": server_round, "epsilon": spent})
         doc = {"accountant": "rdp", "delta": delta, "history": [list(h) for h in history], "rounds": rounds}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path
+        return atomic_write_json(self.path, doc, indent=1, mode=PRIVATE)
 
 
 def _tuples(history: Iterable[Sequence]) -> History:

@@ -20,7 +20,6 @@ import socket
 import ssl
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -59,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--insecure", action="store_true", help="connect WITHOUT TLS (trusted test networks only)")
     p.add_argument("--port", type=int, help="this SuperNode's local Runtime API port (default: a free one)")
     p.add_argument("--run-config", default=None,
-                   help="run-config overrides that set the data settings to prepare, e.g. 'data.img-size=32'")
+                   help="run-config overrides that set the data settings to prepare, as in flwr run -c, e.g. "
+                   "'data.img-size=32 data.slices-per-case=10'")
     p.add_argument("--connect-retries", type=int, default=5,
                    help="tries to reach the SuperLink, waiting 1, 2, 4, ... s between them (default 5)")
     p.add_argument("--check", action="store_true", help="stop after the preflight (data, cache, connection)")
@@ -242,16 +242,14 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def prepare(settings: SiteSettings, run_config_arg: str | None):
-    """Check and prepare the site's cache for the data settings of the run config the site expects."""
-    from flwr.common.config import parse_config_args
-
-    from braintumnet.config import resolve
+    """Check and prepare the site's cache for the data settings of the run config the site expects: the site config's
+    ``run-config`` table and ``--run-config`` over the typed defaults (``braintumnet.config.resolve``)."""
+    from braintumnet.config import parse_overrides, resolve
     from braintumnet.data.prepare import prepare_site
 
-    run_config = _pyproject_run_config()
-    run_config.update(settings.run_config)
+    run_config = dict(settings.run_config)
     try:
-        run_config.update(parse_config_args([run_config_arg]) if run_config_arg else {})
+        run_config.update(parse_overrides([run_config_arg]) if run_config_arg else {})
         profile = resolve(run_config)
     except ValueError as exc:
         raise LaunchError(f"run config: {exc}") from None
@@ -263,13 +261,6 @@ def prepare(settings: SiteSettings, run_config_arg: str | None):
         raise LaunchError(f"site {settings.name}: no usable case in {settings.data} (see the problems above)",
                           EXIT_NOTHING_USABLE)
     return report, profile
-
-
-def _pyproject_run_config() -> dict:
-    try:
-        return dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return {}
 
 
 def preflight(settings: SiteSettings, report, profile, device: str, tls: str, reach: str, port: int) -> str:

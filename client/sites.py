@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from braintumnet.config import app_config
 from braintumnet.errors import BrainTumNetError
 
 if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas and numpy, which the launcher skips
@@ -206,8 +207,9 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
 
 
 def simulation_sites(run_config: Mapping[str, Any]) -> list[str]:
-    """The run config's ``sites`` (comma-separated): partition i of a simulation is site i."""
-    return [s.strip() for s in str(run_config.get("sites", "yibin,plagh,jinling")).split(",") if s.strip()]
+    """The run config's ``sites`` (comma-separated; default and type: ``braintumnet.config.AppConfig``): partition i
+    of a simulation is site i."""
+    return list(app_config(run_config).sites)
 
 
 def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:

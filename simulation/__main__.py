@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from braintumnet.config import check_keys
+from braintumnet.config import DEFAULT_PROFILE, PROFILES, check_keys, parse_overrides
 from braintumnet.errors import BrainTumNetError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__)
-    parser.add_argument("--profile", default="quick", choices=["quick", "standard", "paper"])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES))
     parser.add_argument("--out", type=Path, help="run folder (default runs/study-<profile>-<time>)")
     parser.add_argument("--phantom", type=Path, help="reuse a phantom cohort folder")
     parser.add_argument("--data", type=Path, help="a pooled dataset (dataset.json + cases.csv with a hospital "
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the training cases "
                         "(each site holds out its own fold; every fold trains every arm)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                        help="run-config override for every arm, as in flwr run -c (repeatable)")
+                        help="run-config overrides for every arm, as in flwr run -c: key=value pairs separated by "
+                        "spaces, values in TOML, bare words as text (repeatable)")
     parser.add_argument("--ray-address", help="run the simulated sites on this running Ray cluster "
                         "(ray start --head prints it) instead of a private Ray instance")
     parser.add_argument("--cpus-per-site", type=int, default=1, help="Ray CPUs each simulated site reserves")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds == 1 or args.folds < 0:
         parser.error("--folds must be 0 (no cross-validation) or at least 2")
     try:
-        overrides = dict(_override(item) for item in args.run_config)
+        overrides = parse_overrides(args.run_config)
         # Here, before the study's heavy imports and before its run folder exists, so a misspelt key costs nothing
         # and leaves nothing behind.
         check_keys(overrides)
@@ -76,19 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def _override(item: str) -> tuple[str, object]:
-    """``key=value`` with the value read as TOML (``3``, ``0.5``, ``"text"``, ``true``), bare text as a string."""
-    import tomllib
-
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise BrainTumNetError(f"-c {item!r}: write overrides as key=value, e.g. -c num-server-rounds=5")
-    try:
-        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value.strip()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The study report's figures (PNG, matplotlib object API): learning curves per round, ROC curves, confusion
-matrices and per-site bars (the example overlays are ``braintumnet.report.plots.overlay_examples``). Each takes what
-the study already holds and returns the paths it wrote. Every figure is laid out by matplotlib's constrained layout,
-labels its axes in words rather than metrics.json keys, and carries the SYNTHETIC mark when ``synthetic``.
+matrices, per-site bars and example overlays (``braintumnet.report.plots.overlay_examples``), all chosen and drawn
+by :func:`study_figures`. Each takes what the study already holds and returns the paths it wrote. Every figure is
+laid out by matplotlib's constrained layout, labels its axes in words rather than metrics.json keys, and carries the
+SYNTHETIC mark when ``synthetic``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,73 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
 from sklearn.metrics import confusion_matrix
 
-from braintumnet.report.plots import confusion_matrix_plot, mark_synthetic, metric_label, roc_curves, save
+from braintumnet.data.dataset import select_slices
+from braintumnet.engine import predict_slices
+from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, overlay_examples,
+                                      roc_curves, save)
+from simulation.report import arms_of
 
 GRID = "0.92"
+
+
+def study_figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal, profile, dev,
+                  classes) -> list[dict]:
+    """Every figure of the study report, written under ``out/figures``; returns ``[{"title", "path"}]`` (paths
+    relative to ``out``), the ``figures`` of ``metrics.json``.
+
+    Args:
+        doc: ``metrics.json`` so far (the arms' means and sds).
+        cases_of: arm -> test set -> per-case table of the first repetition.
+        rounds: the first federated run's rounds (none: no learning curves).
+        model: the model whose predictions the overlays show (None: no overlays).
+    """
+    folder = out / "figures"
+    shown: list[tuple[Path, str]] = []
+    arms = arms_of(doc)  # the study's arms; Table 2's gate-region arms are only in its table
+    synthetic = bool(doc.get("synthetic"))
+    several = doc.get("n_repetitions", 1) > 1  # error bars only where there is a spread to show
+    if rounds:
+        shown.append((learning_curves(rounds, {a: doc[a]["internal_test"] for a in arms},
+                                      folder / "learning_curves.png",
+                                      sd={a: doc["sd"][a]["internal_test"] for a in arms} if several else None,
+                                      synthetic=synthetic),
+                      "Learning curves: federated Dice and accuracy per round (internal and external); other arms' "
+                      "finals" + (" (mean, band ±1 sd over the repetitions; rounds of the first)" if several else "")))
+    shown.append((site_bars({a: doc[a] for a in arms}, doc["sites"]["internal"], folder / "per_site.png",
+                            sd={a: doc["sd"][a] for a in arms} if several else None, synthetic=synthetic),
+                  "Every arm on every site's test split" + (" (mean ± sd over the repetitions)" if several else "")))
+    for arm in [a for a in ("federated", "centralized") if a in cases_of]:
+        for section, label in (("internal_test", "pooled internal test"), ("external", "external site")):
+            if section in cases_of[arm]:
+                roc, confusion = classification_figures(cases_of[arm][section], classes, folder, f"{arm}_{section}",
+                                                        f"{arm}, {label}", synthetic=synthetic)
+                shown += [(roc, f"ROC curves, {arm}, {label} (first repetition)"),
+                          (confusion, f"Confusion matrix, {arm}, {label} (first repetition)")]
+    if model is not None:
+        name = "federated" if "federated" in cases_of else "centralized"
+        shown.append((example_overlays(model, internal, profile, dev, classes, folder / "overlays.png", synthetic),
+                      f"Example internal test slices, {name} model: reference solid, prediction dashed"))
+    return [{"title": title, "path": str(path.relative_to(out))} for path, title in shown]
+
+
+def example_overlays(model, internal, profile, dev, classes, path: Path, synthetic: bool) -> Path:
+    """One internal test slice per tumour type with the model's prediction over the reference: the slice with the
+    most reference tumour in the first test case of each type (test cases hold the whole scan, most of it
+    tumour-free; a figure may pick by the labels, scoring never does)."""
+    table = select_slices(internal, "test", classes)
+    picks = []
+    for _, grp in table.groupby("tumor_type", sort=True):
+        case = grp[grp["case_id"] == grp["case_id"].iloc[0]]
+        area = [int((internal[i].masks[r] == 1).sum()) for i, r in zip(case["site_index"], case["row"])]
+        picks.append(case.index[int(np.argmax(area))])
+    rows = table.loc[picks]
+    seg, probs = predict_slices(model, internal, rows, dev, profile.train.batch_size, progress=False)
+    images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]
+    targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
+    titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]
+    return overlay_examples(images, targets, list(seg), path, titles, synthetic=synthetic)
 
 
 def learning_curves(rounds: Sequence[Mapping], finals: Mapping[str, Mapping], path: Path, *,

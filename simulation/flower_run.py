@@ -2,14 +2,14 @@
 
 The same ServerApp and ClientApp as a real deployment; Flower's managed local SuperLink and Ray run the sites. We
 start them, wait for ``flwr ls`` to say the run finished (``flwr run`` exits 0 even when a run fails), and stop
-every process that carries our FLWR_HOME, so nothing outlives the study.
+every process that carries our FLWR_HOME, so nothing outlives the study. The private FLWR_HOME holds only the
+``local`` connection, written here; the number of simulated sites and their resources come with each run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +19,11 @@ from pathlib import Path
 
 from braintumnet.errors import BrainTumNetError
 
-REPO = Path(__file__).resolve().parents[1]
+# The Flower app's project folder (pyproject.toml's [tool.flwr.app]): `flwr run` builds the app from it.
+APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# $FLWR_HOME/config.toml: Flower's managed local simulation SuperLink, the only connection the study uses.
+LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
 
 
 def free_port() -> int:
@@ -58,7 +61,7 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
     """
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "deploy" / "flwr-home" / "config.toml", home / "config.toml")
+    (home / "config.toml").write_text(LOCAL_CONNECTION)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(threads_per_site or cpus_per_site),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -73,7 +76,7 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
                   f"client-resources-num-gpus={gpus_per_site}")
 
     def flwr(*args: str) -> dict:
-        res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=REPO, env=env,
+        res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], cwd=APP_DIR, env=env,
                              capture_output=True, text=True, timeout=600)
         try:
             return json.loads(res.stdout[res.stdout.index("{"):])

@@ -1,5 +1,5 @@
 """The study: federated vs centralized vs local-only, every model scored on every site's test split, the pooled
-internal test set and the external site (FLamby's triad, field notes §4).
+internal test set and the external site (FLamby's triad).
 
 Compute budget: centralized trains E epochs on the pooled data; each local arm trains E epochs on its own site; the
 federated arm runs R rounds of L local epochs with R·L = E, so every site passes over its own data E times in
@@ -16,27 +16,30 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import field
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from braintumnet.centralized import SYNTHETIC_NOTE
-from braintumnet.checkpoint import load_checkpoint, save_checkpoint
+from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.config import GATE_REGIONS, Profile, resolve, to_dict
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
+from braintumnet.data.phantom import complete_cohort, generate_cohort
+from braintumnet.engine import build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device, train_model
 from braintumnet.errors import BrainTumNetError
-from braintumnet.engine import (build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device,
-                               predict_slices, train_model)
-from braintumnet.report.plots import overlay_examples
+from braintumnet.io import atomic_write_json
+from braintumnet.metrics import mean_sd_tree
+from braintumnet.report import SYNTHETIC_NOTE
 from braintumnet.report.provenance import provenance as run_provenance
-from simulation import figures as fig
+from braintumnet.tracking import tracking_uri
+from simulation.figures import study_figures
 from simulation.flower_run import run_federated
 from simulation.pooled import StudySites, phantom_sites, split_pooled
-from simulation.report import GATE_ARM, arms_of, write_report
-from simulation.tracking import log_arm, tracking_uri
+from simulation.report import GATE_ARM, write_report
+from simulation.tracking import log_arm
 
 log = logging.getLogger("simulation")
 
@@ -90,134 +93,217 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
     unknown = [b for b in budgets if b not in BUDGETS]
     if unknown or not budgets:
         raise BrainTumNetError(f"budgets {list(budgets)}: use one or more of {BUDGETS}")
-    out = Path(out).absolute()
-    overrides = dict(overrides or {})
-    base = resolve({"profile": profile_name, **overrides})  # refuses an unknown key before the run folder exists
-    out.mkdir(parents=True, exist_ok=True)
-    # Taken before any training: the tree may change while a long study runs.
-    provenance = run_provenance(overrides)
-    fed = base.federation
-    epochs = fed.num_rounds * fed.local_epochs
-    dev = pick_device(device)
-    cache = out / "cache"
+    study = Study.open(out, profile_name, dict(overrides or {}), device, cluster, budgets, skip_federated)
     started = time.perf_counter()
-
-    layout = _cohort(out, profile_name, phantom, data, site_column, external, scale, seeds[0])
-    say(f"phase 2/5 prepare: {base.data.slices_per_case} slices per case at {base.data.img_size} px")
-    sites = {s.site: s for s in load_sites([layout.root / s for s in layout.all], cache, base.data, progress=False)}
-    internal = [sites[s] for s in layout.internal]
-    ext = [sites[layout.external]] if layout.external else []
-    classes = task_classes(base.data.task)
+    study.prepare(_cohort(study.out, profile_name, phantom, data, site_column, external, scale, seeds[0]),
+                  gate_regions)
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
-    extra_regions = [r for r in GATE_REGIONS if r != base.model.gate_region] if gate_regions else []
-    repetitions, timings, cases_of, fed_rounds, overlay_model = [], {}, {}, [], None
-
-    for index, (seed, fold) in enumerate(plan):
-        tag = f"seed {seed}" + (f", fold {fold + 1}/{folds}" if fold is not None else "")
-        profile = resolve({"profile": profile_name, **overrides, "train.seed": seed})
-        profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=epochs))
-        held = {s.site: site_folds(s, classes, folds, seed)[fold] for s in internal} if fold is not None else {}
-        rep: dict = {"seed": seed, "fold": fold}
-        first = index == 0
-
-        def keep(name: str, model, arm_profile: Profile) -> None:
-            scores, per_case = _score(model, internal, ext, arm_profile, dev, held)
-            rep[name] = scores
-            if first:
-                cases_of[name] = per_case
-            timings[name] = timings.get(name, 0.0) + rep[name].pop("wall_s", 0.0)
-            log_arm(out, EXPERIMENT, name, scores, to_dict(arm_profile),
-                    {"seed": str(seed), "fold": str(fold), "synthetic": str(layout.synthetic)})
-            r = scores["internal_test"]
-            say(f"  {name} ({tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
-
-        def arm(name: str, train_sites, arm_profile: Profile | None = None) -> None:
-            arm_profile = arm_profile or profile
-            t0 = time.perf_counter()
-            model = build_model(arm_profile, len(classes))
-            ids = _training_cases(train_sites, classes, held)
-            train_model(model, train_sites, arm_profile, dev, epochs=epochs, case_ids=ids, progress=False)
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-            save_checkpoint(out / "models" / f"{name.replace(':', '-')}-s{seed}{_fold_tag(fold)}.pt",
-                            model.state_dict(), arm_profile, classes,
-                            {"arm": name, "synthetic": layout.synthetic, "epochs": epochs, "seed": seed,
-                             "fold": fold})
-            keep(name, model, arm_profile)
-
-        say(f"phase 3/5 centralized ({tag}): pooled {', '.join(layout.internal)}, {epochs} epochs")
-        arm("centralized", internal)
-        for region in extra_regions:
-            say(f"  Table 2 ({tag}): centralized, the classifier sees the {region} region")
-            arm(f"{GATE_ARM}{region}", internal, dataclasses.replace(
-                profile, model=dataclasses.replace(profile.model, gate_region=region)))
-        say(f"phase 4/5 local-only ({tag}): each site alone, {epochs} epochs")
-        for site in internal:
-            arm(f"local:{site.site}", [site])
-        if not skip_federated:
-            for budget in budgets:
-                local_epochs = _federated_local_epochs(budget, fed.local_epochs, internal, classes, held)
-                name = "federated" if budget == "epochs" else f"federated:{budget}"
-                say(f"phase 5/5 {name} ({tag}): {_strategy_words(profile)} on Flower's Simulation Engine, "
-                    f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(internal)} simulated sites")
-                t0 = time.perf_counter()
-                run_config = {
-                    "profile": profile_name, **overrides, "train.seed": seed, "num-server-rounds": fed.num_rounds,
-                    "train.local-epochs": local_epochs, "checkpoint-dir": str(out / "federated"),
-                    "cache-dir": str(cache), "phantom-dir": str(layout.root), "device": device,
-                    "sites": ",".join(layout.internal), "mlflow-experiment": EXPERIMENT,
-                    "external-data": str(layout.root / layout.external) if layout.external else "",
-                }
-                if fold is not None:
-                    run_config.update({"cv.folds": folds, "cv.fold": fold + 1})  # 1-based in the run config
-                run_dir = run_federated(run_config, out, num_sites=len(internal),
-                                        cpus_per_site=cluster.cpus_per_site, gpus_per_site=cluster.gpus_per_site,
-                                        ray_address=cluster.ray_address, mlflow_uri=tracking_uri(out), log=say)
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-                ckpt = load_checkpoint(run_dir / "final.pt")
-                model = build_model(ckpt.profile, len(ckpt.class_names))
-                model.load_state_dict(ckpt.state_dict)
-                if first and budget == budgets[0]:
-                    fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
-                    overlay_model = model
-                keep(name, model, profile)
-        repetitions.append(rep)
-        if first and overlay_model is None:
-            overlay_model = model_of(out, "centralized", seed, fold, profile, len(classes))
-
-    arms = [k for k in repetitions[0] if k not in ("seed", "fold")]
-    document = {
-        "synthetic": layout.synthetic,
-        "note": SYNTHETIC_NOTE if layout.synthetic else "",
-        "profile": profile_name,
-        "config": to_dict(base),
-        "device": str(dev),
-        "sites": {"internal": list(layout.internal), "external": layout.external},
-        "budget": {"centralized_epochs": epochs, "local_epochs_per_site": epochs,
-                   "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
-                   "federated_budgets": {b: _federated_local_epochs(b, fed.local_epochs, internal, classes, {})
-                                         for b in budgets},
-                   **_optimizer_steps(internal, classes, profile.train.batch_size, epochs, fed)},
-        "cases": {s.site: int(s.slices["case_id"].nunique()) for s in sites.values()},
-        "n_repetitions": len(plan),
-        "folds": folds if folds >= 2 else None,
-        "seeds": list(seeds),
-        "wall_s": {**{k: round(v, 1) for k, v in timings.items()}, "total": 0.0},
-        **{a: _mean([r[a] for r in repetitions]) for a in arms},
-        "sd": {a: _sd([r[a] for r in repetitions]) for a in arms},
-        "repetitions": repetitions,
-        "provenance": provenance,
-    }
-    if extra_regions:  # region -> the arm whose classifier saw it (the centralized arm sees the profile's region)
-        document["gate_regions"] = {base.model.gate_region: "centralized",
-                                    **{r: f"{GATE_ARM}{r}" for r in extra_regions}}
+    repetitions = [study.repetition(seed, fold, folds, first=i == 0) for i, (seed, fold) in enumerate(plan)]
+    document = study.document(repetitions, seeds, folds)
     say("report: figures and tables")
-    document["figures"] = _figures(out, document, cases_of, fed_rounds, overlay_model, internal, profile, dev, classes)
+    document["figures"] = study_figures(study.out, document, study.cases_of, study.fed_rounds, study.overlay_model,
+                                        study.internal, study.base, study.dev, study.classes)
     document["wall_s"]["total"] = round(time.perf_counter() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
-    write_report(document, out)
-    say(f"done in {document['wall_s']['total']} s: {out / 'metrics.json'}, {out / 'report.md'}, "
-        f"{out / 'report.html'}" + (" (SYNTHETIC data)" if layout.synthetic else ""))
+    atomic_write_json(study.out / "metrics.json", document)
+    write_report(document, study.out)
+    say(f"done in {document['wall_s']['total']} s: {study.out / 'metrics.json'}, {study.out / 'report.md'}, "
+        f"{study.out / 'report.html'}" + (" (SYNTHETIC data)" if study.layout.synthetic else ""))
     return document
+
+
+@dataclasses.dataclass
+class Repetition:
+    """One seed (and fold) of the study: its profile, each site's held-out training cases, every arm's scores."""
+
+    seed: int
+    fold: int | None
+    folds: int
+    profile: Profile
+    held: dict[str, list[str]]
+    first: bool
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"seed {self.seed}" + (f", fold {self.fold + 1}/{self.folds}" if self.fold is not None else "")
+
+
+@dataclasses.dataclass
+class Study:
+    """One study while it runs: its settings and sites, and what the repetitions leave for the report (wall times
+    per arm, the first repetition's per-case tables, the first federated run's rounds, a model for the overlays)."""
+
+    out: Path
+    profile_name: str
+    overrides: dict
+    base: Profile
+    device: str
+    dev: torch.device
+    cluster: Cluster
+    budgets: tuple[str, ...]
+    skip_federated: bool
+    provenance: dict
+    layout: StudySites | None = None
+    sites: dict = field(default_factory=dict)
+    extra_regions: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    cases_of: dict = field(default_factory=dict)
+    fed_rounds: list = field(default_factory=list)
+    overlay_model: torch.nn.Module | None = None
+
+    @classmethod
+    def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
+             budgets: tuple[str, ...], skip_federated: bool) -> Study:
+        """Type the settings (an unknown key is refused before the run folder exists), then make the folder."""
+        out = Path(out).absolute()
+        base = resolve({"profile": profile_name, **overrides})
+        out.mkdir(parents=True, exist_ok=True)
+        # Taken before any training: the tree may change while a long study runs.
+        return cls(out, profile_name, overrides, base, device, pick_device(device), cluster, tuple(budgets),
+                   skip_federated, run_provenance(overrides))
+
+    @property
+    def epochs(self) -> int:
+        return self.base.federation.num_rounds * self.base.federation.local_epochs
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return task_classes(self.base.data.task)
+
+    @property
+    def internal(self) -> list:
+        return [self.sites[s] for s in self.layout.internal]
+
+    @property
+    def external(self) -> list:
+        return [self.sites[self.layout.external]] if self.layout.external else []
+
+    def prepare(self, layout: StudySites, gate_regions: bool) -> None:
+        """Phase 2: every site's prepared slices at the profile's data settings."""
+        say(f"phase 2/5 prepare: {self.base.data.slices_per_case} slices per case at {self.base.data.img_size} px")
+        self.layout = layout
+        self.sites = {s.site: s for s in load_sites([layout.root / s for s in layout.all], self.out / "cache",
+                                                    self.base.data, progress=False)}
+        self.extra_regions = [r for r in GATE_REGIONS if r != self.base.model.gate_region] if gate_regions else []
+
+    def repetition(self, seed: int, fold: int | None, folds: int, *, first: bool) -> dict:
+        """Phases 3 to 5 for one seed (and fold): every arm trained and scored; ``{"seed", "fold", <arm>: ...}``."""
+        profile = resolve({"profile": self.profile_name, **self.overrides, "train.seed": seed})
+        profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=self.epochs))
+        held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
+            else {}
+        rep = Repetition(seed, fold, folds, profile, held, first)
+        say(f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, {self.epochs} epochs")
+        self.train_arm(rep, "centralized", self.internal)
+        for region in self.extra_regions:
+            say(f"  Table 2 ({rep.tag}): centralized, the classifier sees the {region} region")
+            self.train_arm(rep, f"{GATE_ARM}{region}", self.internal, dataclasses.replace(
+                profile, model=dataclasses.replace(profile.model, gate_region=region)))
+        say(f"phase 4/5 local-only ({rep.tag}): each site alone, {self.epochs} epochs")
+        for site in self.internal:
+            self.train_arm(rep, f"local:{site.site}", [site])
+        if not self.skip_federated:
+            for budget in self.budgets:
+                self.federated_arm(rep, budget)
+        if first and self.overlay_model is None:
+            self.overlay_model = load_model(self.model_path("centralized", rep))[0]
+        return {"seed": seed, "fold": fold, **rep.scores}
+
+    def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
+        """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
+        profile = profile or rep.profile
+        t0 = time.perf_counter()
+        model = build_model(profile, len(self.classes))
+        ids = _training_cases(train_sites, self.classes, rep.held)
+        train_model(model, train_sites, profile, self.dev, epochs=self.epochs, case_ids=ids, progress=False)
+        self._spent(name, time.perf_counter() - t0)
+        save_checkpoint(self.model_path(name, rep), model.state_dict(), profile, self.classes,
+                        {"arm": name, "synthetic": self.layout.synthetic, "epochs": self.epochs, "seed": rep.seed,
+                         "fold": rep.fold})
+        self.score_arm(rep, name, model, profile)
+
+    def federated_arm(self, rep: Repetition, budget: str) -> None:
+        """The federated arm under ``budget`` on Flower's Simulation Engine; its final global model is scored."""
+        fed = self.base.federation
+        local_epochs = _federated_local_epochs(budget, fed.local_epochs, self.internal, self.classes, rep.held)
+        name = "federated" if budget == "epochs" else f"federated:{budget}"
+        say(f"phase 5/5 {name} ({rep.tag}): {_strategy_words(rep.profile)} on Flower's Simulation Engine, "
+            f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(self.internal)} simulated sites")
+        t0 = time.perf_counter()
+        run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=len(self.internal),
+                                cpus_per_site=self.cluster.cpus_per_site, gpus_per_site=self.cluster.gpus_per_site,
+                                ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out), log=say)
+        self._spent(name, time.perf_counter() - t0)
+        model, _ = load_model(run_dir / "final.pt")
+        if rep.first and budget == self.budgets[0]:
+            self.fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
+            self.overlay_model = model
+        self.score_arm(rep, name, model, rep.profile)
+
+    def federated_run_config(self, rep: Repetition, local_epochs: int) -> dict:
+        """The run config the ServerApp and the simulated sites receive for one federated arm."""
+        run_config = {
+            "profile": self.profile_name, **self.overrides, "train.seed": rep.seed,
+            "num-server-rounds": self.base.federation.num_rounds, "train.local-epochs": local_epochs,
+            "checkpoint-dir": str(self.out / "federated"), "cache-dir": str(self.out / "cache"),
+            "phantom-dir": str(self.layout.root), "device": self.device, "sites": ",".join(self.layout.internal),
+            "mlflow-experiment": EXPERIMENT,
+            "external-data": str(self.layout.root / self.layout.external) if self.layout.external else "",
+        }
+        if rep.fold is not None:
+            run_config.update({"cv.folds": rep.folds, "cv.fold": rep.fold + 1})  # 1-based in the run config
+        return run_config
+
+    def score_arm(self, rep: Repetition, name: str, model, profile: Profile) -> None:
+        """Score a trained arm on every test set, log it to MLflow and keep its scores in ``rep``."""
+        scores, per_case = _score(model, self.internal, self.external, profile, self.dev, rep.held)
+        self._spent(name, scores.pop("wall_s", 0.0))
+        rep.scores[name] = scores
+        if rep.first:
+            self.cases_of[name] = per_case
+        log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile),
+                {"seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic)})
+        r = scores["internal_test"]
+        say(f"  {name} ({rep.tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
+
+    def model_path(self, arm: str, rep: Repetition) -> Path:
+        return self.out / "models" / f"{arm.replace(':', '-')}-s{rep.seed}{_fold_tag(rep.fold)}.pt"
+
+    def document(self, repetitions: list[dict], seeds: tuple[int, ...], folds: int) -> dict:
+        """``metrics.json`` without its figures: the settings, the budget, each arm's mean (and sd) over the
+        repetitions, every repetition, the provenance."""
+        arms = [k for k in repetitions[0] if k not in ("seed", "fold")]
+        means, sds = mean_sd_tree([{a: r[a] for a in arms} for r in repetitions])
+        fed, internal = self.base.federation, self.internal
+        document = {
+            "synthetic": self.layout.synthetic,
+            "note": SYNTHETIC_NOTE if self.layout.synthetic else "",
+            "profile": self.profile_name,
+            "config": to_dict(self.base),
+            "device": str(self.dev),
+            "sites": {"internal": list(self.layout.internal), "external": self.layout.external},
+            "budget": {"centralized_epochs": self.epochs, "local_epochs_per_site": self.epochs,
+                       "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
+                       "federated_budgets": {b: _federated_local_epochs(b, fed.local_epochs, internal, self.classes,
+                                                                        {}) for b in self.budgets},
+                       **_optimizer_steps(internal, self.classes, self.base.train.batch_size, self.epochs, fed)},
+            "cases": {s.site: int(s.slices["case_id"].nunique()) for s in self.sites.values()},
+            "n_repetitions": len(repetitions),
+            "folds": folds if folds >= 2 else None,
+            "seeds": list(seeds),
+            "wall_s": {**{k: round(v, 1) for k, v in self.timings.items()}, "total": 0.0},
+            **means,
+            "sd": sds,
+            "repetitions": repetitions,
+            "provenance": self.provenance,
+        }
+        if self.extra_regions:  # region -> the arm whose classifier saw it (the centralized arm sees the profile's)
+            document["gate_regions"] = {self.base.model.gate_region: "centralized",
+                                        **{r: f"{GATE_ARM}{r}" for r in self.extra_regions}}
+        return document
+
+    def _spent(self, arm: str, seconds: float) -> None:
+        self.timings[arm] = self.timings.get(arm, 0.0) + seconds
 
 
 def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, scale, seed) -> StudySites:
@@ -227,9 +313,7 @@ def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, 
         say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
         return layout
     phantom = Path(phantom).absolute() if phantom else out / "phantom"
-    if not (phantom / "phantom.json").is_file():
-        from braintumnet.data.phantom import generate_cohort
-
+    if complete_cohort(phantom) is None:
         scale = scale or PHANTOM_SCALE.get(profile_name, 0.1)
         say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}) to {phantom}")
         say("  " + generate_cohort(phantom, scale=scale, seed=seed, progress=False).summary().replace("\n", "\n  "))
@@ -288,80 +372,8 @@ def _numbers(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
 
 
-def _mean(reps: list[dict]) -> dict:
-    return _combine(reps, lambda v: float(np.mean(v)))
-
-
-def _sd(reps: list[dict]) -> dict:
-    return _combine(reps, lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-
-
-def _combine(reps: list[dict], reduce) -> dict:
-    """Reduce the repetitions of one arm metric by metric (NaN, e.g. an undefined AUC, left out of the mean)."""
-    def walk(nodes: list):
-        if isinstance(nodes[0], dict):
-            return {k: walk([n[k] for n in nodes if k in n]) for k in nodes[0]}
-        values = [v for v in nodes if v == v]
-        return reduce(values) if values else float("nan")
-    return walk(reps)
-
-
 def _fold_tag(fold) -> str:
     return "" if fold is None else f"-f{fold + 1}"
-
-
-def model_of(out: Path, arm: str, seed: int, fold, profile: Profile, k: int):
-    ckpt = load_checkpoint(out / "models" / f"{arm.replace(':', '-')}-s{seed}{_fold_tag(fold)}.pt")
-    model = build_model(profile, k)
-    model.load_state_dict(ckpt.state_dict)
-    return model
-
-
-def _figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, internal, profile, dev, classes) -> list:
-    folder = out / "figures"
-    shown = []
-
-    def add(path: Path, title: str) -> None:
-        shown.append({"title": title, "path": str(path.relative_to(out))})
-
-    arms = arms_of(doc)  # the study's arms; Table 2's gate-region arms are only in its table
-    synthetic = bool(doc.get("synthetic"))
-    several = doc.get("n_repetitions", 1) > 1  # error bars only where there is a spread to show
-    if rounds:
-        add(fig.learning_curves(rounds, {a: doc[a]["internal_test"] for a in arms}, folder / "learning_curves.png",
-                                sd={a: doc["sd"][a]["internal_test"] for a in arms} if several else None,
-                                synthetic=synthetic),
-            "Learning curves: federated Dice and accuracy per round (internal and external); other arms' finals"
-            + (" (mean, band ±1 sd over the repetitions; rounds of the first)" if several else ""))
-    add(fig.site_bars({a: doc[a] for a in arms}, doc["sites"]["internal"], folder / "per_site.png",
-                      sd={a: doc["sd"][a] for a in arms} if several else None, synthetic=synthetic),
-        "Every arm on every site's test split" + (" (mean ± sd over the repetitions)" if several else ""))
-    for arm in [a for a in ("federated", "centralized") if a in cases_of]:
-        for section, label in (("internal_test", "pooled internal test"), ("external", "external site")):
-            if section in cases_of[arm]:
-                stem = f"{arm}_{section}"
-                paths = fig.classification_figures(cases_of[arm][section], classes, folder, stem, f"{arm}, {label}",
-                                                   synthetic=synthetic)
-                add(paths[0], f"ROC curves, {arm}, {label} (first repetition)")
-                add(paths[1], f"Confusion matrix, {arm}, {label} (first repetition)")
-    if model is not None:
-        table = select_slices(internal, "test", classes)
-        # One slice per tumour type: the slice with the most reference tumour in the first test case of each type
-        # (test cases hold the whole scan, most of it tumour-free; a figure may pick by the labels, scoring never does).
-        picks = []
-        for _, grp in table.groupby("tumor_type", sort=True):
-            case = grp[grp["case_id"] == grp["case_id"].iloc[0]]
-            area = [int((internal[i].masks[r] == 1).sum()) for i, r in zip(case["site_index"], case["row"])]
-            picks.append(case.index[int(np.argmax(area))])
-        rows = table.loc[picks]
-        seg, probs = predict_slices(model, internal, rows, dev, profile.train.batch_size, progress=False)
-        images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]
-        targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
-        titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]
-        name = "federated" if "federated" in cases_of else "centralized"
-        add(overlay_examples(images, targets, list(seg), folder / "overlays.png", titles, synthetic=synthetic),
-            f"Example internal test slices, {name} model: reference solid, prediction dashed")
-    return shown
 
 
 def _optimizer_steps(internal: list, classes, batch_size: int, epochs: int, fed) -> dict:

@@ -1,23 +1,20 @@
 """One MLflow run per arm and repetition of the study, in the study folder's own store.
 
-The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<study>/mlflow.db`` (artifacts beside it); the
-federated arm's ServerApp logs its per-round run into the same store (simulation.flower_run passes the URI on), so
-``mlflow ui --backend-store-uri sqlite:///<study>/mlflow.db`` shows every arm side by side.
+The store is ``braintumnet.tracking``'s for the study folder: ``MLFLOW_TRACKING_URI`` when set, else
+``sqlite:///<study>/mlflow.db`` (artifacts beside it); the federated arm's ServerApp logs its per-round run into the
+same store (simulation.flower_run passes the URI on), so ``mlflow ui --backend-store-uri sqlite:///<study>/mlflow.db``
+shows every arm side by side.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from braintumnet.tracking import experiment_id, tracking_uri
+
 log = logging.getLogger("simulation")
-
-
-def tracking_uri(out: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).absolute() / 'mlflow.db'}"
-
 
 def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], params: Mapping[str, Any],
             tags: Mapping[str, str]) -> str | None:
@@ -33,10 +30,7 @@ def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], par
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri(out))
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=(Path(out).absolute() / "mlartifacts").as_uri())
-        run = client.create_run(exp_id, run_name=arm, tags={"arm": arm, **tags})
+        run = client.create_run(experiment_id(client, experiment, out), run_name=arm, tags={"arm": arm, **tags})
         rid = run.info.run_id
         flat = {k: str(v)[:500] for k, v in params.items()}
         for start in range(0, len(flat), 100):  # MLflow caps a batch at 100 params

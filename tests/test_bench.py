@@ -46,7 +46,8 @@ def test_a_kept_workdir_reuses_its_phantom(tmp_path):
     ctx = Context(out=tmp_path / "out", workdir=tmp_path, quick=True)
     root = tmp_path / "phantom-nifti-s0.3-seed0"
     root.mkdir()
-    (root / "phantom.json").write_text(json.dumps({"scale": 0.3, "seed": 0, "format": "nifti", "complete": True}))
+    (root / "phantom.json").write_text(json.dumps({"generator": "braintumnet.data.phantom", "scale": 0.3, "seed": 0,
+                                                   "format": "nifti", "complete": True}))
     found = ctx.phantom(0.3)
     assert found.out == root and found.seconds is None
 

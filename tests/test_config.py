@@ -1,11 +1,13 @@
-"""The run config in pyproject.toml and the typed dataclasses agree; profiles and overrides resolve."""
+"""The run config in pyproject.toml and the typed dataclasses agree; profiles, overrides and the app's keys
+resolve; switches and ``key=value`` overrides have one reading."""
 
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from braintumnet.config import PROFILES, RUN_CONFIG_KEYS, ConfigError, from_dict, resolve, to_dict
+from braintumnet.config import (PROFILES, AppConfig, ConfigError, app_config, defaults, from_dict, parse_bool,
+                                parse_overrides, resolve, to_dict)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -14,9 +16,14 @@ def run_config() -> dict:
     return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_every_typed_key_is_in_pyproject():
-    missing = set(RUN_CONFIG_KEYS) - set(run_config())
-    assert not missing, f"add these keys to [tool.flwr.app.config]: {sorted(missing)}"
+def test_pyproject_run_config_is_the_typed_defaults():
+    """Nothing reads pyproject.toml at run time: the dataclasses' defaults are the run config's, key by key and
+    type by type (a profile key whose value differs between profiles is 0, "the profile's")."""
+    typed, written = defaults(), run_config()
+    assert set(typed) == set(written), f"keys only typed: {sorted(set(typed) - set(written))}, only in pyproject: " \
+                                       f"{sorted(set(written) - set(typed))}"
+    differ = {k: (written[k], typed[k]) for k in typed if (written[k], type(written[k])) != (typed[k], type(typed[k]))}
+    assert not differ, f"pyproject.toml value, typed default: {differ}"
 
 
 def test_pyproject_defaults_resolve_to_the_quick_profile():
@@ -102,6 +109,40 @@ def test_every_pyproject_key_is_known_and_every_known_key_is_in_pyproject():
     assert set(run_config()) == set(known_keys())
 
 
-def test_a_misspelt_key_is_refused_with_the_key_it_probably_meant():
-    with pytest.raises(ConfigError, match="'model.gate-gradiant'.*did you mean 'model.gate-gradient'"):
+def test_a_misspelt_key_is_refused_with_the_key_it_probably_meant_and_the_known_keys():
+    with pytest.raises(ConfigError, match="'model.gate-gradiant'.*did you mean 'model.gate-gradient'") as err:
         resolve({"model.gate-gradiant": False})
+    assert "num-server-rounds" in str(err.value) and "phantom-seed" in str(err.value)
+
+
+def test_the_app_keys_are_typed_with_their_defaults():
+    assert app_config({}) == AppConfig() == app_config(run_config())
+    app = app_config({"sites": " a, b ,", "audit-messages": "TRUE", "phantom-scale": 1, "checkpoint-dir": ""})
+    assert app.sites == ("a", "b") and app.audit_messages is True and app.phantom_scale == 1.0
+    assert app.checkpoint_root == Path("runs").absolute()
+    with pytest.raises(ConfigError, match="evaluate-in-train='yes': expected true or false"):
+        app_config({"evaluate-in-train": "yes"})
+    with pytest.raises(ConfigError, match="phantom-seed='x'"):
+        app_config({"phantom-seed": "x"})
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), (" False ", False),
+                                             ("1", True), (0, False), (1, True)])
+def test_one_reading_of_a_switch(value, expected):
+    assert parse_bool(value, "k") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "", "2", 1.5, None])
+def test_a_switch_that_is_neither_is_refused(value):
+    with pytest.raises(ConfigError, match="k=.*expected true or false"):
+        parse_bool(value, "k")
+
+
+def test_overrides_read_as_flwr_run_c_with_bare_words_as_text():
+    assert parse_overrides(["num-server-rounds=5 model.mode=two-stage", 'resume-from="my runs" dp.enabled=true',
+                            "train.learning-rate=3e-4", "num-server-rounds=7"]) == {
+        "num-server-rounds": 7, "model.mode": "two-stage", "resume-from": "my runs", "dp.enabled": True,
+        "train.learning-rate": 3e-4}
+    for bad in ("num-server-rounds", "a=1 stray", ""):
+        with pytest.raises(ConfigError, match="key=value"):
+            parse_overrides([bad])

@@ -635,3 +635,19 @@ def test_summary_of_some_cases_equals_their_own_evaluation():
     assert part["n_cases"] == 2 and part["n_slices"] == 24
     for key in (*METRIC_NAMES, "slice_acc", "dice_tumor_median"):
         assert part[key] == pytest.approx(alone[key], nan_ok=True), key
+
+
+def test_mean_and_sd_over_repetitions_leave_undefined_metrics_out():
+    from braintumnet.metrics import mean_sd, mean_sd_columns, mean_sd_tree
+
+    assert mean_sd([0.5, float("nan"), None, 0.7]) == pytest.approx((0.6, math.sqrt(0.02), 2))
+    assert mean_sd([0.4]) == (0.4, 0.0, 1)
+    assert all(math.isnan(v) for v in mean_sd([float("nan"), None])[:2])
+    means, sds = mean_sd_tree([{"a": {"acc": 0.5, "auc": float("nan")}, "b": {}},
+                               {"a": {"acc": 0.7, "auc": 0.9}, "b": {}}])
+    assert means == {"a": {"acc": pytest.approx(0.6), "auc": 0.9}, "b": {}}
+    assert sds["a"] == {"acc": pytest.approx(math.sqrt(0.02)), "auc": 0.0}
+    columns = mean_sd_columns([{"acc": 0.5, "n_cases": 3, "cm": [[1]], "ok": True}, {"acc": 0.7, "n_cases": 3,
+                                                                                      "cm": [[1]], "ok": True}])
+    assert columns == {"acc": {"mean": pytest.approx(0.6), "sd": pytest.approx(math.sqrt(0.02))},
+                       "n_cases": {"mean": 3.0, "sd": 0.0}}

@@ -28,8 +28,9 @@ from braintumnet.data.readers import Volume, read_volume
 from braintumnet.engine import build_model, train_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.evaluate import evaluate_checkpoint
+from braintumnet.inference import SliceGrid
 from braintumnet.metrics import segmentation_case_metrics
-from braintumnet.predict import SliceGrid, SomeCasesFailed, predict
+from braintumnet.predict import SomeCasesFailed, predict
 
 CPU = torch.device("cpu")
 SUMMARY_KEYS = {"case", "input", "mask", "tumor_type", "probabilities", "volume_tumor_ml", "volume_edema_ml",

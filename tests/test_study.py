@@ -1,6 +1,6 @@
 """The whole study (`python -m simulation`) on the session's tiny SYNTHETIC cohort: centralized, local-only and
-federated arms, the federated one on Flower's own Simulation Engine (`flwr run . local` with the committed
-deploy/flwr-home/config.toml), every output file and metric key; and the pooled-dataset split.
+federated arms, the federated one on Flower's own Simulation Engine (`flwr run . local` with a private FLWR_HOME),
+every output file and metric key; and the pooled-dataset split.
 """
 
 import json
@@ -204,7 +204,8 @@ def test_gate_regions_is_off_unless_asked_for(tmp_path, monkeypatch):
 
 def test_gate_regions_train_a_centralized_model_per_region_for_table_2(phantom_root, tiny_run_config, tmp_path,
                                                                        monkeypatch):
-    """Through the same arm() path as the centralized arm; training itself is skipped (the wiring is under test)."""
+    """Through the same Study.train_arm path as the centralized arm; training itself is skipped (the wiring is under
+    test)."""
     from braintumnet.checkpoint import load_checkpoint
 
     trained = []

@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch import nn
 
-from braintumnet.data.contract import EDEMA_LABEL, TUMOUR_LABEL
+from braintumnet.labels import REGIONS
 from braintumnet.model.blocks.attention import AdaptiveMaskedAttention
 from braintumnet.model.blocks.bt_block import BTBlock
 from braintumnet.model.blocks.cbam import CBAM
@@ -21,7 +21,7 @@ from braintumnet.model.blocks.t_inception import TInceptionBlock
 from braintumnet.model.blocks.t_inceptionnet import TInceptionNet
 
 # Segmentation labels whose softmax probabilities, summed, gate the classifier (the paper's Table 2 regions).
-GATE_LABELS = {"tumor": (TUMOUR_LABEL,), "edema": (EDEMA_LABEL,), "whole": (TUMOUR_LABEL, EDEMA_LABEL)}
+GATE_LABELS = REGIONS
 MODES = ("multitask", "two-stage")
 NUM_CLASSES = (2, 3)  # glioma/metastasis, or glioma/metastasis/meningioma
 DOWNSAMPLINGS = 4  # the input side must be a multiple of 2**4

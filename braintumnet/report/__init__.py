@@ -4,6 +4,6 @@ Every figure is drawn from arrays the caller already holds (or from a ``metrics.
 evaluates a model.
 """
 
-from braintumnet.report.summary import format_metrics
+from braintumnet.report.summary import SYNTHETIC_NOTE, format_metrics
 
-__all__ = ["format_metrics"]
+__all__ = ["SYNTHETIC_NOTE", "format_metrics"]

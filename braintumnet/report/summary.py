@@ -12,6 +12,9 @@ from collections.abc import Mapping
 
 from braintumnet.metrics import METRIC_NAMES
 
+#: What every report of figures computed on the synthetic phantom cohort says beside them (its ``note``).
+SYNTHETIC_NOTE = ("Figures computed on the synthetic phantom cohort are NOT clinical results; "
+                  "they show that the pipeline works, not how the model does on patients.")
 # Column headings are at most this wide; longer names are shortened from the left ("…ernal_test").
 _MAX_COLUMN = 16
 

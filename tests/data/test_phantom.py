@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from braintumnet.data.contract import CASES_COLUMNS, EXTERNAL_SITE, SCANNER_COLUMNS, SITES, TUMOR_TYPES
-from braintumnet.data.phantom import cohort_plan, generate_cohort
+from braintumnet.data.phantom import cohort_plan, complete_cohort, generate_cohort
 from braintumnet.data.phantom.cohort import MARKER, _claim
 from braintumnet.data.phantom.plan import ATYPICAL, SITE_MIX, cell_counts
 from braintumnet.data.phantom.render import render_case
@@ -129,6 +129,16 @@ def test_refuses_a_folder_that_is_not_a_phantom(tmp_path):
         generate_cohort(tmp_path / "notes.txt", scale=0.02)
 
 
+def test_only_a_finished_cohort_of_ours_counts_as_there(tmp_path):
+    assert complete_cohort(tmp_path) is None
+    (tmp_path / MARKER).write_text(json.dumps({"generator": "braintumnet.data.phantom", "complete": False}))
+    assert complete_cohort(tmp_path) is None  # generation was interrupted
+    (tmp_path / MARKER).write_text(json.dumps({"generator": "someone else", "complete": True}))
+    assert complete_cohort(tmp_path) is None
+    (tmp_path / MARKER).write_text(json.dumps({"generator": "braintumnet.data.phantom", "complete": True, "seed": 3}))
+    assert complete_cohort(tmp_path)["seed"] == 3
+
+
 def test_a_previous_phantom_is_replaced_and_nothing_else_touched(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"generator": "braintumnet.data.phantom", "complete": False}))
     (tmp_path / "yibin" / "imagesTr").mkdir(parents=True)
@@ -144,6 +154,7 @@ def test_a_previous_phantom_is_replaced_and_nothing_else_touched(tmp_path):
 def test_site_folders_follow_the_contract(phantom_root):
     plan = pd.read_csv(phantom_root / "plan.csv", dtype={"atypical": str}, keep_default_na=False)
     assert json.loads((phantom_root / MARKER).read_text())["complete"] is True
+    assert complete_cohort(phantom_root)["cases"] == len(plan)
     for site in ALL_SITES:
         meta = json.loads((phantom_root / site / "dataset.json").read_text())
         assert meta["site"] == site and meta["modality"] == "CE-T1" and meta["synthetic"] is True

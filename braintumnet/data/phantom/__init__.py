@@ -4,10 +4,11 @@ No public dataset has glioma, metastasis and meningioma with hospital ids, and n
 so the project draws its own cohort in the site data contract (docs/data.md; how it is drawn: docs/phantom.md):
 
 - ``cohort_plan(scale, seed)``: one row per case (site, type, split, atypical tag, scanner), no images;
-- ``generate_cohort(out, scale=..., seed=..., fmt="nifti" | "dicom", preview=...)``: the site folders on disk.
+- ``generate_cohort(out, scale=..., seed=..., fmt="nifti" | "dicom", preview=...)``: the site folders on disk;
+- ``complete_cohort(root)``: whether (and with what settings) a finished cohort is in ``root``.
 """
 
-from braintumnet.data.phantom.cohort import CohortSummary, generate_cohort
+from braintumnet.data.phantom.cohort import CohortSummary, complete_cohort, generate_cohort
 from braintumnet.data.phantom.plan import cohort_plan
 
-__all__ = ["CohortSummary", "cohort_plan", "generate_cohort"]
+__all__ = ["CohortSummary", "cohort_plan", "complete_cohort", "generate_cohort"]

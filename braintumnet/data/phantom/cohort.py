@@ -28,6 +28,7 @@ from braintumnet.data.phantom.plan import check_scale, check_seed, cohort_plan
 from braintumnet.data.phantom.scanner import PROFILES, SITE_PROFILES
 from braintumnet.data.phantom.writer import FORMATS, write_case, write_site_files
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,7 @@ def _claim(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BrainTumNetError(f"{out}: is a file; give --out a folder (new or empty) for the phantom cohort")
     if out.is_dir() and any(out.iterdir()):
-        marker = out / MARKER
-        try:
-            ours = json.loads(marker.read_text(encoding="utf-8")).get("generator") == GENERATOR
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
+        if _read_marker(out) is None:
             raise BrainTumNetError(
                 f"{out}: folder is not empty and holds no phantom cohort ({MARKER} missing), so nothing was written; "
                 f"give --out a new or empty folder (e.g. {out / 'phantom'})"
@@ -184,9 +180,24 @@ def _claim(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def complete_cohort(root: Path) -> dict | None:
+    """What ``root``'s ``phantom.json`` says (``scale``, ``seed``, ``format``, ``cases``) if ``root`` holds a phantom
+    cohort whose generation finished, else None: the one test of "the phantom cohort is there"."""
+    info = _read_marker(Path(root))
+    return info if info is not None and info.get("complete") is True else None
+
+
+def _read_marker(root: Path) -> dict | None:
+    """``root``'s ``phantom.json`` if this generator wrote it (finished or not), else None."""
+    try:
+        info = json.loads((root / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("generator") == GENERATOR else None
+
+
 def _write_marker(out: Path, info: dict) -> None:
-    info = {"generator": GENERATOR, "synthetic": True, **info}
-    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(out / MARKER, {"generator": GENERATOR, "synthetic": True, **info})
 
 
 def _run(tasks: list, workers: int, progress: bool):

@@ -1,24 +1,21 @@
-"""Typed configuration: the run config (``[tool.flwr.app.config]``) becomes these frozen dataclasses once.
+"""The typed sections of a run's settings (frozen dataclasses) and the named profiles, sets of them.
 
 Profiles are named sets of overrides (``quick`` for a 2-core CPU, ``standard`` for the CPU figures we quote,
-``paper`` for the paper's settings on a GPU, §2.1.2 and §2.1.4). In the run config, a profile-dependent key left at
-``0`` means "the profile's value"; any other value overrides the profile. The privacy and robustness keys
-(``dp.*``, ``robust.*``, ``strategy.*``) are the same in every profile and are taken literally, so a ``0`` there
-means zero (e.g. ``robust.norm-factor = 0`` turns the norm check off). ``tests/test_config.py`` checks that the
-defaults here and the ones in ``pyproject.toml`` agree.
+``paper`` for the paper's settings on a GPU, §2.1.2 and §2.1.4). ``braintumnet.config.run_config`` types a run
+config into them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from braintumnet.data.contract import TASKS
 from braintumnet.errors import BrainTumNetError
+from braintumnet.labels import REGIONS, TASKS
 
-GATE_REGIONS = ("tumor", "edema", "whole")
+GATE_REGIONS = tuple(REGIONS)
 MODEL_MODES = ("multitask", "two-stage")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 # The centre's server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"); "none" = FedAvg's aggregate
@@ -289,128 +286,6 @@ def get_profile(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}: use one of {sorted(PROFILES)}") from None
-
-
-# Run-config key (pyproject [tool.flwr.app.config]) -> (section, field). Values of 0 or "" mean "the profile's".
-RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
-    "data.img-size": ("data", "img_size"),
-    "data.slices-per-case": ("data", "slices_per_case"),
-    "task": ("data", "task"),
-    "model.feature-size": ("model", "feature_size"),
-    "model.gate-region": ("model", "gate_region"),
-    "model.mode": ("model", "mode"),
-    "model.gate-gradient": ("model", "gate_gradient"),
-    "model.shared-features": ("model", "shared_features"),
-    "model.shared-gradient": ("model", "shared_gradient"),
-    "model.gate-floor": ("model", "gate_floor"),
-    "train.local-epochs": ("federation", "local_epochs"),
-    "train.batch-size": ("train", "batch_size"),
-    "train.learning-rate": ("train", "learning_rate"),
-    "train.seed": ("train", "seed"),
-    "train.fedprox-mu": ("train", "fedprox_mu"),
-    "train.logit-adjustment": ("train", "logit_adjustment"),
-    "train.seg-ce-weight": ("train", "seg_ce_weight"),
-    "train.warmup-epochs": ("train", "warmup_epochs"),
-    "train.keep-optimizer-state": ("train", "keep_optimizer_state"),
-    "cv.folds": ("train", "cv_folds"),
-    "cv.fold": ("train", "cv_fold"),
-    "num-server-rounds": ("federation", "num_rounds"),
-    "fraction-train": ("federation", "fraction_train"),
-    "fraction-evaluate": ("federation", "fraction_evaluate"),
-    "min-train-nodes": ("federation", "min_train_nodes"),
-    "min-evaluate-nodes": ("federation", "min_evaluate_nodes"),
-    "min-available-nodes": ("federation", "min_available_nodes"),
-    "wait-for-nodes-s": ("federation", "wait_for_nodes_s"),
-    "round-timeout-s": ("federation", "round_timeout_s"),
-    "dp.enabled": ("privacy", "enabled"),
-    "dp.noise-multiplier": ("privacy", "noise_multiplier"),
-    "dp.target-epsilon": ("privacy", "target_epsilon"),
-    "dp.max-grad-norm": ("privacy", "max_grad_norm"),
-    "dp.delta": ("privacy", "delta"),
-    "dp.max-epsilon": ("privacy", "max_epsilon"),
-    "strategy.aggregation": ("robust", "aggregation"),
-    "strategy.trim-fraction": ("robust", "trim_fraction"),
-    "robust.norm-factor": ("robust", "norm_factor"),
-    "strategy.server-optimizer": ("server", "optimizer"),
-    "strategy.server-learning-rate": ("server", "learning_rate"),
-    "strategy.server-momentum": ("server", "momentum"),
-    "strategy.server-beta1": ("server", "beta_1"),
-    "strategy.server-beta2": ("server", "beta_2"),
-    "strategy.server-tau": ("server", "tau"),
-}
-# Sections every profile shares; their run-config values are literal (0 is a value, not "the profile's").
-LITERAL_SECTIONS = {"privacy", "robust", "server"}
-# Keys whose 0 is a real setting in every profile (no gradient, no floor), so they are literal too.
-LITERAL_KEYS = {"model.shared-gradient", "model.gate-floor", "train.seg-ce-weight", "train.warmup-epochs",
-                "train.logit-adjustment"}
-# Run-config keys that are not typed into a Profile: the profile's name, the centre's settings
-# (server.strategy.ServerSettings) and the simulated sites' (client/sites.py). With RUN_CONFIG_KEYS they are every key
-# of [tool.flwr.app.config]; tests/test_config.py keeps the two lists and pyproject.toml equal.
-APP_KEYS = frozenset({
-    "profile", "checkpoint-dir", "resume-from", "external-data", "mlflow-experiment", "audit-messages",
-    "evaluate-in-train", "sites", "cache-dir", "device", "phantom-dir", "phantom-scale", "phantom-seed",
-})
-
-
-def known_keys() -> frozenset[str]:
-    """Every key a run config may hold."""
-    return frozenset(RUN_CONFIG_KEYS) | APP_KEYS
-
-
-def check_keys(run_config: Mapping[str, Any]) -> None:
-    """Refuse keys that do not exist, before any work starts: a misspelt key would otherwise be silently ignored.
-
-    Raises:
-        ConfigError: naming every unknown key and, where one is close, the key that was probably meant.
-    """
-    import difflib
-
-    known = known_keys()
-    unknown = sorted(k for k in run_config if k not in known)
-    if not unknown:
-        return
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; the keys are those of "
-                      "[tool.flwr.app.config] in pyproject.toml (docs/study.md lists them)")
-
-
-def resolve(run_config: Mapping[str, Any] | None = None, profile: str | None = None) -> Profile:
-    """Type a run config: start from its profile and apply every key that is not left at 0 / "".
-
-    Raises:
-        ConfigError: naming a key that does not exist (``check_keys``).
-        ValueError: naming an unknown profile or a value the dataclasses reject.
-    """
-    run_config = dict(run_config or {})
-    check_keys(run_config)
-    base = get_profile(profile or str(run_config.get("profile", "quick")))
-    sections: dict[str, dict[str, Any]] = {f.name: {} for f in fields(Profile)}
-    for key, value in run_config.items():
-        if key not in RUN_CONFIG_KEYS:
-            continue  # an APP_KEYS key: the centre's or the simulated sites' setting, not the profile's
-        section, name = RUN_CONFIG_KEYS[key]
-        literal = section in LITERAL_SECTIONS or key in LITERAL_KEYS
-        if not literal and value in (0, 0.0, "") and not isinstance(value, bool):
-            continue
-        sections[section][name] = _cast(getattr(base, section), name, value)
-    return Profile(**{s: replace(getattr(base, s), **v) for s, v in sections.items()})
-
-
-def _cast(obj: Any, name: str, value: Any) -> Any:
-    kind = type(getattr(obj, name))
-    if kind is bool:
-        # bool("false") is True: accept only what clearly means one or the other.
-        text = str(value).strip().lower()
-        if isinstance(value, bool) or text in ("true", "false", "1", "0"):
-            return value if isinstance(value, bool) else text in ("true", "1")
-        raise ValueError(f"{name}={value!r}: expected true or false")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r}: expected a {kind.__name__}") from None
 
 
 def to_dict(profile: Profile) -> dict[str, Any]:

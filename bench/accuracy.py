@@ -167,7 +167,8 @@ class ArmStore:
 def _train_arm(kind: str, factory, profile, internal: list, external, dev: torch.device) -> dict:
     """Train one arm on the pooled internal training split and score it on the internal test split and the external
     site; a task the arm does not do gets no figures (None), not chance-level ones."""
-    from braintumnet.engine import evaluate_model, train_model
+    from braintumnet.engine import train_model
+    from braintumnet.scoring import evaluate_model
 
     if kind == "two-stage":
         profile = dataclasses.replace(profile, model=dataclasses.replace(profile.model, mode="two-stage"))

@@ -202,7 +202,7 @@ def sparse_vs_dense(ctx: Context, settings: dict) -> dict:
     and the Dice difference of the two modes on one briefly trained quick-width model."""
     from braintumnet.data.dataset import select_slices
     from braintumnet.data.contract import class_names
-    from braintumnet.engine import evaluate_cases, predict_slices
+    from braintumnet.scoring import evaluate_cases, predict_slices
 
     size, device, reps = settings["sparse_size"], ctx.device, max(settings["reps"], 5 if not ctx.tiny else 1)
     model, sites, profile, training = _trained_quick_model(ctx, settings)

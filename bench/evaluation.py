@@ -88,7 +88,8 @@ def seconds_per_case(run_config: dict, n_cases: int = 3, depth: int = 50, reps: 
     (the stand-in: everything but the network) and ``total`` (BrainTumNet at the config's width), medians of
     ``reps`` runs."""
     from braintumnet.data.contract import class_names
-    from braintumnet.engine import build_model, evaluate_cases
+    from braintumnet.engine import build_model
+    from braintumnet.scoring import evaluate_cases
 
     profile = resolve(run_config)
     size = profile.data.img_size

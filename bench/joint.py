@@ -63,7 +63,8 @@ def _settings(ctx: Context) -> dict:
 
 def train_arm(key: str, seed: int, settings: dict, internal: list, external, dev: torch.device) -> dict:
     """One arm, one seed: train on the pooled internal training split, score internal test and external."""
-    from braintumnet.engine import build_model, evaluate_model, train_model
+    from braintumnet.engine import build_model, train_model
+    from braintumnet.scoring import evaluate_model
 
     _, model_changes, switches = ARMS[key]
     profile = resolve({**settings["run_config"], "train.seed": seed})

@@ -16,8 +16,8 @@ from braintumnet.data.cache import PreparedSite
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import case_folds
-from braintumnet.engine import (aggregate_metrics, build_model, evaluate_model, evaluate_sites, pick_device,
-                                train_model)
+from braintumnet.engine import build_model, pick_device, train_model
+from braintumnet.scoring import aggregate_metrics, evaluate_model, evaluate_sites
 from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_columns
 from braintumnet.report import SYNTHETIC_NOTE

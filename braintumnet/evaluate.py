@@ -17,7 +17,8 @@ from braintumnet.checkpoint import load_model, task_of
 from braintumnet.config import to_dict
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.loading import default_cache_root, load_sites
-from braintumnet.engine import evaluate_sites, pick_device, predict_slices
+from braintumnet.engine import pick_device
+from braintumnet.scoring import evaluate_sites, predict_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.report import SYNTHETIC_NOTE, plots

@@ -25,13 +25,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from braintumnet.checkpoint import model_with_weights
 from braintumnet.config import Profile
 from braintumnet.data.contract import class_names
 from braintumnet.data.folds import training_cases_without_fold
 from braintumnet.data.loading import SiteRuntime, open_site
-from braintumnet.engine import build_model, evaluate_model, pick_device, train_model
+from braintumnet.engine import pick_device, train_model
 from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
 from braintumnet.privacy import PrivacyBudgetSpent, PrivacyLedger, PrivateTraining
+from braintumnet.scoring import evaluate_model
 from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, RECEIVED_PREFIX, SECONDS, TRAIN_KEYS,
                                   WEIGHT_KEY)
 
@@ -174,9 +176,7 @@ def _evaluation(model: nn.Module, prepared, profile: Profile, device: torch.devi
 
 
 def _global_model(state: StateDict, profile: Profile) -> nn.Module:
-    model = build_model(profile, len(class_names(profile.data.task)))
-    model.load_state_dict(state, strict=True)
-    return model
+    return model_with_weights(profile, state, class_names(profile.data.task), source="the global model received")
 
 
 def _finite(value: float) -> float:

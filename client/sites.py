@@ -182,8 +182,8 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
     """
     from braintumnet.data.loading import SiteRuntime, default_cache_root
 
-    cache_cfg = str(run_config.get("cache-dir", "") or "")
-    default_cache = Path(cache_cfg).expanduser().absolute() if cache_cfg else default_cache_root()
+    app = app_config(run_config)
+    default_cache = Path(app.cache_dir).expanduser().absolute() if app.cache_dir else default_cache_root()
     if "site-name" in node_config:
         data = node_config.get("data-path")
         cache = node_config.get("cache-dir")
@@ -191,19 +191,18 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
             name=str(node_config["site-name"]),
             data=Path(str(data)) if data else None,
             cache=Path(str(cache)) if cache else default_cache,
-            device=str(node_config.get("device", run_config.get("device", "auto"))),
+            device=str(node_config.get("device", app.device)),
         )
     if "partition-id" not in node_config:
         raise BrainTumNetError("this SuperNode has no site-name in its node config; start it with "
                                "python client/run.py --site NAME (it sets --node-config site-name=...)")
-    names = simulation_sites(run_config)
+    names = list(app.sites)
     pid = int(node_config["partition-id"])
     if pid >= len(names):
         raise BrainTumNetError(f"simulation partition {pid} has no site: the run config's sites lists {names}; "
                                f"use num-supernodes <= {len(names)} or list more sites")
-    scale, seed = phantom_settings(run_config)
     return SiteRuntime(name=names[pid], data=phantom_root(run_config, default_cache) / names[pid],
-                       cache=default_cache, device=str(run_config.get("device", "auto")), phantom=(scale, seed))
+                       cache=default_cache, device=app.device, phantom=phantom_settings(run_config))
 
 
 def simulation_sites(run_config: Mapping[str, Any]) -> list[str]:
@@ -214,7 +213,7 @@ def simulation_sites(run_config: Mapping[str, Any]) -> list[str]:
 
 def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:
     """``phantom-dir`` if set, else ``<cache root>/phantom-s<scale>-seed<seed>``."""
-    explicit = str(run_config.get("phantom-dir", "") or "")
+    explicit = app_config(run_config).phantom_dir
     if explicit:
         return Path(explicit).expanduser().absolute()
     scale, seed = phantom_settings(run_config)
@@ -223,4 +222,5 @@ def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:
 
 def phantom_settings(run_config: Mapping[str, Any]) -> tuple[float, int]:
     """``phantom-scale`` and ``phantom-seed`` of the run config (the simulated cohort's size and seed)."""
-    return float(run_config.get("phantom-scale", 0.05)), int(run_config.get("phantom-seed", 0))
+    app = app_config(run_config)
+    return app.phantom_scale, app.phantom_seed

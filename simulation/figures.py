@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from braintumnet.data.dataset import select_slices
-from braintumnet.engine import predict_slices
+from braintumnet.scoring import predict_slices
 from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, overlay_examples,
                                       roc_curves, save)
 from simulation.report import arms_of

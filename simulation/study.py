@@ -28,7 +28,8 @@ from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
 from braintumnet.data.phantom import complete_cohort, generate_cohort
-from braintumnet.engine import build_model, evaluate_cases, evaluate_model, evaluate_sites, pick_device, train_model
+from braintumnet.engine import build_model, pick_device, train_model
+from braintumnet.scoring import evaluate_cases, evaluate_model, evaluate_sites
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_tree

@@ -12,7 +12,8 @@ import torch
 from braintumnet.centralized import train_centralized
 from braintumnet.checkpoint import load_checkpoint, save_checkpoint
 from braintumnet.data.dataset import SliceDataset, select_slices
-from braintumnet.engine import build_model, cosine_lr, evaluate_model, train_model
+from braintumnet.engine import build_model, cosine_lr, train_model
+from braintumnet.scoring import evaluate_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.losses import MultiTaskLoss
 from braintumnet.metrics import METRIC_NAMES

@@ -85,13 +85,14 @@ def open_site(site: SiteRuntime, data_cfg: DataConfig) -> PreparedSite:
 
 def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
     """Generate the phantom cohort into ``root`` unless it is there; concurrent callers wait for the first one."""
+    from braintumnet.data.phantom import complete_cohort, generate_cohort
+
     root = Path(root)
-    if (root / "yibin" / "dataset.json").is_file():
+    if complete_cohort(root) is not None:
         return root
     with file_lock(root.parent / f".{root.name}.lock"):
-        if (root / "yibin" / "dataset.json").is_file():
+        if complete_cohort(root) is not None:
             return root
-        from braintumnet.data.phantom import generate_cohort
 
         log.info("generating the synthetic phantom cohort (scale %g, seed %d) into %s", scale, seed, root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

@@ -15,7 +15,8 @@ import pytest
 from braintumnet.checkpoint import load_checkpoint
 from braintumnet.config import resolve
 from braintumnet.data.loading import prepare_and_load
-from braintumnet.engine import build_model, evaluate_sites
+from braintumnet.engine import build_model
+from braintumnet.scoring import evaluate_sites
 from simulation.flower_run import run_federated
 
 pytestmark = pytest.mark.timeout(900)

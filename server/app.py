@@ -2,7 +2,7 @@
 
 Run config (``[tool.flwr.app.config]``, overridden with ``flwr run . <connection> -c "key=value"``): the typed
 profile keys of ``braintumnet.config`` plus ``checkpoint-dir``, ``resume-from``, ``external-data``, ``cache-dir``,
-``sites`` and ``mlflow-experiment`` (see ``server.strategy.ServerSettings`` and docs/federation.md).
+``sites`` and ``mlflow-experiment`` (see ``server.settings.ServerSettings`` and docs/federation.md).
 ``num-server-rounds`` is the federation's total: a run resumed after round 3 of 10 trains rounds 4..10.
 """
 
@@ -17,8 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from braintumnet.logs import setup_logging
 from braintumnet.errors import BrainTumNetError
+from braintumnet.protocol import TOTAL_ROUNDS
 from server.checkpoints import RunFolder, find_resume_point, load_server_optimizer
-from server.strategy import ServerSettings, make_strategy, server_optimizer_params
+from server.optimizers import make_strategy
+from server.settings import ServerSettings, server_optimizer_params
 from server.tracking import Tracker
 
 log = logging.getLogger("braintumnet.server")
@@ -71,12 +73,12 @@ def main(grid: Grid, context: Context) -> None:
         if remaining > 0:
             strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
                            timeout=profile.federation.round_timeout_s,
-                           train_config=ConfigRecord({"total-rounds": profile.federation.num_rounds}),
+                           train_config=ConfigRecord({TOTAL_ROUNDS: profile.federation.num_rounds}),
                            evaluate_config=ConfigRecord({}))
             state = strategy.arrays.to_torch_state_dict()  # Flower's Result.arrays is empty if no round counted
         final = folder.save_final(state, profile, classes, {
             **meta, "round": max(done, profile.federation.num_rounds), "best_value": strategy.best_value,
-            "site-nodes": {str(n): s for n, s in strategy.names.items()}})
+            "site-nodes": strategy.names.as_meta()})
         tracker.artifact(final)
         log.info("federation finished: final model %s, best federated %s %s", final, "dice_tumor",
                  strategy.best_value)
@@ -136,7 +138,8 @@ def _external_evaluator(settings: ServerSettings, profile):
     from braintumnet.data.cache import load_prepared, read_meta
     from braintumnet.data.contract import class_names
     from braintumnet.data.loading import default_cache_root, prepare_and_load
-    from braintumnet.engine import build_model, evaluate_model, pick_device
+    from braintumnet.engine import build_model, pick_device
+    from braintumnet.scoring import evaluate_model
 
     source = Path(settings.external_data).expanduser().absolute()
     if read_meta(source) is not None:

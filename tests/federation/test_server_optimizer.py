@@ -14,14 +14,15 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
-import server.strategy as strategy_module
+import server.optimizers as optimizers_module
 from braintumnet.checkpoint import load_checkpoint
 from braintumnet.config import PROFILES, ConfigError, ServerOptimizerConfig, from_dict, resolve, to_dict
 from braintumnet.errors import BrainTumNetError
 from server.app import _check_compatible
 from server.checkpoints import RunFolder, find_resume_point, load_server_optimizer, server_optimizer_path
-from server.strategy import (FLOWER_CHECKED, FLOWER_INTERNALS, FLOWER_STATE, FederationError, ServerSettings,
-                             SiteAwareFedAdam, SiteAwareFedAvg, make_strategy, server_optimizer_params)
+from server.optimizers import FLOWER_CHECKED, FLOWER_INTERNALS, FLOWER_STATE, SiteAwareFedAdam, make_strategy
+from server.settings import FederationError, ServerSettings, server_optimizer_params
+from server.strategy import SiteAwareFedAvg
 from server.tracking import Tracker
 from test_strategy import INITIAL, ScriptedGrid, run, site, task_identity  # noqa: F401 (task_identity: autouse)
 
@@ -216,7 +217,7 @@ def test_zero_is_literal_and_the_default_learning_rates_are_ours_or_flowers():
                                                ("fedadagrad", FedAdagrad)])
 def test_the_flower_internals_relied_on_are_there(build, optimizer, flower):
     """Fails when a Flower release renames or reshapes the attributes the state is kept in: update FLOWER_STATE,
-    FLOWER_INTERNALS and FLOWER_CHECKED in server/strategy.py together, after checking Flower's new maths."""
+    FLOWER_INTERNALS and FLOWER_CHECKED in server/optimizers.py together, after checking Flower's new maths."""
     import flwr
 
     assert flwr.__version__.split(".")[:2] == FLOWER_CHECKED.split(".")
@@ -231,7 +232,7 @@ def test_the_flower_internals_relied_on_are_there(build, optimizer, flower):
 
 
 def test_another_flower_version_is_refused(build, monkeypatch):
-    monkeypatch.setattr(strategy_module, "FLWR_VERSION", "1.43.0")
+    monkeypatch.setattr(optimizers_module, "FLWR_VERSION", "1.43.0")
     with pytest.raises(FederationError, match="checked with flwr 1.42 .* flwr 1.43.0 is installed"):
         build("fedadam")
     assert isinstance(build("none"), SiteAwareFedAvg)  # plain FedAvg relies on none of them

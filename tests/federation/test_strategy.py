@@ -22,7 +22,10 @@ from braintumnet.checkpoint import load_checkpoint
 from braintumnet.config import resolve
 from braintumnet.errors import BrainTumNetError
 from server.checkpoints import RunFolder, find_resume_point
-from server.strategy import FederationError, ServerSettings, SiteAwareFedAvg, nan_weighted_mean, reply_problem
+from server.aggregation import nan_weighted_mean
+from server.screening import reply_problem
+from server.settings import FederationError, ServerSettings
+from server.strategy import SiteAwareFedAvg
 from server.tracking import Tracker
 
 SUPERLINK = 1  # Flower's node id for messages the SuperLink makes itself (e.g. "node unavailable")
@@ -109,7 +112,7 @@ def gone(msg: Message):
 
 @pytest.fixture()
 def make_strategy(tmp_path):
-    def make(rounds=1, run_config=None, audit=False, evaluate_in_train=True, **federation):
+    def make(rounds=1, run_config=None, audit=False, evaluate_in_train=True, run_id=7, round_offset=0, **federation):
         base = resolve({"profile": "quick", "data.img-size": 32, "model.feature-size": 8, **(run_config or {})})
         settings = {"num_rounds": rounds, "min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1,
                     **federation}
@@ -117,8 +120,9 @@ def make_strategy(tmp_path):
         settings = ServerSettings(checkpoint_dir=tmp_path, sites=("yibin", "plagh", "jinling"), audit_messages=audit,
                                   evaluate_in_train=evaluate_in_train)
         tracker = Tracker(tmp_path, "", "t", "f", {}, {}, enabled=False)
-        return SiteAwareFedAvg(profile=profile, settings=settings, folder=RunFolder(tmp_path, 7), tracker=tracker,
-                               class_names=("glioma", "metastasis", "meningioma"), meta={"federation-id": "f"})
+        return SiteAwareFedAvg(profile=profile, settings=settings, folder=RunFolder(tmp_path, run_id), tracker=tracker,
+                               class_names=("glioma", "metastasis", "meningioma"), round_offset=round_offset,
+                               meta={"federation-id": "f"})
     return make
 
 
@@ -198,8 +202,7 @@ def test_rounds_continue_after_resume(make_strategy, tmp_path):
     run(first, ScriptedGrid({11: site("yibin", 10, 1.0)}), rounds=1)
     point = find_resume_point(tmp_path, "latest")
     assert point.round == 1
-    second = make_strategy(rounds=3)
-    second.round_offset, second.folder = point.round, RunFolder(tmp_path, 8)
+    second = make_strategy(rounds=3, run_id=8, round_offset=point.round)
     seen = []
     answer = site("yibin", 10, 1.0)
     run(second, ScriptedGrid({11: lambda m: seen.append(m.content["config"]["server-round"]) or answer(m)}), rounds=2)
@@ -420,3 +423,41 @@ def test_evaluate_in_train_can_be_switched_off(make_strategy):
                                                              "evaluate-received" in m.content["config"])) or answer(m)}),
         rounds=2)
     assert asked == [(MessageType.TRAIN, False), (MessageType.EVALUATE, False)] * 2
+
+
+# ---- the message format: the centre uses braintumnet.protocol's names -----------------------------------------------
+
+# Protocol names that are message keys only. FEDERATION_ID's spelling is also the run folder's meta key and an MLflow
+# tag, SECONDS's a metrics.json block, SITE_NAME's and CONFIG's ordinary words: those formats keep their own names.
+MESSAGE_ONLY = ("ARRAYS", "METRICS", "SITE", "SERVER_ROUND", "TOTAL_ROUNDS", "EVALUATE_RECEIVED", "WEIGHT_KEY",
+                "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT")
+
+
+def test_no_server_module_spells_a_message_key_itself():
+    """A key the centre spelled itself would silently stop matching the sites when the protocol renames it."""
+    import ast
+    from pathlib import Path
+
+    import braintumnet.protocol as protocol
+    import server
+
+    keys = {getattr(protocol, name): name for name in MESSAGE_ONLY}
+    found = []
+    for path in sorted(Path(server.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in keys:
+                found.append(f"{path.name}:{node.lineno} {node.value!r} (braintumnet.protocol.{keys[node.value]})")
+    assert not found, "use braintumnet.protocol's names: " + "; ".join(found)
+
+
+def test_the_instructions_carry_the_protocols_config_keys(make_strategy):
+    from braintumnet.protocol import EVALUATE_RECEIVED, FEDERATION_ID, SERVER_ROUND, TOTAL_ROUNDS
+
+    strategy = make_strategy(rounds=2)
+    configs = []
+    answer = site("yibin", 10, 1.0)
+    run(strategy, ScriptedGrid({11: lambda m: configs.append((m.metadata.message_type, set(m.content["config"])))
+                                or answer(m)}), rounds=2)
+    assert configs == [(MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID}),
+                       (MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID, EVALUATE_RECEIVED}),
+                       (MessageType.EVALUATE, {SERVER_ROUND})]

@@ -1,0 +1,128 @@
+"""Sending and receiving: Flower's Grid with a record of each exchange, polling that adapts to the phase, and reads
+retried while the SuperLink is busy.
+
+Each exchange is recorded (:class:`Exchange`): where each message went (to name the site of a reply, or of a missing
+one), how long it took and how many array bytes moved per node. With the message audit on, every message sent and
+received is described (``server/audit.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from server.audit import describe_exchange
+
+log = logging.getLogger("braintumnet.server")
+
+# Seconds between reply polls. Flower's own Grid.send_and_receive waits a flat 3 s, which costs up to 3 s per phase
+# (6 s a round) whatever the sites do: round overhead x2-x4 on short rounds (bench/results/federation.md). Each poll is
+# a write at the SuperLink (it marks replies delivered), and flat fast polling made its SQLite state time out on locks
+# on a busy machine. So the wait grows with the phase: a tenth of the time waited so far (the polling delay stays
+# within ~10 % of the phase), never under POLL_MIN_S nor over POLL_S. The 3 s ceiling costs about 1.5 s a round on
+# average (the standard study's rounds fell on a 3 s grid: 2.5 % of a 60 s round); a 1 s ceiling, tried, saw a
+# loopback run fail on "database is locked" on a saturated box, so the ceiling stays.
+POLL_S = 3.0
+POLL_MIN_S = 0.5
+POLL_FRACTION = 0.1
+BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
+
+
+@dataclass
+class Exchange:
+    """One send-and-receive: where each message went, what came back, how long it took and how many bytes moved."""
+
+    sent: dict[str, int] = field(default_factory=dict)  # message id -> node id
+    replies: list[Message] = field(default_factory=list)
+    seconds: float = 0.0
+    timeout: float | None = None
+    bytes_out: dict[int, int] = field(default_factory=dict)  # node id -> array bytes sent
+    bytes_in: dict[int, int] = field(default_factory=dict)  # node id -> array bytes received
+
+
+class RecordingGrid(Grid):
+    """Flower's Grid, plus a record of each exchange (for site names, bytes and timing) and retried reads.
+
+    ``audit``, when given, receives a description (``server.audit.describe_message``) of every message sent and
+    received.
+    """
+
+    def __init__(self, grid: Grid, audit: Callable[[list[dict]], Any] | None = None):
+        self._grid = grid
+        self.last = Exchange()
+        self.audit = audit
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # deprecated upstream
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        start = time.monotonic()
+        exchange = Exchange(bytes_out={m.metadata.dst_node_id: array_bytes(m.content) for m in messages},
+                            timeout=timeout)
+        ids = list(self._grid.push_messages(messages)) if messages else []
+        exchange.sent = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        waiting = set(exchange.sent)
+        deadline = None if timeout is None else start + timeout
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            got = retry_busy(lambda: list(self._grid.pull_messages(list(waiting))), "pull replies")
+            exchange.replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if waiting:
+                time.sleep(min(POLL_S, max(POLL_MIN_S, POLL_FRACTION * (time.monotonic() - start))))
+        for m in exchange.replies:
+            node = exchange.sent.get(m.metadata.reply_to_message_id)
+            if node is not None and not m.has_error():
+                exchange.bytes_in[node] = array_bytes(m.content)
+        exchange.seconds = time.monotonic() - start
+        self.last = exchange
+        if self.audit is not None:
+            self.audit(describe_exchange(messages, exchange.replies, exchange.sent))
+        return exchange.replies
+
+
+def retry_busy(read: Callable[[], Any], what: str) -> Any:
+    """Run a read-only SuperLink call, retrying with backoff when the SuperLink answers 5xx (e.g. its SQLite state is
+    locked by a burst of uploads); Flower's own client gives up at the first 500 and the ServerApp would exit."""
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            return read()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code < 500 or attempt == BUSY_RETRIES:
+                raise
+            wait = min(2.0 ** attempt, 15.0)
+            log.warning("SuperLink answered %d to '%s' (busy); retrying in %.0f s", exc.response.status_code, what,
+                        wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def array_bytes(content: RecordDict) -> int:
+    """The bytes of a message's arrays (what a model download or upload costs)."""
+    return sum(record.count_bytes() for record in content.array_records.values())

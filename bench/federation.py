@@ -1,7 +1,7 @@
 """Federation cost: round overhead, bytes per site per round, and wall time as sites are added.
 
 * **Round overhead** = a round's wall time / the slowest site's own train + evaluate time (the ClientApps'
-  ``seconds``), as the ServerApp records it in the run folder's ``metrics.json`` (``server.strategy._overhead``).
+  ``seconds``), as the ServerApp records it in the run folder's ``metrics.json`` (``server.rounds.RoundRecord.close``).
   On a machine with fewer cores than sites the sites queue for cores, so the table also gives the overhead against
   the best this machine could do: ``max(slowest site, total site time / parallel slots)``. The **serial** runs
   reserve every core for each site, so Ray runs one site at a time (still one thread each): no site competes with

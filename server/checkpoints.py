@@ -24,9 +24,7 @@ round is found beside it by the round number (``latest.pt`` is a link, so its ow
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import PRIVATE, atomic_write, atomic_write_json, plain
 
 # Entries of a server-optimizer state file that are not state arrays (those are named "<attribute>/<model key>").
 OPTIMIZER_KEY, ROUND_KEY = "optimizer", "round"
@@ -72,15 +71,8 @@ class RunFolder:
     def save_server_optimizer(self, server_round: int, optimizer: str, state: Mapping[str, np.ndarray]) -> Path:
         """Write the server optimizer's state after ``server_round`` beside that round's checkpoint."""
         path = server_optimizer_path(self.dir, server_round)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{OPTIMIZER_KEY: np.array(optimizer), ROUND_KEY: np.array(server_round)}, **state)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        header = {OPTIMIZER_KEY: np.array(optimizer), ROUND_KEY: np.array(server_round)}
+        return atomic_write(path, lambda f: np.savez(f, **header, **state), mode=PRIVATE)
 
     def save_final(self, state: Mapping, profile, class_names, meta: dict) -> Path:
         from braintumnet.checkpoint import save_checkpoint
@@ -88,7 +80,7 @@ class RunFolder:
         return save_checkpoint(self.dir / "final.pt", state, profile, class_names, meta)
 
     def write_metrics(self, document: dict) -> Path:
-        return write_json(self.dir / "metrics.json", document)
+        return atomic_write_json(self.dir / "metrics.json", document)
 
     @property
     def audit_path(self) -> Path:
@@ -98,7 +90,7 @@ class RunFolder:
         """Append one JSON line per message description (appends: a crash loses at most the current exchange)."""
         with open(self.audit_path, "a", encoding="utf-8") as f:
             for entry in entries:
-                f.write(json.dumps(_strict(entry), sort_keys=True) + "\n")
+                f.write(json.dumps(plain(entry), sort_keys=True, allow_nan=False) + "\n")
 
 
 def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
@@ -158,31 +150,6 @@ def load_server_optimizer(point: ResumePoint, optimizer: str) -> dict[str, np.nd
         raise BrainTumNetError(f"{path}: holds {name or 'no'} state of round {saved_round}, expected {optimizer} "
                                f"of round {point.round}: {fix}")
     return saved
-
-
-def write_json(path: Path, document: Any) -> Path:
-    """Atomic JSON write; NaN / inf become null (strict JSON)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_strict(document), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _strict(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _link_atomically(target: Path, link: Path) -> None:

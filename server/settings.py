@@ -53,17 +53,14 @@ class ServerSettings:
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
-        root = str(cfg.get("checkpoint-dir", "") or "runs")
-        return cls(
-            checkpoint_dir=Path(root).expanduser().absolute(),
-            resume_from=str(cfg.get("resume-from", "") or ""),
-            external_data=str(cfg.get("external-data", "") or ""),
-            cache_dir=str(cfg.get("cache-dir", "") or ""),
-            sites=tuple(s.strip() for s in str(cfg.get("sites", "")).split(",") if s.strip()),
-            mlflow_experiment=str(cfg.get("mlflow-experiment", "braintumnet-fl")),
-            audit_messages=str(cfg.get("audit-messages", False)).lower() in ("true", "1"),
-            evaluate_in_train=str(cfg.get("evaluate-in-train", True)).lower() in ("true", "1"),
-        )
+        """The centre's keys, typed by the package's one reader (``braintumnet.config.app_config``: one boolean
+        parser; a value of the wrong type is refused with the key's name)."""
+        from braintumnet.config import app_config
+
+        app = app_config(cfg)
+        return cls(checkpoint_dir=app.checkpoint_root, resume_from=app.resume_from, external_data=app.external_data,
+                   cache_dir=app.cache_dir, sites=app.sites, mlflow_experiment=app.mlflow_experiment,
+                   audit_messages=app.audit_messages, evaluate_in_train=app.evaluate_in_train)
 
 
 def server_optimizer_arguments(profile) -> dict[str, float]:

@@ -16,13 +16,14 @@ federation should not wait for, and a broken tracking store logs one warning ins
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from braintumnet.tracking import experiment_id as find_or_create_experiment, tracking_uri
 
 log = logging.getLogger("braintumnet.server")
 
@@ -50,7 +51,7 @@ class Tracker:
     def __init__(self, root: Path, experiment: str, run_name: str, federation_id: str,
                  params: Mapping[str, Any], tags: Mapping[str, str], enabled: bool = True):
         self.root = Path(root).absolute()
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.uri = tracking_uri(self.root)
         self.enabled = enabled
         self.run_id: str | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -101,14 +102,7 @@ class Tracker:
 
         self.root.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        elif self.uri.startswith("sqlite:"):
-            experiment_id = client.create_experiment(experiment,
-                                                     artifact_location=(self.root / "mlartifacts").as_uri())
-        else:
-            experiment_id = client.create_experiment(experiment)
+        experiment_id = find_or_create_experiment(client, experiment, self.root)
         previous = client.search_runs([experiment_id], f"tags.`federation-id` = '{federation_id}'", max_results=1)
         if previous:
             self.run_id = previous[0].info.run_id

@@ -34,11 +34,26 @@ def test_every_site_sends_the_same_evaluation_keys():
     assert set(EVAL_KEYS) == set(METRIC_NAMES) | {"miss_rate_tumor"}
 
 
-def test_the_centre_reads_the_prefix_the_sites_write():
-    """evaluate-in-train: the ClientApp prefixes its scores of the received model; the centre (which does not import
-    the sites' code) strips the same prefix."""
-    from braintumnet.protocol import RECEIVED_KEYS, RECEIVED_PREFIX, REPLY_METRIC_KEYS
-    from server.strategy import RECEIVED_PREFIX as CENTRE_PREFIX
+def test_no_site_module_spells_a_message_key_itself():
+    """The sites' half of the protocol: the ClientApp and the core's site round take every message key from
+    braintumnet.protocol (the centre's half is checked in test_strategy.py), so a renamed key cannot leave one side
+    behind."""
+    import ast
 
-    assert RECEIVED_PREFIX == CENTRE_PREFIX
-    assert {f"{RECEIVED_PREFIX}{k}" for k in EVAL_KEYS} < set(RECEIVED_KEYS) <= REPLY_METRIC_KEYS
+    import braintumnet.protocol as protocol
+    import braintumnet.site_round
+    import client
+
+    names = ("ARRAYS", "METRICS", "SITE", "SERVER_ROUND", "TOTAL_ROUNDS", "EVALUATE_RECEIVED", "FEDERATION_ID",
+             "WEIGHT_KEY", "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT")
+    keys = {getattr(protocol, name): name for name in names}
+    # client/sites.py and client/run.py read sites.toml, whose "site" tables are no message key.
+    files = [Path(client.__file__).parent / "app.py", Path(braintumnet.site_round.__file__)]
+    found = [f"{path.name}:{node.lineno} {node.value!r} (braintumnet.protocol.{keys[node.value]})"
+             for path in files for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Constant) and node.value in keys]
+    assert not found, "use braintumnet.protocol's names: " + "; ".join(found)
+    assert {f"{protocol.RECEIVED_PREFIX}{k}" for k in EVAL_KEYS} < set(protocol.RECEIVED_KEYS) <= \
+        protocol.REPLY_METRIC_KEYS
+
+

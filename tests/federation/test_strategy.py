@@ -461,3 +461,15 @@ def test_the_instructions_carry_the_protocols_config_keys(make_strategy):
     assert configs == [(MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID}),
                        (MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID, EVALUATE_RECEIVED}),
                        (MessageType.EVALUATE, {SERVER_ROUND})]
+
+
+def test_the_centres_keys_are_typed_by_the_one_reader():
+    """ServerSettings reads its keys through braintumnet.config.app_config: one boolean parser for every key."""
+    from braintumnet.errors import BrainTumNetError
+    from server.settings import ServerSettings
+
+    settings = ServerSettings.from_run_config({"audit-messages": "true", "evaluate-in-train": False,
+                                               "sites": "a, b"})
+    assert settings.audit_messages is True and settings.evaluate_in_train is False and settings.sites == ("a", "b")
+    with pytest.raises(BrainTumNetError, match="audit-messages"):
+        ServerSettings.from_run_config({"audit-messages": "maybe"})

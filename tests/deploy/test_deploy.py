@@ -200,7 +200,7 @@ def test_centre_compose_is_tls_with_node_auth_and_durable_state():
     assert any(v.endswith(":/app/state") for v in doc["services"]["superlink"]["volumes"])
     assert list(doc["services"]["superlink"]["ports"]) == ["0.0.0.0:8000:8000"]
     mlflow = doc["services"]["mlflow"]["command"]
-    assert any(a.startswith("--backend-store-uri=postgresql://") for a in mlflow)
+    assert doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
     assert "--serve-artifacts" in mlflow
 
 
@@ -317,3 +317,24 @@ def test_runbook_links_and_toml_snippets():
     security = (DEPLOY / "SECURITY.md").read_text()
     for needle in ("TLS", "SuperNode authentication", "differential privacy", "user authentication"):
         assert needle.lower() in security.lower(), needle
+
+
+def test_secrets_stay_off_command_lines_and_mlflow_answers_the_servers_host():
+    """The tracking store's password is in the environment, not in a command line any host process can read; MLflow
+    3 refuses Host headers it does not allow, and the ServerApp calls it mlflow:5000."""
+    centre = (DEPLOY / "centre" / "compose.yml").read_text()
+    doc = yaml.safe_load(substitute(centre, env_example(DEPLOY / "centre" / "compose.yml")))
+    mlflow = doc["services"]["mlflow"]
+    assert not any("postgresql://" in str(arg) for arg in mlflow.get("command", []))
+    assert "postgresql://" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert "mlflow:5000" in mlflow["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert "mlflow:5000" in doc["services"]["serverapp"]["environment"]["MLFLOW_TRACKING_URI"]
+
+
+def test_a_site_unit_does_not_retry_a_mistake_that_needs_a_person():
+    from braintumnet.errors import EXIT_NOTHING_USABLE, EXIT_USER_ERROR
+
+    unit = (DEPLOY / "systemd" / "braintumnet-site@.service").read_text()
+    prevent = [line.split("=", 1)[1].split() for line in unit.splitlines()
+               if line.startswith("RestartPreventExitStatus=")]
+    assert prevent and {str(EXIT_USER_ERROR), str(EXIT_NOTHING_USABLE)} <= set(prevent[0])

@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from braintumnet import __version__
+from braintumnet.config import PROFILES as PROFILE_NAMES
 from braintumnet.errors import EXIT_USER_ERROR, BrainTumNetError
 
 log = logging.getLogger("braintumnet")
@@ -29,7 +31,8 @@ def _profile(args):
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="quick", help="quick | standard | paper (default: quick)")
+    p.add_argument("--profile", default="quick", choices=sorted(PROFILE_NAMES),
+                   help="the size and schedule (docs/study.md, 'Profiles and time'; default: quick)")
     p.add_argument("--img-size", type=int, help="override the profile's slice size in pixels")
     p.add_argument("--slices-per-case", type=int, help="override the profile's slices per case")
     p.add_argument("--task", choices=["3class", "binary"], help="classification task (default 3class)")
@@ -118,63 +121,76 @@ def cmd_certs(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # -v is accepted before the subcommand and after it (braintumnet -v train ... or braintumnet train -v ...).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and a traceback for a failure that is not a data or settings problem")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("phantom", help="write the synthetic three-hospital cohort (+ external site)")
-    p.add_argument("--out", type=Path, required=True)
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)  # every subcommand takes -v too
+
+    p = command("phantom", help="write the synthetic three-hospital cohort (+ external site)")
+    p.add_argument("--out", type=Path, required=True, help="the cohort folder to write (one site folder per hospital)")
     p.add_argument("--scale", type=float, default=1.0, help="shrink every count in proportion (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=["nifti", "dicom"], default="nifti")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default 0)")
+    p.add_argument("--format", choices=["nifti", "dicom"], default="nifti",
+                   help="write the scans as NIfTI files or as DICOM series (default nifti)")
     p.add_argument("--preview", action="store_true", help="also write preview.png, a contact sheet")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="processes that render cases (default: the CPUs)")
     p.set_defaults(func=cmd_phantom)
 
-    p = sub.add_parser("check", help="check a site folder against the data contract; writes nothing")
-    p.add_argument("site_dir", type=Path)
+    p = command("check", help="check a site folder against the data contract; writes nothing")
+    p.add_argument("site_dir", type=Path, help="the site folder (dataset.json, cases.csv, images, labels)")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("prepare", help="check and cache a site's slices (training cases: representative slices; "
+    p = command("prepare", help="check and cache a site's slices (training cases: representative slices; "
                                        "test cases: every slice of the head)")
-    p.add_argument("site_dir", type=Path)
+    p.add_argument("site_dir", type=Path, help="the site folder (dataset.json, cases.csv, images, labels)")
     _add_profile_args(p)
     p.add_argument("--strict", action="store_true", help="any problem is fatal (nothing is cached)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="processes that read and preprocess cases (default 1)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="centralized training on pooled sites")
+    p = command("train", help="centralized training on pooled sites")
     p.add_argument("--data", required=True, help="SITE_DIR[,SITE_DIR...]")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the run folder: model.pt, metrics.json, plots")
     p.add_argument("--external", help="SITE_DIR[,...] evaluated but never trained on")
     p.add_argument("--folds", type=int, default=1, help="k-fold cross-validation on the training cases (paper: 5)")
     p.add_argument("--epochs", type=int, help="override the profile's epochs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--gate-region", choices=["tumor", "edema", "whole"])
-    p.add_argument("--mode", choices=["multitask", "two-stage"])
-    p.add_argument("--seed", type=int)
+    p.add_argument("--gate-region", choices=["tumor", "edema", "whole"],
+                   help="the predicted region the classifier sees (default tumor; the paper's Table 2)")
+    p.add_argument("--mode", choices=["multitask", "two-stage"],
+                   help="train both tasks together (default) or segmentation first, then classification")
+    p.add_argument("--seed", type=int, help="training seed (default: the profile's, 0)")
     _add_profile_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on site folders: metrics.json and plots")
-    p.add_argument("--model", type=Path, required=True)
+    p = command("evaluate", help="evaluate a checkpoint on site folders: metrics.json and plots")
+    p.add_argument("--model", type=Path, required=True, help="a checkpoint (model.pt, final.pt, round-NNNN.pt)")
     p.add_argument("--data", required=True, help="SITE_DIR[,SITE_DIR...]")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--split", choices=["test", "train", "all"], default="test")
-    p.add_argument("--cache", type=Path)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, per-case rows and plots")
+    p.add_argument("--split", choices=["test", "train", "all"], default="test",
+                   help="which cases of cases.csv to score (default test; all for an external site)")
+    p.add_argument("--cache", type=Path, help="prepared-slice cache root (default $BRAINTUMNET_CACHE or "
+                                               "./.cache/braintumnet)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="segment and classify new scans: mask NIfTI, JSON summary, one-page PNG report")
-    p.add_argument("--model", type=Path, required=True)
+    p = command("predict", help="segment and classify new scans: mask NIfTI, JSON summary, one-page PNG report")
+    p.add_argument("--model", type=Path, required=True, help="a checkpoint (model.pt, final.pt, round-NNNN.pt)")
     p.add_argument("--input", type=Path, required=True,
                    help="a NIfTI file, a DICOM series folder, or a folder of cases (batch mode)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for the masks, summaries and reports")
     p.add_argument("--tta", action="store_true", help="average over the four flips of each slice (4x the compute)")
     p.add_argument("--task", choices=["3class", "binary"], help="refuse a checkpoint trained for another task")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("certs", help="make or reuse the CA, the SuperLink's TLS certificate and the sites' keys",
+    p = command("certs", help="make or reuse the CA, the SuperLink's TLS certificate and the sites' keys",
                        description="Make (or reuse) the federation's CA, the SuperLink's TLS certificate and one "
                                    "SuperNode authentication key pair per site; see deploy/README.md.")
     p.add_argument("folder", type=Path, help="where the files go (created 0700; e.g. /etc/braintumnet/pki)")
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

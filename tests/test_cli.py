@@ -45,3 +45,23 @@ def test_centralized_train_command(phantom_root, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "dice_tumor" in out and (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_version_verbose_after_the_command_and_a_help_text_for_every_option(capsys):
+    import argparse
+
+    import braintumnet
+    from braintumnet.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"braintumnet {braintumnet.__version__}"
+    parser = build_parser()
+    assert parser.parse_args(["check", "-v", "x"]).verbose and parser.parse_args(["-v", "check", "x"]).verbose
+    assert not hasattr(parser.parse_args(["check", "x"]), "verbose") or not parser.parse_args(["check", "x"]).verbose
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items()
+               for action in sub._actions if not action.help and not isinstance(action, argparse._HelpAction)]
+    assert not missing, missing
+    profile = next(a for a in commands["train"]._actions if "--profile" in a.option_strings)
+    assert set(profile.choices) == {"quick", "standard", "paper"}

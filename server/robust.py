@@ -8,6 +8,11 @@
 - **Aggregation.** ``fedavg`` is Flower's weighted mean (``aggregate_arrayrecords``). ``median`` (coordinate-wise,
   as Flower's ``FedMedian``) and ``trimmed-mean`` (Flower's ``fedtrimmedavg.trim_mean``) are unweighted: a site's
   size must not buy it influence when the point is robustness.
+- **Weight cap.** FedAvg weights a site by the ``num-examples`` it reports, which nothing at the centre can check: one
+  site claiming 1e12 slices would make the aggregate its own model. With three or more replies no site may carry more
+  than ``robust.max-weight-share`` of the total weight (:func:`weight_cap`); the weights above the cap are clipped to
+  it. With two sites a share cap would turn every honest 3:1 federation into a plain mean, so it is not applied
+  (documented as a limit, like the norm bound).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 MIN_SITES_FOR_NORM_BOUND = 3
+MIN_SITES_FOR_WEIGHT_CAP = 3
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
@@ -44,6 +50,37 @@ def norm_outliers(norms: dict[str, float], factor: float) -> dict[str, str]:
     return {site: (f"update norm {norm:.4g} exceeds robust.norm-factor {factor:g} x the median update norm "
                    f"{median:.4g} of {len(norms)} sites")
             for site, norm in norms.items() if norm > bound}
+
+
+def weight_cap(weights: Sequence[float], share: float) -> float | None:
+    """The weight no site may exceed so that none carries more than ``share`` of the clipped total, or None where
+    nothing is clipped (``share`` 0, fewer than three sites, or no site above its share).
+
+    Water-filling: the k largest weights are clipped to one cap ``c`` with ``c = share × (k × c + the rest)``; the
+    smallest k for which ``c`` lies between the k-th and (k+1)-th largest weight is the answer. Where ``share`` is
+    below 1 / the number of sites no cap satisfies it, and every weight becomes the smallest (equal weights).
+    """
+    if share <= 0 or len(weights) < MIN_SITES_FOR_WEIGHT_CAP or max(weights) <= share * sum(weights):
+        return None
+    ranked = sorted(weights, reverse=True)
+    for k in range(1, len(ranked)):
+        if share * k >= 1:
+            break
+        cap = share * sum(ranked[k:]) / (1 - share * k)
+        if ranked[k] <= cap <= ranked[k - 1]:
+            return cap
+    return ranked[-1]
+
+
+def rule_shortfall(rule: str, n: int, trim_fraction: float) -> str | None:
+    """Why ``strategy.aggregation`` cannot do what it is for with ``n`` replies, or None if it can."""
+    if rule == "trimmed-mean" and trim_fraction > 0 and int(trim_fraction * n) == 0:
+        needed = math.ceil(1 / trim_fraction - 1e-9)
+        return (f"strategy.aggregation trimmed-mean with strategy.trim-fraction {trim_fraction:g} trims no site of "
+                f"{n} replies (it needs {needed} or more): the aggregate is their plain unweighted mean")
+    if rule == "median" and n < 3:
+        return f"strategy.aggregation median of {n} replies is their plain unweighted mean"
+    return None
 
 
 def aggregate(contents: Sequence[RecordDict], rule: str, weight_key: str, trim_fraction: float) -> ArrayRecord:

@@ -10,12 +10,13 @@ the steps in order:
 3. take the metric keys most replies share as the round's;
 4. set aside train replies of sites whose privacy budget is spent (``dp_budget_spent = 1``, no arrays): they are
    recorded, not aggregated;
-5. reject bad replies (:func:`reply_problem`: one ArrayRecord with the global model's keys, shapes and finite values;
-   one MetricRecord with a positive ``num-examples`` and the round's keys);
+5. reject bad replies (:func:`reply_problem`: one ArrayRecord with the global model's keys, shapes, dtypes and finite
+   values; one MetricRecord with a finite positive integer ``num-examples`` and the round's keys);
 6. record what each kept reply reported;
 7. log the sites that did not reply in time, and who was kept.
 
-Train replies then pass the update-norm bound (:func:`bound_norms`, ``robust.norm-factor``, ``server/robust.py``).
+Train replies then pass the update-norm bound (:func:`bound_norms`, ``robust.norm-factor``, ``server/robust.py``), and
+their weights are capped (:func:`cap_weights`, ``robust.max-weight-share``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from braintumnet.protocol import DP_BUDGET_SPENT, DP_EPSILON, SITE, SITE_NAME, WEIGHT_KEY
-from server.robust import norm_outliers, update_norm
+from server.robust import norm_outliers, update_norm, weight_cap
 from server.rounds import RoundRecord
 from server.sites import SiteNames
 from server.transport import Exchange
@@ -83,6 +84,25 @@ def bound_norms(kept: list[Reply], reference: ArrayRecord, norm_factor: float, r
     return [(site, m) for site, m in kept if site not in outliers]
 
 
+def cap_weights(kept: list[Reply], share: float, record: RoundRecord) -> list[RecordDict]:
+    """The kept train replies' contents, each site's ``num-examples`` clipped to the round's cap
+    (``robust.max-weight-share``, :func:`server.robust.weight_cap`); a clipped site is logged and its cap recorded in
+    its train metrics (``weight_capped``). What the site reported stays in its metrics."""
+    weights = {site: float(_metrics(m.content)[WEIGHT_KEY]) for site, m in kept}
+    cap = weight_cap(list(weights.values()), share)
+    contents = []
+    for site, msg in kept:
+        content = msg.content
+        if cap is not None and weights[site] > cap:
+            log.warning("round %d: train reply from %s: %s %g clipped to %.6g (robust.max-weight-share %g of %d "
+                        "sites)", record.round, site, WEIGHT_KEY, weights[site], cap, share, len(kept))
+            record.sites[site]["train"]["weight_capped"] = cap
+            name = next(iter(content.metric_records))
+            content = RecordDict({**dict(content.items()), name: MetricRecord({**_metrics(content), WEIGHT_KEY: cap})})
+        contents.append(content)
+    return contents
+
+
 def reply_problem(content: RecordDict, reference: ArrayRecord | None, metric_keys: set[str] | None) -> str | None:
     """Why a reply cannot be aggregated, or None if it can.
 
@@ -105,12 +125,15 @@ def reply_problem(content: RecordDict, reference: ArrayRecord | None, metric_key
             values = array.numpy()
             if values.dtype.kind in "fc" and not np.isfinite(values).all():
                 return f"array {key} holds NaN or infinite values"
+            # An integer reply would skip the NaN check and count 0 in the update norm, then be cast back unchecked.
+            if array.dtype != reference[key].dtype:
+                return f"array {key} has dtype {array.dtype}, the global model's is {reference[key].dtype}"
     if len(content.metric_records) != 1:
         return f"expected one MetricRecord, got {len(content.metric_records)}"
     metrics = _metrics(content)
     weight = metrics.get(WEIGHT_KEY)
-    if isinstance(weight, list) or weight is None or not float(weight) > 0:
-        return f"{WEIGHT_KEY} must be a positive number, got {weight!r}"
+    if not _is_count(weight):
+        return f"{WEIGHT_KEY} must be a finite positive integer, got {weight!r}"
     if metric_keys is not None and set(metrics) != metric_keys:
         return (f"metric keys differ from the other sites' (missing {sorted(metric_keys - set(metrics))}, "
                 f"extra {sorted(set(metrics) - metric_keys)})")
@@ -123,6 +146,15 @@ def budget_spent(msg: Message, expected: set[str] | None) -> bool:
         return False
     metrics = _metrics(msg.content)
     return (expected is None or set(metrics) == expected) and metrics.get(DP_BUDGET_SPENT) == 1
+
+
+def _is_count(value) -> bool:
+    """A finite positive whole number (``inf`` passes ``> 0`` and would make the weighted mean NaN)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value > 0
+    return isinstance(value, float) and math.isfinite(value) and value > 0 and value.is_integer()
 
 
 # ---- the steps -----------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
   described in ``audit.jsonl`` (``server/audit.py``).
 - **Screening** (``server/screening.py``): bad replies are logged with the site's name and left out, not fatal; a site
   whose privacy budget is spent is left out of the aggregation (it still evaluates); with three or more train replies
-  the update-norm bound rejects one far above the round's median (``robust.norm-factor``).
+  the update-norm bound rejects one far above the round's median (``robust.norm-factor``) and no site's weight may
+  exceed ``robust.max-weight-share`` of the total (a larger ``num-examples`` is clipped).
 - **Aggregation** (``strategy.aggregation``, ``server/robust.py``, ``server/aggregation.py``): FedAvg's weighted mean,
   or a coordinate-wise median or trimmed mean; metrics averaged where defined; integer buffers keep their dtype.
 - **Server optimizer** (``strategy.server-optimizer``, ``server/optimizers.py``): Flower's FedAvgM, FedAdam, FedYogi or
@@ -46,9 +47,9 @@ from braintumnet.protocol import (EVALUATE_RECEIVED, FEDERATION_ID, METRICS, REC
                                   TOTAL_ROUNDS, WEIGHT_KEY)
 from server.aggregation import cast_like, fedavg_arguments
 from server.checkpoints import RunFolder
-from server.robust import aggregate
+from server.robust import aggregate, rule_shortfall
 from server.rounds import BEST_METRIC, RoundBook, RoundRecord
-from server.screening import bound_norms, screen_replies
+from server.screening import bound_norms, cap_weights, screen_replies
 from server.settings import ServerSettings, server_optimizer_params
 from server.sites import SiteNames, sample_nodes
 from server.tracking import Tracker
@@ -178,7 +179,10 @@ class SiteAwareFedAvg(FedAvg):
                         "stays as it was this round", rec.round, len(valid), self.min_train_nodes)
             rec.skipped = True
             return None, None
-        contents = [m.content for _, m in valid]
+        contents = cap_weights(valid, self.robust.max_weight_share, rec)
+        shortfall = rule_shortfall(self.robust.aggregation, len(contents), self.robust.trim_fraction)
+        if shortfall:
+            log.warning("round %d: %s", rec.round, shortfall)
         arrays = cast_like(aggregate(contents, self.robust.aggregation, self.weighted_by_key,
                                      self.robust.trim_fraction), self._dtypes)
         self._aggregate = ArrayRecord(dict(arrays.items()))  # a copy: Flower's FedAvgM clears the record it steps

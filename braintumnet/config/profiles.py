@@ -193,11 +193,14 @@ class RobustConfig:
         trim_fraction: for ``trimmed-mean``, in [0, 0.5).
         norm_factor: a train reply whose update norm ``||w_site - w_global||`` exceeds ``norm_factor`` × the median
             of the round's update norms is rejected; 0 turns the check off. Needs 3 or more sites to mean much.
+        max_weight_share: with 3 or more train replies, no site's ``num-examples`` may carry more than this share of
+            the aggregate's weight (larger ones are clipped); 0 turns the cap off. In [0, 1).
     """
 
     aggregation: str = "fedavg"
     trim_fraction: float = 0.2
     norm_factor: float = 10.0
+    max_weight_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -206,6 +209,9 @@ class RobustConfig:
             raise ConfigError(f"strategy.trim-fraction={self.trim_fraction}: use a value in [0, 0.5)")
         if self.norm_factor < 0 or 0 < self.norm_factor <= 1:
             raise ConfigError(f"robust.norm-factor={self.norm_factor}: use 0 (off) or a factor above 1, e.g. 10")
+        if not 0.0 <= self.max_weight_share < 1.0:
+            raise ConfigError(f"robust.max-weight-share={self.max_weight_share}: use 0 (off) or a share in (0, 1), "
+                              "e.g. 0.5")
 
 
 @dataclass(frozen=True)

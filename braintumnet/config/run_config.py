@@ -69,6 +69,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "strategy.aggregation": ("robust", "aggregation"),
     "strategy.trim-fraction": ("robust", "trim_fraction"),
     "robust.norm-factor": ("robust", "norm_factor"),
+    "robust.max-weight-share": ("robust", "max_weight_share"),
     "strategy.server-optimizer": ("server", "optimizer"),
     "strategy.server-learning-rate": ("server", "learning_rate"),
     "strategy.server-momentum": ("server", "momentum"),

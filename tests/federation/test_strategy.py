@@ -88,12 +88,14 @@ class ScriptedGrid(Grid):
 
 
 def site(name: str, n: int, shift: float, auc: float = 0.8, extra: dict | None = None, arrays=None):
-    """A well-behaved site: adds ``shift`` to every array, reports ``n`` examples."""
+    """A well-behaved site: adds ``shift`` to every array (keeping its dtype, as a site's state dict does), reports
+    ``n`` examples."""
 
     def answer(msg: Message):
         if msg.metadata.message_type == MessageType.TRAIN:
             got = msg.content["arrays"]
-            shifted = ArrayRecord({k: Array(np.asarray(v.numpy() + shift)) for k, v in got.items()})
+            shifted = ArrayRecord({k: Array(np.asarray(v.numpy() + shift).astype(v.numpy().dtype))
+                                   for k, v in got.items()})
             new = arrays(got) if arrays else shifted
             metrics = {"train_loss": shift, "num-examples": n, "seconds": 0.1}
             if msg.content["config"].get("evaluate-received"):  # evaluate-in-train: scores of the received model
@@ -310,7 +312,7 @@ def test_a_poisoned_and_a_scaled_update_are_rejected_and_the_model_stays_sane(ma
 @pytest.mark.parametrize("rule, extra, expected", [
     ("median", {}, 2.0),
     ("trimmed-mean", {"strategy.trim-fraction": 0.34}, 2.0),  # drops one site at each end of three
-    ("fedavg", {}, (10 * 1.0 + 10 * 2.0 + 40 * 9.0) / 60),
+    ("fedavg", {"robust.max-weight-share": 0.0}, (10 * 1.0 + 10 * 2.0 + 40 * 9.0) / 60),  # the weight cap off
 ])
 def test_robust_aggregation_rules(make_strategy, rule, extra, expected):
     strategy = make_strategy(run_config={"strategy.aggregation": rule, "robust.norm-factor": 0.0, **extra})
@@ -318,6 +320,76 @@ def test_robust_aggregation_rules(make_strategy, rule, extra, expected):
     result = run(strategy, grid)
     np.testing.assert_allclose(result.arrays["w"].numpy(), np.full(3, expected))
     assert result.arrays["n"].numpy().dtype == np.int64
+
+
+def three(attacker):
+    """Two honest sites (10 and 30 slices, updates +1 and +2) and a third replying through ``attacker``."""
+    return ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 30, 2.0), 13: attacker})
+
+
+def test_a_site_claiming_a_huge_weight_cannot_take_over_the_model(make_strategy, caplog):
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy()
+    result = run(strategy, three(site("mallory", 10 ** 12, 9.0)))
+    w = result.arrays["w"].numpy()
+    assert not np.allclose(w, 9.0)  # FedAvg by the claimed weight: the attacker's model
+    # clipped to 40, the others' total: half of the aggregate's weight
+    np.testing.assert_allclose(w, (10 * 1.0 + 30 * 2.0 + 40 * 9.0) / 80)
+    assert "mallory: num-examples 1e+12 clipped to 40 (robust.max-weight-share 0.5 of 3 sites)" in caplog.text
+    sites = strategy.history[0]["sites"]
+    assert sites["mallory"]["train"]["weight_capped"] == 40 and sites["mallory"]["train"]["num-examples"] == 10 ** 12
+
+
+def test_an_infinite_weight_is_rejected_and_the_model_stays_finite(make_strategy, caplog):
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy()
+    result = run(strategy, three(site("mallory", math.inf, 9.0)))
+    assert np.isfinite(result.arrays["w"].numpy()).all()
+    np.testing.assert_allclose(result.arrays["w"].numpy(), (10 * 1.0 + 30 * 2.0) / 40)
+    reason = strategy.history[0]["rejected"]["train"]["mallory"]
+    assert reason == "num-examples must be a finite positive integer, got inf"
+    assert "train reply from mallory rejected: num-examples must be a finite positive integer" in caplog.text
+
+
+@pytest.mark.parametrize("weight", [math.nan, 2.5, -3, 0])
+def test_a_weight_that_is_not_a_count_is_rejected(weight):
+    content = RecordDict({"metrics": MetricRecord({"num-examples": weight})})
+    assert "finite positive integer" in reply_problem(content, None, None)
+
+
+def test_an_integer_array_cannot_bypass_the_nan_and_norm_checks(make_strategy):
+    def as_int64(got):  # no NaN check for integers, an update norm of 0, then cast back to float32 unchecked
+        return ArrayRecord({"w": Array(np.full(3, 10 ** 11, np.int64)), "n": Array(np.asarray(got["n"].numpy()))})
+
+    strategy = make_strategy()
+    result = run(strategy, three(site("mallory", 10, 0.0, arrays=as_int64)))
+    np.testing.assert_allclose(result.arrays["w"].numpy(), (10 * 1.0 + 30 * 2.0) / 40)
+    assert strategy.history[0]["rejected"]["train"]["mallory"] == (
+        "array w has dtype int64, the global model's is float32")
+
+
+def test_the_weight_cap_clips_only_a_site_above_its_share(make_strategy):
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 2.0), 13: site("jinling", 40, 9.0)})
+    strategy = make_strategy(run_config={"robust.norm-factor": 0.0})
+    result = run(strategy, grid)
+    np.testing.assert_allclose(result.arrays["w"].numpy(), (10 * 1.0 + 10 * 2.0 + 20 * 9.0) / 40)  # 40 -> 20
+    sites = strategy.history[0]["sites"]
+    assert sites["jinling"]["train"]["weight_capped"] == 20
+    assert "weight_capped" not in sites["yibin"]["train"] and "weight_capped" not in sites["plagh"]["train"]
+    from server.robust import weight_cap
+
+    assert weight_cap([10, 30, 40], 0.5) is None  # 40 of 80: at the share, not above it
+    assert weight_cap([1, 1, 100, 100], 0.4) == pytest.approx(4.0)  # two clipped: 4 of 10 each
+    assert weight_cap([1, 2, 3], 0.2) == 1  # below 1/3: equal weights are the closest
+    assert weight_cap([10, 10 ** 12], 0.5) is None  # two sites: not applied (a documented limit)
+
+
+def test_a_trimmed_mean_that_trims_nothing_says_so(make_strategy, caplog):
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    run(make_strategy(run_config={"strategy.aggregation": "trimmed-mean"}),
+        three(site("jinling", 10, 3.0)))
+    assert ("round 1: strategy.aggregation trimmed-mean with strategy.trim-fraction 0.2 trims no site of 3 replies "
+            "(it needs 5 or more)") in caplog.text
 
 
 def test_the_norm_bound_needs_three_sites_and_can_be_switched_off(make_strategy):
@@ -365,7 +437,7 @@ def test_the_audit_describes_every_message_without_array_contents(make_strategy)
         ("to-site", "evaluate"), ("to-site", "evaluate"), ("from-site", "evaluate"), ("from-site", "evaluate")]
     reply = next(e for e in lines if e["direction"] == "from-site" and "records" in e and e["type"] == "train")
     assert reply["records"]["arrays"] == {"kind": "array", "items": {"w": {"shape": [3], "dtype": "float32"},
-                                                                     "n": {"shape": [], "dtype": "float64"}}}
+                                                                     "n": {"shape": [], "dtype": "int64"}}}
     assert reply["records"]["site"] == {"kind": "config", "items": {"name": "yibin"}}
     assert any(e.get("error", {}).get("reason") == "Node Unavailable" for e in lines)
 
@@ -387,7 +459,8 @@ def test_evaluate_in_train_scores_each_round_in_the_next_train_message(make_stra
                 metrics = {"train_loss": 0.5, "num-examples": n, "seconds": 0.1}
                 if config.get("evaluate-received"):
                     metrics.update({"received_dice_tumor": scores(got), "received_num-examples": n})
-                arrays = ArrayRecord({k: Array(np.asarray(v.numpy() + 1.0)) for k, v in got.items()})
+                arrays = ArrayRecord({k: Array(np.asarray(v.numpy() + 1).astype(v.numpy().dtype))
+                                      for k, v in got.items()})
                 return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
                                    "site": ConfigRecord({"name": name})})
             return RecordDict({"metrics": MetricRecord({"dice_tumor": scores(got), "num-examples": n, "seconds": 0.1}),

@@ -103,6 +103,9 @@ def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = Fa
     dev = pick_device(device)
     model, ckpt = load_model(model_path, dev, task=task)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt.meta.get("synthetic"):
+        log.warning("%s was trained on SYNTHETIC data (the phantom cohort): its masks and tumour types show that the "
+                    "pipeline runs, they mean nothing about a patient", model_path)
     context = {
         "model": str(Path(model_path).absolute()),
         "synthetic_training": ckpt.meta.get("synthetic"),
@@ -236,7 +239,8 @@ def write_report(path: Path, summary: dict, volume: Volume, pred: VolumePredicti
         images=[_display(volume.array[:, :, z]) for z in chosen],
         preds=[_display(pred.labels[:, :, z]) for z in chosen],
         slice_titles=[f"slice z={z}, tumour {a:.1f} cm²" for z, a in zip(chosen, areas)],
-        heading=f"BrainTumNet prediction: {summary['case']}",
+        heading=f"BrainTumNet prediction: {summary['case']}"
+                + (" (MODEL TRAINED ON SYNTHETIC DATA)" if summary["synthetic_training"] else ""),
         lines=lines,
         probabilities=probs,
         aspect=sy / sx,

@@ -71,7 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args)
-        tls = check_security(args, settings)
+        not_ready = None
+        try:
+            tls = check_security(args, settings)
+        except LaunchError as exc:
+            if not args.check:
+                raise
+            # A preflight shows every finding, not only the first: the data, cache, device and SuperLink are
+            # checked too, and the missing security setting is reported beside them (and still fails the check).
+            not_ready, tls = exc, f"NOT READY: {exc}"
         if not settings.data.is_dir():
             raise LaunchError(f"{settings.data}: no such site folder for site {settings.name}; set data in the site "
                               "config or pass --data DIR (the folder with dataset.json and cases.csv)")
@@ -81,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         report, profile = prepare(settings, args.run_config)
         port = settings.port or free_port()
         print(preflight(settings, report, profile, device, tls, reach, port), flush=True)
+        if not_ready is not None:
+            raise not_ready  # the preflight above is complete; starting would be refused for this reason
         if args.check:
             return 0  # quarantined cases are listed above and left out; no usable case at all raised already
         exec_supernode(settings, port)

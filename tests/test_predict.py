@@ -130,8 +130,11 @@ def test_slice_grid_inverts_preprocessing(scan_profile, spacing, centre):
         assert dice(back == label, mask == label) >= expected
 
 
-def test_predict_nifti_keeps_the_input_geometry_and_finds_the_tumour(trained, scan, tmp_path):
-    results = predict(trained, scan["nifti"], tmp_path, progress=False)
+def test_predict_nifti_keeps_the_input_geometry_and_finds_the_tumour(trained, scan, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="braintumnet.predict"):
+        results = predict(trained, scan["nifti"], tmp_path, progress=False)
+    # The checkpoint says it was trained on synthetic data: the terminal says so before anything else.
+    assert any("trained on SYNTHETIC data" in r.getMessage() for r in caplog.records)
     assert len(results) == 1
     summary = results[0]
     assert SUMMARY_KEYS <= set(summary)

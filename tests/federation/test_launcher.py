@@ -134,6 +134,19 @@ def test_check_prints_the_preflight(tmp_path, phantom_root, cache_root):
     assert "127.0.0.1:9177" in out and 'site-name="plagh"' in out
 
 
+def test_check_without_tls_settings_runs_the_whole_preflight_then_fails(tmp_path, phantom_root, cache_root):
+    """The README's `python client/run.py --site yibin --check`: every finding is shown, the missing TLS setting
+    among them, and the check still fails (exit 2), as starting would."""
+    cfg = write(tmp_path / "sites.toml", f'[defaults]\ncache = "{cache_root}"\n[defaults.run-config]\n'
+                                         f'"data.img-size" = 32\n"data.slices-per-case" = 3\n'
+                                         f'[site.plagh]\ndata = "{phantom_root / "plagh"}"\n')
+    res = launch("--config", str(cfg), "--site", "plagh", "--superlink", f"127.0.0.1:{closed_port()}", "--check")
+    assert res.returncode == 2, res.stderr
+    assert "== preflight: site plagh ==" in res.stdout and "NOT reachable" in res.stdout
+    assert "TLS:            NOT READY: refusing to connect without TLS" in res.stdout
+    assert "refusing to connect without TLS" in res.stderr and "Traceback" not in res.stderr
+
+
 # ---- TLS: the launcher's probe names the cause of a certificate problem ------------------------------------------
 
 

@@ -33,9 +33,9 @@ from braintumnet.data.loading import SiteRuntime, open_site
 from braintumnet.engine import pick_device, train_model
 from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
 from braintumnet.privacy import PrivacyBudgetSpent, PrivacyLedger, PrivateTraining
-from braintumnet.scoring import evaluate_model
 from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, RECEIVED_PREFIX, SECONDS, TRAIN_KEYS,
                                   WEIGHT_KEY)
+from braintumnet.scoring import evaluate_model
 
 log = logging.getLogger("braintumnet.client")  # the site's own log, beside its ClientApp's lines
 

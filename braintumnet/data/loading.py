@@ -93,7 +93,6 @@ def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
     with file_lock(root.parent / f".{root.name}.lock"):
         if complete_cohort(root) is not None:
             return root
-
         log.info("generating the synthetic phantom cohort (scale %g, seed %d) into %s", scale, seed, root)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:

@@ -90,6 +90,10 @@ def _read(site_root: Path, case_id: str, relative: str, what: str) -> Volume:
         return read_volume(path)
     except FileProblem as exc:
         raise CaseProblem(case_id, _relative(exc.path, site_root), exc.problem) from None
+    except Exception as exc:  # a damage no check foresaw: still this case's problem, never the whole site's
+        raise CaseProblem(case_id, relative, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())}"
+                          f"); re-export the {what}, and if it opens in a viewer, report this file's header as a "
+                          "BrainTumNet bug") from None
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 POSITION_TOL_MM = 1e-3  # slices closer than this along the normal are "at the same position"
 SPACING_GAP_TOL = 0.1  # a step more than 10 % off the median step means a missing or extra slice
+GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
 
 
@@ -81,15 +83,67 @@ def _check_one_series(folder: Path, files: list[Path], slices: list[Dataset]) ->
             "put each series in its own folder and point cases.csv at the CE-T1 one",
         )
     for path, ds in zip(files, slices):
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        _check_header(path, ds)
+        if int(_numbers(path, ds, "NumberOfFrames", 1, default=1)[0]) > 1:
             raise FileProblem(path, "is a multi-frame (enhanced) DICOM: export the series as single-frame files")
-        missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if t not in ds]
-        if missing or "PixelData" not in ds:
-            raise FileProblem(path, f"lacks {', '.join(missing or ['PixelData'])}: export the original MR series")
     shapes = {(int(s.Rows), int(s.Columns)) for s in slices}
     orientations = np.array([[float(v) for v in s.ImageOrientationPatient] for s in slices])
     if len(shapes) > 1 or np.abs(orientations - orientations[0]).max() > 1e-4:
         raise FileProblem(folder, "slices differ in size or orientation: the folder must hold one series only")
+
+
+def _check_header(path: Path, ds: Dataset) -> None:
+    """Every tag the reader turns into numbers is present (where required) and numeric, before any arithmetic: a
+    damaged header is the file's problem, named with its tag, not a crash of the whole site's check."""
+    missing = [t for t in (*GEOMETRY_TAGS, "Rows", "Columns", "PixelData") if t not in ds]
+    if missing:
+        raise FileProblem(path, f"lacks {', '.join(missing)}: export the original MR series")
+    for keyword, count in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2),
+                           ("Rows", 1), ("Columns", 1)):
+        values = _numbers(path, ds, keyword, count)
+        if keyword in ("PixelSpacing", "Rows", "Columns") and (values <= 0).any():
+            raise FileProblem(path, f"{keyword} is {_shown(ds, keyword)}, not positive: re-export the series")
+    for keyword in ("RescaleSlope", "RescaleIntercept", "SliceThickness"):
+        _numbers(path, ds, keyword, 1, default=0.0)  # optional, but a number where given
+
+
+def _numbers(path: Path, ds: Dataset, keyword: str, count: int, *, default: float | None = None) -> np.ndarray:
+    """The ``count`` finite numbers of tag ``keyword``; ``default`` where the tag is absent or empty (None: required).
+
+    Raises:
+        FileProblem: the tag is missing (and required), or its value is not ``count`` finite numbers.
+    """
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom may fail converting a damaged value on access
+        value = _shown(ds, keyword)
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        if default is None:
+            raise FileProblem(path, f"lacks {keyword}: export the original MR series")
+        return np.full(count, default)
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        numbers = np.array([])
+    if len(numbers) != count or not np.isfinite(numbers).all():
+        what = "a number" if count == 1 else f"{count} numbers"
+        raise FileProblem(path, f"{keyword} is {_shown(ds, keyword)}, not {what}: the header is damaged; re-export "
+                          "the series from the scanner or PACS")
+    return numbers
+
+
+def _shown(ds: Dataset, keyword: str) -> str:
+    """A tag's value as stored, for messages (at most 60 characters)."""
+    element = ds.get_item(keyword)
+    raw = getattr(element, "value", None)
+    if isinstance(raw, bytes):
+        text = raw.decode("latin-1", "replace").strip()
+    elif isinstance(raw, (list, tuple, MultiValue)):
+        text = "\\".join(str(v) for v in raw)  # as DICOM writes several values
+    else:
+        text = str(raw)
+    return "'" + "".join(c if c.isprintable() else "?" for c in text[:60]) + "'"
 
 
 def _directions(path: Path, ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

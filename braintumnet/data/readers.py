@@ -51,7 +51,32 @@ def read_volume(path: Path) -> Volume:
         array, affine = read_dicom_series(path)
     else:
         array, affine = _read_nifti(path)
+    problem = affine_problem(affine)
+    if problem:
+        where = "its geometry tags (ImagePositionPatient, ImageOrientationPatient, PixelSpacing)" if path.is_dir() \
+            else "the header's sform/qform"
+        raise FileProblem(path, f"{problem} in {where}: the voxels cannot be placed in space; re-export the scan "
+                          "from the scanner's original series with its geometry")
     return canonical(array, affine)
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """None for a usable voxel-to-world matrix; else why it is not (NaN or Inf, a zero axis, axes not independent).
+
+    A converter that lost the geometry writes such headers; orienting the volume (``canonical``) needs three
+    independent axes of non-zero length.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        return "the voxel-to-world affine holds NaN or Inf"
+    axes = matrix[:3, :3]
+    lengths = np.linalg.norm(axes, axis=0)
+    if (lengths <= 0).any():
+        return f"the voxel-to-world affine has a zero axis (voxel size {np.round(lengths, 4).tolist()} mm)"
+    # |det| of the axes scaled to unit length: 1 for orthogonal axes, 0 when one lies in the plane of the others.
+    if abs(np.linalg.det(axes / lengths)) < 1e-3:
+        return "the voxel-to-world affine's axes are not independent (a row or column is zero or repeated)"
+    return None
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

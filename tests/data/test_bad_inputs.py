@@ -8,6 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from braintumnet.config import DataConfig
@@ -30,6 +31,12 @@ EXPECTED = {
     "4-D image": ("fourd", "imagesTr/fourd_0000.nii.gz", "4-D image"),
     "two series": ("twoseries", "dicom/twoseries", "mixes 2 series"),
     "truncated DICOM": ("dcmcut", "dicom/dcmcut/IM0003.dcm", "truncated"),
+    # Damaged headers: each crashed the whole site's check with a traceback or a bare "could not convert" line.
+    "zero sform row": ("zerosform", "imagesTr/zerosform_0000.nii.gz", "zero axis"),
+    "NaN sform": ("nansform", "imagesTr/nansform_0000.nii.gz", "NaN or Inf in the header's sform/qform"),
+    "DICOM without Rows": ("norows", "dicom/norows/IM0000.dcm", "lacks Rows"),
+    "text orientation": ("textiop", "dicom/textiop/IM0000.dcm", "ImageOrientationPatient is 'a\\b\\c"),
+    "text slope": ("textslope", "dicom/textslope/IM0000.dcm", "RescaleSlope is 'abc', not a number"),
 }
 GOOD = ("good1", "good2", "good3")
 
@@ -66,7 +73,38 @@ def _build(site, tiny_case):
     site.add("dcmcut", fmt="dicom")
     cut = root / "dicom/dcmcut/IM0003.dcm"
     cut.write_bytes(cut.read_bytes()[:-500])
+    site.add("zerosform")
+    _set_sform(root / "imagesTr/zerosform_0000.nii.gz", "srow_y", [0.0, 0.0, 0.0, -24.0])
+    site.add("nansform")
+    _set_sform(root / "imagesTr/nansform_0000.nii.gz", "srow_x", [np.nan, 0.0, 0.0, -20.0])
+    site.add("norows", fmt="dicom")
+    for f in sorted((root / "dicom/norows").iterdir()):
+        ds = pydicom.dcmread(f)
+        del ds.Rows
+        ds.save_as(f)
+    site.add("textiop", fmt="dicom")
+    _overwrite_dicom_value(root / "dicom/textiop", "ImageOrientationPatient", "a\\b\\c\\d\\e\\f")
+    site.add("textslope", fmt="dicom")
+    _overwrite_dicom_value(root / "dicom/textslope", "RescaleSlope", "abc")
     return site.write()
+
+
+def _set_sform(path, row, values):
+    """Rewrite a NIfTI's sform row as a broken converter does (the qform off, so the sform is the geometry)."""
+    image = nib.load(path)
+    header = image.header.copy()
+    header[row] = values
+    header["qform_code"], header["sform_code"] = 0, 1
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), None, header), path)
+
+
+def _overwrite_dicom_value(folder, keyword, text):
+    """Put ``text`` into each file's ``keyword`` value bytes in place (pydicom refuses to write a non-numeric DS)."""
+    for f in sorted(folder.iterdir()):
+        element = pydicom.dcmread(f).get_item(keyword)
+        data = bytearray(f.read_bytes())
+        data[element.value_tell:element.value_tell + element.length] = text.ljust(element.length).encode()
+        f.write_bytes(bytes(data))
 
 
 def site_affine(root):

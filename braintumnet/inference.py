@@ -104,12 +104,17 @@ def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarr
     affine (NIfTI: as nibabel reads them; DICOM: the series as the reader builds it, in canonical order).
 
     Raises:
-        BrainTumNetError: the reader's message (unreadable, truncated, 4-D, a bad series), naming the file and the fix.
+        BrainTumNetError: the reader's message (unreadable, truncated, 4-D, a bad series, a damaged header), or NaN
+            or Inf voxels, naming the file and the fix.
     """
     try:
         volume = read_volume(path)
     except FileProblem as exc:
         raise BrainTumNetError(str(exc)) from None
+    bad = int((~np.isfinite(volume.array)).sum())
+    if bad:  # one NaN voxel makes every probability NaN: a report would show a type and volumes that mean nothing
+        raise BrainTumNetError(f"{path}: {bad} voxels are NaN or Inf, so no prediction is made; re-export the image "
+                               "(check the converter's intensity scaling)")
     if path.is_dir():
         identity = axcodes2ornt(CANONICAL_AXES)  # the mask stays in the series' canonical order
         return volume, identity, volume.array.shape, volume.affine

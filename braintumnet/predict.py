@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from braintumnet.checkpoint import load_model, task_of
 from braintumnet.data.contract import CASES_CSV, EDEMA_LABEL, TUMOUR_LABEL
 from braintumnet.data.readers import Volume
-from braintumnet.data.site import load_site
+from braintumnet.data.site import case_id_problem, load_site
 from braintumnet.engine import pick_device
 from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
 from braintumnet.inference import VolumePrediction, predict_volume, read_case, write_mask
@@ -148,6 +148,10 @@ def find_inputs(path: Path) -> list[CaseInput]:
         return [CaseInput(_case_name(path), path)]
     if (path / CASES_CSV).is_file():
         site = load_site(path)
+        for row in site.cases.itertuples():
+            problem = case_id_problem(row.case_id) if row.case_id else "a row has no case_id: fill it in"
+            if problem:
+                raise BrainTumNetError(f"{path / CASES_CSV}: line {row.row}: {problem}")
         return [CaseInput(row.case_id, path / row.image) for row in site.cases.itertuples()]
     if _is_series(path):
         return [CaseInput(path.name, path)]
@@ -166,7 +170,15 @@ def find_inputs(path: Path) -> list[CaseInput]:
 
 def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, *, tta: bool,
                  device: torch.device, progress: bool = False) -> dict:
-    """Predict one case and write its mask, summary and report. Returns the summary."""
+    """Predict one case and write its mask, summary and report. Returns the summary.
+
+    Raises:
+        BrainTumNetError: a case name that is no plain file name (its outputs would land outside ``out_dir``), or the
+            scan's problem (``read_case``).
+    """
+    if not case.case or case.case in (".", "..") or any(c in case.case for c in "/\\\0"):
+        raise BrainTumNetError(f"{case.path}: case name {case.case!r} would put its outputs outside {out_dir}; name "
+                               "the case with letters, digits, _ - . only")
     started = time.perf_counter()
     volume, to_input, input_shape, input_affine = read_case(case.path)
     pred = predict_volume(model, profile.data, volume, tta=tta, device=device, progress=progress)

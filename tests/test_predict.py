@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,7 @@ import pytest
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from braintumnet.checkpoint import save_checkpoint
+from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.config import resolve
 from braintumnet.data.checks import Case
 from braintumnet.data.contract import LABELS, TASKS
@@ -30,7 +31,7 @@ from braintumnet.errors import BrainTumNetError
 from braintumnet.evaluate import evaluate_checkpoint
 from braintumnet.inference import SliceGrid
 from braintumnet.metrics import segmentation_case_metrics
-from braintumnet.predict import SomeCasesFailed, predict
+from braintumnet.predict import CaseInput, SomeCasesFailed, predict, predict_case
 
 CPU = torch.device("cpu")
 SUMMARY_KEYS = {"case", "input", "mask", "tumor_type", "probabilities", "volume_tumor_ml", "volume_edema_ml",
@@ -233,6 +234,34 @@ def test_bad_input_names_the_file_and_the_fix(trained, tmp_path, make, expected)
     assert path.name in str(info.value)
 
 
+def test_a_scan_with_a_nan_voxel_is_refused(trained, tmp_path):
+    """One NaN voxel made every probability NaN, and a report said "glioma, p = nan, 0 mL"."""
+    image, _, affine = tiny_head()
+    image[20, 20, 5] = np.nan
+    path = _save(tmp_path / "nanvoxel.nii.gz", image, affine)
+    with pytest.raises(BrainTumNetError, match="1 voxels are NaN or Inf") as info:
+        predict(trained, path, tmp_path / "out", progress=False)
+    assert str(path) in str(info.value) and "re-export" in str(info.value)
+    assert not list((tmp_path / "out").glob("nanvoxel*"))
+
+
+def test_case_ids_cannot_lead_outside_the_output_folder(trained, scan, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(scan["site"], site)
+    (site / "cases.csv").write_text("case_id,image,mask,tumor_type,split\n"
+                                    "../../x/config,images/c001.nii.gz,masks/c001.nii.gz,glioma,train\n")
+    out = tmp_path / "a" / "out"
+    with pytest.raises(BrainTumNetError, match=r"cases.csv: line 2: case id '../../x/config' must be a plain name"):
+        predict(trained, site, out, progress=False)
+    assert not (tmp_path / "x").exists()
+    # The output path refuses such a name whatever its source.
+    model, ckpt = load_model(trained)
+    with pytest.raises(BrainTumNetError, match="outside"):
+        predict_case(model, ckpt.profile, CaseInput("../../x/config", scan["nifti"]), out, {}, tta=False,
+                     device=CPU)
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_checkpoints(trained, scan, tmp_path, scan_profile):
     corrupt = _write(tmp_path / "corrupt.pt", trained.read_bytes()[:5000])
     with pytest.raises(BrainTumNetError, match="corrupt"):
@@ -292,6 +321,6 @@ def _write(path, data: bytes):
     return path
 
 
-def _save(path, array):
-    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+def _save(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
     return path

@@ -15,7 +15,7 @@ import pandas as pd
 from braintumnet.data.contract import CASES_CSV, LABELS, TUMOR_TYPES, TUMOUR_LABEL
 from braintumnet.data.dicom_io import FileProblem
 from braintumnet.data.readers import Volume, geometry_mismatch, read_volume
-from braintumnet.data.site import Site
+from braintumnet.data.site import Site, case_id_problem
 from braintumnet.errors import CaseProblem
 
 
@@ -30,7 +30,7 @@ class Case:
 
 
 def check_table(site: Site) -> list[CaseProblem]:
-    """Problems visible in ``cases.csv`` itself: duplicate case ids and unknown tumour types."""
+    """Problems visible in ``cases.csv`` itself: duplicate, empty or unusable case ids and unknown tumour types."""
     problems = []
     cases = site.cases
     for case_id, rows in cases[cases["case_id"].duplicated(keep=False)].groupby("case_id", sort=False)["row"]:
@@ -40,6 +40,8 @@ def check_table(site: Site) -> list[CaseProblem]:
     for case_id, tumor_type in cases[["case_id", "tumor_type"]].itertuples(index=False):
         if not case_id:
             problems.append(CaseProblem("(empty)", CASES_CSV, "a row has no case_id: fill it in"))
+        elif case_id_problem(case_id):
+            problems.append(CaseProblem(case_id, CASES_CSV, case_id_problem(case_id)))
         elif tumor_type not in TUMOR_TYPES:
             problems.append(CaseProblem(case_id, CASES_CSV, f"unknown tumour type {tumor_type!r}: use one of "
                                         f"{', '.join(TUMOR_TYPES)} or remove the case"))

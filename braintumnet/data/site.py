@@ -17,6 +17,17 @@ from braintumnet.data.contract import CASES_COLUMNS, CASES_CSV, DATASET_JSON, LA
 from braintumnet.errors import BrainTumNetError
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A case id names files (predict's outputs) as a site name names a folder: the same characters, so that no id leads a
+# path out of its folder ("../x") or hides a file (".x").
+CASE_ID = SITE_NAME
+
+
+def case_id_problem(case_id: str) -> str | None:
+    """None for a usable (non-empty) case id, else what is wrong with it and the fix, in one line."""
+    if CASE_ID.fullmatch(case_id):
+        return None
+    return (f"case id {case_id!r} must be a plain name (letters, digits, _ - ., starting with a letter or digit) as "
+            "it names output files; rename it in cases.csv")
 
 
 @dataclass(frozen=True, eq=False)

@@ -37,6 +37,8 @@ EXPECTED = {
     "DICOM without Rows": ("norows", "dicom/norows/IM0000.dcm", "lacks Rows"),
     "text orientation": ("textiop", "dicom/textiop/IM0000.dcm", "ImageOrientationPatient is 'a\\b\\c"),
     "text slope": ("textslope", "dicom/textslope/IM0000.dcm", "RescaleSlope is 'abc', not a number"),
+    # A case id names predict's output files: one with a path in it would write outside the output folder.
+    "path as case id": ("../../x/config", "cases.csv", "must be a plain name"),
 }
 GOOD = ("good1", "good2", "good3")
 
@@ -86,6 +88,7 @@ def _build(site, tiny_case):
     _overwrite_dicom_value(root / "dicom/textiop", "ImageOrientationPatient", "a\\b\\c\\d\\e\\f")
     site.add("textslope", fmt="dicom")
     _overwrite_dicom_value(root / "dicom/textslope", "RescaleSlope", "abc")
+    site.rows.append({**site.rows[0], "case_id": "../../x/config"})  # good1's files under an unsafe id
     return site.write()
 
 

@@ -49,6 +49,14 @@ def cmd_phantom(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from braintumnet.data.init_site import init_site
+
+    report = init_site(args.site_dir, args.source, site=args.site, series=args.series)
+    print(report.summary())
+    return 0
+
+
 def cmd_check(args) -> int:
     from braintumnet.data.prepare import check_site
 
@@ -141,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true", help="also write preview.png, a contact sheet")
     p.add_argument("--workers", type=int, default=None, help="processes that render cases (default: the CPUs)")
     p.set_defaults(func=cmd_phantom)
+
+    p = command("init", help="write a site's dataset.json and cases.csv from an nnU-Net folder or a DICOM export",
+                description="Write SITE_DIR/dataset.json and SITE_DIR/cases.csv from an nnU-Net imagesTr/labelsTr "
+                            "folder or a DICOM export (one series per folder) inside SITE_DIR, leaving each case's "
+                            "tumor_type and split empty to fill in; never overwrites a file. See docs/data.md.")
+    p.add_argument("site_dir", type=Path, help="the site folder; it must hold the export (or a link to it)")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="the nnU-Net folder (with imagesTr) or DICOM export inside SITE_DIR (default: SITE_DIR)")
+    p.add_argument("--site", help="the site's name in a new dataset.json (default: the folder's name)")
+    p.add_argument("--series", metavar="REGEX",
+                   help="DICOM: keep only series whose SeriesDescription matches (e.g. 't1.*(gd|post|\\+c)')")
+    p.set_defaults(func=cmd_init)
 
     p = command("check", help="check a site folder against the data contract; writes nothing")
     p.add_argument("site_dir", type=Path, help="the site folder (dataset.json, cases.csv, images, labels)")

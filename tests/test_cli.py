@@ -26,6 +26,7 @@ def test_check_and_prepare_print_a_summary(phantom_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, phrase", [
     (["check", "/no/such/site"], "/no/such/site"),
+    (["init", "/no/such/site"], "/no/such/site: no such site folder"),
     (["train", "--data", "/no/such/site", "--out", "/tmp/x"], "/no/such/site"),
     (["evaluate", "--model", "/no/such/model.pt", "--data", "/tmp", "--out", "/tmp/x"], "model.pt"),
     (["prepare", "/tmp", "--img-size", "50"], "img_size=50"),

@@ -25,6 +25,8 @@ POSITION_TOL_MM = 1e-3  # slices closer than this along the normal are "at the s
 SPACING_GAP_TOL = 0.1  # a step more than 10 % off the median step means a missing or extra slice
 GEOMETRY_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
+# What installs the decoders of compressed transfer syntaxes that pydicom lacks (pyproject.toml's `dicom` extra).
+DICOM_EXTRA_INSTALL = 'pip install "braintumnet-fl[dicom]"'
 
 
 class FileProblem(Exception):
@@ -185,13 +187,34 @@ def _pixels(path: Path, ds: Dataset) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as exc:
-        raise FileProblem(path, f"pixel data cannot be decoded ({_why(exc)}): the file is truncated or "
-                          "compressed with an unsupported codec; re-export it uncompressed") from None
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and syntax.is_compressed and not _decoder_installed(syntax):
+            raise FileProblem(path, f"is compressed as {syntax.name} ({syntax}), and the decoder for it is not "
+                              f"installed: {DICOM_EXTRA_INSTALL} (or re-export the series uncompressed)") from None
+        raise FileProblem(path, f"pixel data cannot be decoded ({_why(exc)}): the file is truncated or damaged; "
+                          "re-export it (uncompressed if it fails again)") from None
     if stored.ndim != 2:
         raise FileProblem(path, f"pixel data has shape {stored.shape}: export a grey-scale single-frame series")
     # Modality rescale by hand: MR series carry at most a slope and an intercept, never a LUT sequence.
     slope, intercept = float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (stored.T.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _decoder_installed(syntax: pydicom.uid.UID) -> bool:
+    """Whether some pixel-data plugin of pydicom can decode ``syntax`` with the packages installed here.
+
+    pydicom itself decodes RLE and, through Pillow, JPEG baseline and some JPEG 2000; JPEG lossless, JPEG-LS and
+    12-bit JPEG need the pylibjpeg / pyjpegls plugins of the ``dicom`` extra.
+    """
+    if _PYDICOM_3:
+        from pydicom.pixels.decoders.base import get_decoder
+
+        try:
+            return get_decoder(syntax).is_available
+        except NotImplementedError:  # a syntax pydicom has no decoder for at all
+            return False
+    return any(handler.supports_transfer_syntax(syntax) and handler.is_available()
+               for handler in pydicom.config.pixel_data_handlers)
 
 
 def write_dicom_series(

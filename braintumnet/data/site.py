@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from braintumnet.data.contract import CASES_COLUMNS, CASES_CSV, DATASET_JSON, LABELS, MODALITY, SCANNER_COLUMNS, SPLITS
+from braintumnet.data import nnunet
+from braintumnet.data.contract import CASES_COLUMNS, CASES_CSV, DATASET_JSON, MODALITY, SCANNER_COLUMNS, SPLITS
+from braintumnet.data.contract import TUMOR_TYPES
 from braintumnet.errors import BrainTumNetError
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -88,6 +90,9 @@ def _read_dataset_json(path: Path) -> dict:
         raise BrainTumNetError(f"{path}: not valid JSON ({exc}); fix it as in docs/data.md") from None
     if not isinstance(meta, dict):
         raise BrainTumNetError(f"{path}: must hold a JSON object such as {example}")
+    meta, problem = nnunet.with_contract_keys(path, meta)  # nnU-Net v2's dataset.json, taken as it is
+    if problem:
+        raise BrainTumNetError(f"{path}: {problem}")
     missing = [k for k in ("site", "modality", "labels", "tumor_types") if k not in meta]
     if missing:
         raise BrainTumNetError(f"{path}: missing key(s) {', '.join(missing)}; add them as in docs/data.md")
@@ -100,12 +105,9 @@ def _read_dataset_json(path: Path) -> dict:
             f"{path}: modality {meta['modality']!r} is not supported; BrainTumNet reads contrast-enhanced T1 "
             f"only: set \"modality\": \"{MODALITY}\" if the images are CE-T1"
         )
-    expected = {str(k): v for k, v in LABELS.items()}
-    labels = meta["labels"]
-    if not isinstance(labels, dict) or sorted(labels) != sorted(expected):
-        raise BrainTumNetError(
-            f"{path}: labels must be {json.dumps(expected)}; masks with other label values need converting first"
-        )
+    problem = nnunet.labels_problem(meta["labels"])
+    if problem:
+        raise BrainTumNetError(f"{path}: {problem}")
     types = meta["tumor_types"]
     if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
         raise BrainTumNetError(f"{path}: \"tumor_types\" must be a non-empty list of names, e.g. [\"glioma\"]")
@@ -133,6 +135,14 @@ def _read_cases_csv(path: Path) -> pd.DataFrame:
     cases = cases[[c for c in (*CASES_COLUMNS, *SCANNER_COLUMNS) if c in cases.columns]]
     cases = cases.apply(lambda column: column.str.strip())
     cases.insert(0, "row", range(2, len(cases) + 2))  # line numbers, the header being line 1
+    unfilled = [c for c in ("tumor_type", "split") if (cases[c] == "").any()]
+    if unfilled:  # what `braintumnet init` leaves empty for the site to fill in: not bad data, work still to do
+        rows = cases[(cases[unfilled] == "").any(axis=1)]["row"].tolist()
+        what = {"tumor_type": f"tumor_type ({', '.join(TUMOR_TYPES[:-1])} or {TUMOR_TYPES[-1]})",
+                "split": f"split ({' or '.join(SPLITS)})"}
+        lines = ", ".join(str(r) for r in rows[:10]) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        raise BrainTumNetError(f"{path}: fill in {' and '.join(what[c] for c in unfilled)} on {len(rows)} of "
+                               f"{len(cases)} rows (lines {lines}), or delete the row of a case to leave out")
     bad = cases[~cases["split"].isin(SPLITS)]
     if len(bad):
         lines = ", ".join(f"line {r} ({s!r})" for r, s in zip(bad["row"][:5], bad["split"][:5]))

@@ -103,7 +103,7 @@ def init_site(site_dir: Path, source: Path | None = None, *, site: str | None = 
                                "a new one")
     meta = _read_dataset_json(json_path) if json_path.exists() else None
     if (source / "imagesTr").is_dir():
-        source_meta = meta or _source_dataset_json(source, root)
+        source_meta = meta or _source_dataset_json(source)
         cases, notes = _nnunet_cases(root, source, source_meta)
         kind = "nnU-Net imagesTr/labelsTr folder"
     else:
@@ -113,14 +113,13 @@ def init_site(site_dir: Path, source: Path | None = None, *, site: str | None = 
     if meta is None:
         name = site or root.name
         if not SITE_NAME.fullmatch(name):
-            raise BrainTumNetError(f"{root}: the folder's name {name!r} cannot name the site (letters, digits, _ - ."
-                                   "): give one with --site")
+            raise BrainTumNetError(f"{root}: {name!r} cannot name the site (letters, digits, _ - .): give a name "
+                                   "with --site")
         _write_new(json_path, json.dumps(_contract_json(name, source_meta), indent=2) + "\n")
         report.written.append(DATASET_JSON)
     else:
         report.kept.append(DATASET_JSON)
-    buffer = cases.to_csv(index=False, lineterminator="\n")
-    _write_new(cases_path, buffer)
+    _write_new(cases_path, cases.to_csv(index=False, lineterminator="\n"))
     report.written.append(CASES_CSV)
     return report
 
@@ -144,7 +143,7 @@ def _contract_json(name: str, source_meta: dict | None) -> dict:
             "description": "written by braintumnet init; keep in tumor_types only the types this site has"}
 
 
-def _source_dataset_json(source: Path, root: Path) -> dict | None:
+def _source_dataset_json(source: Path) -> dict | None:
     """An nnU-Net folder's own ``dataset.json`` (inside the site folder), checked as the contract would read it."""
     path = source / DATASET_JSON
     if not path.is_file():

@@ -9,6 +9,7 @@ fails here instead of on a hospital's server.
 from __future__ import annotations
 
 import configparser
+import importlib
 import re
 import shlex
 import sys
@@ -73,9 +74,10 @@ def accepts(argv: list[str], where: str) -> None:
     """Assert that the real tool accepts ``argv`` (argv[0] = the command)."""
     command, args = Path(argv[0]).name, argv[1:]
     if command.startswith("python"):
-        assert args[:2] == ["-m", "client.run"] or args[0].endswith("client/run.py"), f"{where}: {argv}"
-        from client.run import parse_args
-
+        target = args[1] if args[0] == "-m" else Path(args[0]).with_suffix("").as_posix().replace("/", ".")
+        module = next((m for m in ("client.run", "client.executor") if target == m or target.endswith("." + m)), None)
+        assert module, f"{where}: {argv} runs neither client/run.py nor client/executor.py"
+        parse_args = importlib.import_module(module).parse_args
         args = args[2:] if args[0] == "-m" else args[1:]
         _parse(parse_args, args, where)
         return
@@ -137,7 +139,8 @@ def runbook_pki(tmp_path: Path, sites: list[str]) -> Path:
 def test_there_is_a_centre_and_a_site():
     assert [p.parent.name for p in COMPOSE_FILES] == ["centre", "site"]
     assert {u.name for u in UNITS} == {"braintumnet-superlink.service", "braintumnet-serverapp.service",
-                                       "braintumnet-mlflow.service", "braintumnet-site@.service"}
+                                       "braintumnet-mlflow.service", "braintumnet-site@.service",
+                                       "braintumnet-site-executor@.service"}
 
 
 @pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda p: p.parent.name)
@@ -149,9 +152,11 @@ def test_compose_file_parses_and_names_existing_paths(compose, tmp_path):
     named = set(doc.get("volumes") or {})
     pki = runbook_pki(tmp_path, [env.get("SITE", "yibin")])
     site = env.get("SITE", "yibin")
-    produced = {  # host path (as the compose file names it) -> the file the runbook's certs command writes
+    (tmp_path / "superexec").write_bytes(b"x" * 32)  # the runbook's `head -c 32 /dev/urandom > ...`
+    produced = {  # host path (as the compose file names it) -> the file the runbook's commands write
         "./pki/ca.crt": pki / "ca.crt", "./pki/superlink.crt": pki / "superlink.crt",
-        "./pki/superlink.key": pki / "superlink.key", "./pki": pki / "sites" / site,
+        "./pki/superlink.key": pki / "superlink.key", f"./pki/{site}.key": pki / "sites" / site / f"{site}.key",
+        "./pki/superexec.secret": tmp_path / "superexec", "./secrets/superexec": tmp_path / "superexec",
     }
     for name, service in doc["services"].items():
         where = f"{compose.relative_to(REPO)}: {name}"
@@ -174,6 +179,12 @@ def test_compose_file_parses_and_names_existing_paths(compose, tmp_path):
             # absolute host paths (DATA_DIR) are the hospital's own folders
         for dependency in service.get("depends_on", []):
             assert dependency in doc["services"], f"{where}: depends on unknown {dependency}"
+        for secret in service.get("secrets", []):
+            assert secret in (doc.get("secrets") or {}), f"{where}: secret {secret} is not declared"
+        for network in service.get("networks", []):
+            assert network in (doc.get("networks") or {}), f"{where}: network {network} is not declared"
+    for name, secret in (doc.get("secrets") or {}).items():
+        assert secret["file"] in produced, f"{compose.relative_to(REPO)}: secret {name} from {secret['file']}"
     assert "restart" in doc["services"][next(iter(doc["services"]))]
 
 
@@ -246,15 +257,27 @@ def test_dockerfile_bases_and_copies(dockerfile):
 # ---- systemd ------------------------------------------------------------------------------------------------------
 
 
+def unit_exec_start(unit: Path, service) -> list[str]:
+    """ExecStart as systemd runs it for instance ``yibin``: ``%i``, ``%d`` (the unit's credentials folder) and the
+    ``${VAR}`` of the unit's own Environment= lines expanded."""
+    name = unit.name.replace("@.", "@yibin.")
+    line = service["ExecStart"].replace("%i", "yibin").replace("%d", f"/run/credentials/{name}")
+    env = {}
+    for assignment in re.findall(r"^Environment=(.*)$", unit.read_text().replace("%i", "yibin"), re.M):
+        env.update(pair.split("=", 1) for pair in shlex.split(assignment))
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], arg) for arg in shlex.split(line)]
+
+
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_systemd_unit_parses_and_runs_an_existing_command(unit):
-    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    # strict=False: systemd repeats keys (Environment=, LoadCredential=); the ones read here are set once.
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
     parser.optionxform = str  # systemd keys are case-sensitive
     parser.read_string(unit.read_text())
     assert set(parser.sections()) == {"Unit", "Service", "Install"}
     service = parser["Service"]
-    assert service["User"] == "braintumnet" and service["Restart"] == "always"
-    argv = shlex.split(service["ExecStart"].replace("%i", "yibin"))
+    assert service["User"].startswith("braintumnet-") and service["Restart"] == "always"
+    argv = unit_exec_start(unit, service)
     tool = Path(argv[0])
     assert tool.parent == Path("/opt/braintumnet/.venv/bin"), argv[0]
     assert (Path(sys.executable).parent / tool.name).exists(), f"{tool.name} is not installed by the project"

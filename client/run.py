@@ -1,13 +1,23 @@
 """Start a hospital's SuperNode: ``python client/run.py --site yibin [--superlink HOST:PORT] [--insecure] ...``.
 
 Steps: read the site's settings (site config file, flags override it), check them (TLS or an explicit ``--insecure``,
-certificate and key files, the data folder, the device), reach the SuperLink (retrying with backoff), check and
-prepare the site's cache, print a preflight summary, then replace this process with the real ``flower-supernode``
-carrying the right ``--node-config`` and its own local port, so several sites can share one host.
-``--check`` stops after the preflight. A problem prints one line (what, and the fix) and exits non-zero.
+certificate and key files, the FAB allow-list, the data folder, the device), reach the SuperLink (retrying with
+backoff), check and prepare the site's cache, print a preflight summary, then start the real ``flower-supernode``
+(the right ``--node-config``, its own local port, so several sites can share one host) with the site executor
+(``client/executor.py``) beside it, and stay as their parent until either stops.
 
-Exit codes: 0 ok, 2 a settings or data problem, 3 SuperLink unreachable or TLS failure, 4 no usable case,
-130 interrupted.
+The SuperNode runs with ``--isolation process`` and a SuperExec secret (a new 0600 file per launch unless the site
+config names ``superexec-secret``): only the site executor, which holds the secret, can take its ClientApp tasks. The
+executor runs each message in a child forked from a warm process instead of a fresh ``flwr-clientapp`` (seconds
+instead of tens of seconds per message) and refuses any app whose FAB hash is not on the site's allow-list
+(``allowed-apps``, required with TLS; with ``--insecure`` and no list every app runs, with a warning).
+``--executor flower`` keeps Flower's own per-message processes (no allow-list there: only with ``--insecure``).
+
+``--check`` stops after the preflight. ``--fab-hash FILE.fab`` (or the app's folder) prints the SHA-256 an admin adds
+to the allow-list. A problem prints one line (what, and the fix) and exits non-zero.
+
+Exit codes: 0 ok, 2 a settings or data problem (a file that cannot be read or written included), 3 SuperLink
+unreachable or TLS failure, 4 no usable case, 130 interrupted; otherwise the SuperNode's own exit code.
 """
 
 from __future__ import annotations
@@ -15,9 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -28,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from braintumnet.errors import EXIT_NOTHING_USABLE, EXIT_USER_ERROR, BrainTumNetError  # noqa: E402
+from client.allowlist import fab_hash, read_allowlist  # noqa: E402
 from client.sites import DEFAULT_SITES_FILE, REPO, SiteSettings, site_settings  # noqa: E402
 
 log = logging.getLogger("braintumnet.client")
@@ -45,7 +59,7 @@ class LaunchError(BrainTumNetError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python client/run.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--site", required=True, help="the site's name, as in the site config and its dataset.json")
+    p.add_argument("--site", help="the site's name, as in the site config and its dataset.json")
     p.add_argument("--config", type=Path, default=None,
                    help=f"site config file (default: $BRAINTUMNET_SITES or {DEFAULT_SITES_FILE.relative_to(REPO)})")
     p.add_argument("--superlink", help="the centre's SuperLink as HOST:PORT")
@@ -62,14 +76,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "'data.img-size=32 data.slices-per-case=10'")
     p.add_argument("--connect-retries", type=int, default=5,
                    help="tries to reach the SuperLink, waiting 1, 2, 4, ... s between them (default 5)")
-    p.add_argument("--check", action="store_true", help="stop after the preflight (data, cache, connection)")
-    return p.parse_args(argv)
+    p.add_argument("--allowed-apps", type=Path, metavar="FILE",
+                   help="the FAB allow-list: SHA-256 hashes of the apps this site runs, one per line")
+    p.add_argument("--executor", choices=("site", "flower"), default="site",
+                   help="site (default): warm forked ClientApps with the allow-list; flower: Flower's own fresh "
+                   "process per message, no allow-list (only with --insecure)")
+    p.add_argument("--check", action="store_true",
+                   help="stop after the preflight (data, cache, connection, allowed apps)")
+    p.add_argument("--fab-hash", type=Path, metavar="FAB",
+                   help="print the SHA-256 of a .fab file (flwr build writes one), or of the FAB flwr run builds "
+                   "from an app folder, for the allow-list; then exit")
+    args = p.parse_args(argv)
+    if args.site is None and args.fab_hash is None:
+        p.error("--site is required (or --fab-hash FAB)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)-8s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        if args.fab_hash is not None:
+            print(f"{fab_hash(args.fab_hash)}  {args.fab_hash}")
+            return 0
         settings = load_settings(args)
         not_ready = None
         try:
@@ -80,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             # A preflight shows every finding, not only the first: the data, cache, device and SuperLink are
             # checked too, and the missing security setting is reported beside them (and still fails the check).
             not_ready, tls = exc, f"NOT READY: {exc}"
+        try:
+            apps = check_apps(args, settings)
+        except LaunchError as exc:
+            if not args.check:
+                raise
+            not_ready, apps = not_ready or exc, f"NOT READY: {exc}"
         if not settings.data.is_dir():
             raise LaunchError(f"{settings.data}: no such site folder for site {settings.name}; set data in the site "
                               "config or pass --data DIR (the folder with dataset.json and cases.csv)")
@@ -88,24 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         device = check_device(settings.device)
         report, profile = prepare(settings, args.run_config)
         port = settings.port or free_port()
-        print(preflight(settings, report, profile, device, tls, reach, port), flush=True)
+        print(preflight(settings, report, profile, device, tls, reach, port, apps), flush=True)
         if not_ready is not None:
             raise not_ready  # the preflight above is complete; starting would be refused for this reason
         if args.check:
             return 0  # quarantined cases are listed above and left out; no usable case at all raised already
-        exec_supernode(settings, port)
+        return run_site(settings, port, args.executor)
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", EXIT_USER_ERROR)
+    except OSError as exc:  # a full disk, a folder without permission: the path and the reason, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check that the path exists, that this user may read and write "
+              "it, and that its disk has free space", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 def load_settings(args: argparse.Namespace) -> SiteSettings:
     path = args.config or Path(os.environ.get("BRAINTUMNET_SITES", DEFAULT_SITES_FILE))
     overrides = {"data": args.data, "cache": args.cache, "device": args.device, "superlink": args.superlink,
-                 "root-certificates": args.root_certificates, "auth-key": args.auth_key, "port": args.port}
+                 "root-certificates": args.root_certificates, "auth-key": args.auth_key, "port": args.port,
+                 "allowed-apps": args.allowed_apps}
     return site_settings(path, args.site, overrides)
 
 
@@ -136,6 +176,30 @@ def check_security(args: argparse.Namespace, settings: SiteSettings) -> str:
               file=sys.stderr, flush=True)
         return "OFF (--insecure)"
     return f"on (CA {ca})" + (f", node authentication with {key} ({fp})" if key else ", no node authentication")
+
+
+def check_apps(args: argparse.Namespace, settings: SiteSettings) -> str:
+    """The FAB allow-list: required with TLS (a production site), optional with ``--insecure`` (every app runs)."""
+    path = settings.allowed_apps
+    if args.executor == "flower" and not args.insecure:
+        raise LaunchError("--executor flower runs every app the centre sends (Flower's own processes check no "
+                          "allow-list): use it with --insecure only, or leave it out")
+    if path is None:
+        if not args.insecure:
+            raise LaunchError(f"no allowed-apps file: with TLS this site runs only the apps its admin listed; set "
+                              f"allowed-apps = \"FILE\" in [site.{settings.name}] of the site config (or pass "
+                              "--allowed-apps FILE), one SHA-256 per line; python client/run.py --fab-hash APP.fab "
+                              "prints an app's hash")
+        log.warning("no allowed-apps file: EVERY app the SuperLink sends runs at this site (--insecure test mode)")
+        return "ANY app (no allowed-apps file; --insecure test mode)"
+    if args.executor == "flower":
+        return f"NOT CHECKED (--executor flower ignores {path})"
+    hashes = read_allowlist(path)  # unreadable or malformed: a user error naming the file and line
+    if os.access(path, os.W_OK):
+        log.warning("%s can be changed by this site's own processes: make it read-only for them (owned by the "
+                    "admin, e.g. chmod 644 as root), so an app cannot add itself", path)
+    shown = ", ".join(sorted(h[:12] for h in hashes)) or "none: every run will be refused"
+    return f"{path} ({len(hashes)} app{'s' if len(hashes) != 1 else ''}: {shown})"
 
 
 def _check_private_key(key: Path) -> str:
@@ -273,13 +337,15 @@ def prepare(settings: SiteSettings, run_config_arg: str | None):
     return report, profile
 
 
-def preflight(settings: SiteSettings, report, profile, device: str, tls: str, reach: str, port: int) -> str:
+def preflight(settings: SiteSettings, report, profile, device: str, tls: str, reach: str, port: int,
+              apps: str = "") -> str:
     lines = ["", f"== preflight: site {settings.name} ==", report.summary(),
              f"data settings:  {profile.data.img_size} px, {profile.data.slices_per_case} slices per case, "
              f"task {profile.data.task}",
              f"device:         {device}",
              f"SuperLink:      {settings.superlink} ({reach})",
              f"TLS:            {tls}",
+             f"allowed apps:   {apps}",
              f"local port:     127.0.0.1:{port} (this SuperNode's Runtime API)",
              f"node config:    {settings.node_config()}", ""]
     if settings.auth_key is not None:
@@ -295,30 +361,112 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def supernode_command(settings: SiteSettings, port: int) -> list[str]:
+def supernode_command(settings: SiteSettings, port: int, secret: Path | None = None) -> list[str]:
+    """``flower-supernode`` for this site; with ``secret``, in process isolation for the site executor, through
+    ``client/supernode.py`` (Flower's SuperNode with shorter waits between looks for a message)."""
     exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or shutil.which("flower-supernode")
     if exe is None:
         raise LaunchError("flower-supernode not found: install the project (pip install -e .) in this environment")
-    cmd = [exe, "--superlink", settings.superlink]
+    cmd = [exe] if secret is None else [sys.executable, str(REPO / "client" / "supernode.py")]
+    cmd += ["--superlink", settings.superlink]
     if settings.root_certificates is not None:
         cmd += ["--root-certificates", str(settings.root_certificates)]
     else:
         cmd += ["--insecure"]
     if settings.auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(settings.auth_key)]
+    if secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     cmd += ["--node-config", settings.node_config(), "--host", "127.0.0.1", "--port", str(port)]
     return cmd
 
 
-def exec_supernode(settings: SiteSettings, port: int) -> None:
-    cmd = supernode_command(settings, port)
+def executor_command(settings: SiteSettings, port: int, secret: Path) -> list[str]:
+    cmd = [sys.executable, str(REPO / "client" / "executor.py"), "--runtime-api-address", f"127.0.0.1:{port}",
+           "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
+    if settings.allowed_apps is not None:
+        cmd += ["--allowed-apps", str(settings.allowed_apps)]
+    return cmd
+
+
+def superexec_secret(settings: SiteSettings) -> Path:
+    """The site config's secret file, or a new random one for this launch (mode 0600, in the cache's state folder)."""
+    if settings.superexec_secret is not None:
+        path = settings.superexec_secret
+        if not path.is_file() or path.stat().st_size == 0:
+            raise LaunchError(f"{path}: the superexec-secret file is missing or empty; put a random secret in it "
+                              "(e.g. head -c 32 /dev/urandom > FILE; chmod 600 FILE) or drop the key for a new "
+                              "one per launch")
+        if path.stat().st_mode & 0o077:
+            log.warning("%s can be read by other users (mode %o): chmod 600 %s", path, path.stat().st_mode & 0o777,
+                        path)
+        return path
+    state = settings.cache / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / f"superexec-{settings.name}.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def site_executor_usable(settings: SiteSettings) -> bool:
+    """The site executor relies on Flower 1.42's internals; on another version it cannot run, and the allow-list
+    cannot be enforced: refused when an allow-list is configured, Flower's own processes otherwise (a warning)."""
+    from client.executor import SUPPORTED_FLOWER, flower_version, supported
+
+    version = flower_version()
+    if supported(version):
+        return True
+    if settings.allowed_apps is not None:
+        raise LaunchError(f"this site's allow-list ({settings.allowed_apps}) is enforced by the site executor, which "
+                          f"supports Flower {SUPPORTED_FLOWER}x only, and this is Flower {version}: install Flower "
+                          "1.42 (pip install -e .) or update the executor")
+    log.warning("Flower %s: the site executor supports %sx only; using Flower's own process per message (slower)",
+                version, SUPPORTED_FLOWER)
+    return False
+
+
+def run_site(settings: SiteSettings, port: int, executor: str) -> int:
+    """Start the SuperNode (and the site executor) and wait; when one stops, stop the other. Returns its exit code."""
     env = dict(os.environ)
-    # SuperExec checks for a new message every second by default; a ClientApp then starts that much sooner.
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
-    log.info("starting: %s", " ".join(cmd))
+    if executor == "flower" or not site_executor_usable(settings):
+        # Flower's SuperExec checks for a new message every second by default; a ClientApp then starts sooner.
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+        commands = {"SuperNode": supernode_command(settings, port)}
+    else:
+        secret = superexec_secret(settings)
+        commands = {"SuperNode": supernode_command(settings, port, secret),
+                    "site executor": executor_command(settings, port, secret)}
+    for what, cmd in commands.items():
+        log.info("starting the %s: %s", what, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
+    procs = {what: subprocess.Popen(cmd, env=env) for what, cmd in commands.items()}
+
+    def forward(signum, frame):  # systemd / compose stop the launcher: stop both, then exit with their code
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    while all(proc.poll() is None for proc in procs.values()):
+        time.sleep(0.5)
+    first, code = next((what, proc.returncode) for what, proc in procs.items() if proc.returncode is not None)
+    for what, proc in procs.items():
+        if proc.poll() is None:
+            log.info("the %s stopped (exit code %s): stopping the %s", first, code, what)
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ DEFAULT_SITES_FILE = REPO / "client" / "sites.toml"
 # node_config keys the launcher writes and the ClientApp reads.
 NODE_KEYS = ("site-name", "data-path", "cache-dir", "device")
 # Keys a site table may hold (kebab-case, as in the file).
-SITE_KEYS = {"data", "cache", "device", "superlink", "root-certificates", "auth-key", "port", "run-config"}
+SITE_KEYS = {"data", "cache", "device", "superlink", "root-certificates", "auth-key", "port", "run-config",
+             "allowed-apps", "superexec-secret"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class SiteSettings:
         auth_key: the SuperNode authentication private key; None = no node authentication.
         port: this SuperNode's local Runtime API port; None = pick a free one.
         run_config: run-config overrides naming the data settings to prepare the cache for.
+        allowed_apps: the FAB allow-list (SHA-256 hashes of the apps this site runs); None = none configured.
+        superexec_secret: the SuperNode/executor shared secret file; None = a new one per launch.
     """
 
     name: str
@@ -57,6 +60,8 @@ class SiteSettings:
     auth_key: Path | None = None
     port: int | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
+    allowed_apps: Path | None = None
+    superexec_secret: Path | None = None
 
     def node_config(self) -> str:
         """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
@@ -137,7 +142,7 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
     merged["run-config"] = {**_flat(defaults.get("run-config", {})), **_flat(table.get("run-config", {}))}
     for key, value in overrides.items():
         merged[key] = value
-        if key in ("data", "cache", "root-certificates", "auth-key"):
+        if key in ("data", "cache", "root-certificates", "auth-key", "allowed-apps"):
             merged[key] = Path(value).expanduser().absolute()  # flags are relative to the shell's folder
     base = path.parent
 
@@ -167,6 +172,8 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
         auth_key=as_path("auth-key"),
         port=port,
         run_config=dict(merged["run-config"]),
+        allowed_apps=as_path("allowed-apps"),
+        superexec_secret=as_path("superexec-secret"),
     )
 
 

@@ -80,6 +80,11 @@ def test_supernode_command(tmp_path):
     assert cmd[-4:] == ["--host", "127.0.0.1", "--port", "9101"]
     plain = supernode_command(SiteSettings(name="yibin", data=tmp_path, cache=tmp_path), 9102)
     assert "--insecure" in plain
+    # With the site executor: process isolation, the shared secret, Flower's SuperNode through client/supernode.py.
+    isolated = supernode_command(tls, 9103, tmp_path / "secret")
+    assert isolated[:2] == [sys.executable, str(REPO / "client" / "supernode.py")]
+    assert isolated[isolated.index("--isolation") + 1] == "process"
+    assert isolated[isolated.index("--superexec-auth-secret-file") + 1] == str(tmp_path / "secret")
     assert split_address("[::1]:8000") == ("::1", 8000)
 
 
@@ -145,6 +150,47 @@ def test_check_without_tls_settings_runs_the_whole_preflight_then_fails(tmp_path
     assert "== preflight: site plagh ==" in res.stdout and "NOT reachable" in res.stdout
     assert "TLS:            NOT READY: refusing to connect without TLS" in res.stdout
     assert "refusing to connect without TLS" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_allowed_apps_required_with_tls_and_listed_by_check(tmp_path, phantom_root, cache_root):
+    """With TLS a site runs only listed apps: no list, no start (the check says so); --check lists the hashes."""
+    ca = _certificates(tmp_path)["ca"]
+    base = (f'[defaults]\ncache = "{cache_root}"\nroot-certificates = "{ca}"\n[defaults.run-config]\n'
+            f'"data.img-size" = 32\n"data.slices-per-case" = 3\n[site.plagh]\ndata = "{phantom_root / "plagh"}"\n')
+    cfg = write(tmp_path / "sites.toml", base)
+    res = launch("--config", str(cfg), "--site", "plagh", "--superlink", f"127.0.0.1:{closed_port()}", "--check")
+    assert res.returncode == 2, res.stderr
+    assert "allowed apps:   NOT READY: no allowed-apps file" in res.stdout
+    assert "set allowed-apps" in res.stderr and "--fab-hash" in res.stderr and "Traceback" not in res.stderr
+
+    allowed = write(tmp_path / "allowed-apps", f"# our apps\n{'ab' * 32}\n{'cd' * 32}  # v2\n")
+    write(cfg, base + 'allowed-apps = "allowed-apps"\n')
+    res = launch("--config", str(cfg), "--site", "plagh", "--superlink", f"127.0.0.1:{closed_port()}", "--check")
+    assert res.returncode == 0, res.stderr
+    assert f"allowed apps:   {allowed} (2 apps: {'ab' * 6}, {'cd' * 6})" in res.stdout
+    assert "can be changed by this site's own processes" in res.stderr  # the admin is told to make it read-only
+
+    write(allowed, "abc\n")
+    res = launch("--config", str(cfg), "--site", "plagh", "--superlink", f"127.0.0.1:{closed_port()}")
+    assert res.returncode == 2 and f"{allowed}:1: 'abc' is not a SHA-256 FAB hash" in res.stderr, res.stderr
+
+
+def test_fab_hash_is_the_hash_the_executor_checks(tmp_path):
+    import hashlib
+
+    fab = write(tmp_path / "app.fab", "not really a zip, but a file's hash is its hash")
+    res = launch("--fab-hash", str(fab))
+    assert res.returncode == 0 and res.stdout.split() == [hashlib.sha256(fab.read_bytes()).hexdigest(), str(fab)]
+    res = launch("--fab-hash", str(tmp_path / "missing.fab"))
+    assert res.returncode == 2 and "cannot read the FAB" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_path(tmp_path, phantom_root):
+    blocker = write(tmp_path / "a-file", "")
+    res = launch("--site", "plagh", "--data", str(phantom_root / "plagh"), "--cache", str(blocker / "cache"),
+                 "--insecure", "--superlink", f"127.0.0.1:{closed_port()}", "--check")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"error: {blocker / 'cache'}" in res.stderr and "may read and write it" in res.stderr
 
 
 # ---- TLS: the launcher's probe names the cause of a certificate problem ------------------------------------------

@@ -3,9 +3,11 @@
 ``flwr ls``.
 
 The tests share one federation and run in order: the first deploys it as deploy/README.md does (``braintumnet
-certs``, ``--enable-supernode-auth``, ``flwr supernode register``) and checks what must be refused; the second trains
-two rounds; the third resumes the federation for a third round, restarts the site the second one stopped, and kills
-the SuperLink during that round.
+certs``, ``--enable-supernode-auth``, ``flwr supernode register``, each site's FAB allow-list) and checks what must be
+refused; the second checks the site executor (its SuperExec secret, an app not on a site's allow-list refused before
+any of its code is imported, a fresh warm parent after a failed ClientApp); the third trains two rounds; the fourth
+resumes the federation for a third round, restarts the site the third one stopped, and kills the SuperLink during
+that round. Every ClientApp runs in the site executor (client/executor.py) that ``python client/run.py`` starts.
 Figures (round overhead, bytes per site) are written to ``measurements.json`` in the
 federation's tmp folder and printed (``pytest -s``).
 """
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import signal
 import time
 
 import pytest
+from test_executor import pinned_app, sentinel_app, set_allowlists, submit_app
 
 from braintumnet.certs import make_certs
 from braintumnet.checkpoint import load_checkpoint
@@ -25,6 +30,23 @@ from braintumnet.checkpoint import load_checkpoint
 pytestmark = pytest.mark.timeout(1500)
 
 SITES = ("yibin", "plagh", "jinling")
+
+
+@pytest.fixture(scope="module")
+def apps(federation, tmp_path_factory):
+    """The app as ``flwr run`` uploads it (pinned: the working tree may change during the tests), a sentinel app,
+    and the sites' allow-lists: every site lists the app; only plagh lists the sentinel."""
+    root = tmp_path_factory.mktemp("apps")
+    app, app_hash = pinned_app(root / "braintumnet")
+    sentinel, sentinel_hash = sentinel_app(root / "sentinel")
+    lists = {}
+    for site in SITES:
+        lists[site] = root / f"{site}.allowed"
+        hashes = [app_hash] + ([sentinel_hash] if site == "plagh" else [])
+        lists[site].write_text("# apps this hospital runs\n" + "\n".join(hashes) + "\n")
+        lists[site].chmod(0o444)
+    set_allowlists(federation, lists)
+    return {"app": app, "sentinel": sentinel, "sentinel_hash": sentinel_hash, "lists": lists}
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
@@ -60,7 +82,7 @@ def received(proc, kind: str) -> int:
     return proc.text().count(f"Receiving: {kind} message")
 
 
-def test_tls_and_node_auth_admit_registered_sites_only(federation, tmp_path):
+def test_tls_and_node_auth_admit_registered_sites_only(federation, apps, tmp_path):
     """Registered sites join over TLS; an unregistered key, plaintext and a foreign CA are refused, each saying why."""
     from harness import ROGUE
 
@@ -81,7 +103,7 @@ def test_tls_and_node_auth_admit_registered_sites_only(federation, tmp_path):
 
     make_certs(tmp_path / "other-pki")
     res = fed.launcher("--site", "yibin", "--config", str(plain), "--root-certificates",
-                       str(tmp_path / "other-pki" / "ca.crt"))
+                       str(tmp_path / "other-pki" / "ca.crt"), "--allowed-apps", str(apps["lists"]["yibin"]))
     assert res.returncode == 3 and "is not the CA that signed the SuperLink's certificate" in res.stderr, res.stderr
 
     fed.wait_nodes(3, timeout=300)
@@ -89,20 +111,86 @@ def test_tls_and_node_auth_admit_registered_sites_only(federation, tmp_path):
     assert sorted(n["status"] for n in nodes) == ["online"] * 3, nodes  # the rogue key left no node behind
     assert "TLS:            on (CA" in fed.sites["yibin"].text()
     assert "node authentication with" in fed.sites["yibin"].text()
+    assert f"allowed apps:   {apps['lists']['yibin']} (1 app:" in fed.sites["yibin"].text()
 
 
-def test_two_rounds_three_sites_one_drops_out(federation):
+def _acquire(port: int, secret: bytes | None):
+    """AcquireTask at a site's Runtime API, as a process holding ``secret`` (None: none) would."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset(
+        {"/flwr.proto.Runtime/AcquireTask"}))] if secret else []
+    client = RuntimeHttpClient.from_server_address(f"127.0.0.1:{port}", insecure=True, root_certificates=None,
+                                                   interceptors=interceptors)
+    try:
+        return client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    finally:
+        client.close()
+
+
+def test_site_executor_secret_allowlist_and_recycling(federation, apps):
+    """Only the executor holding the launch's secret takes tasks; an app a site does not list is refused there before
+    a line of it is imported (the run gets an error reply naming the hash); a failed ClientApp gets a fresh parent."""
+    import httpx
+
+    fed = federation
+    fed.deploy()
+    fed.wait_nodes(3, timeout=300)
+    # No run is active: a rightful AcquireTask finds nothing; without the secret, or with another, it is refused.
+    port = int(re.search(r"local port: +127\.0\.0\.1:(\d+)", fed.sites["yibin"].text()).group(1))
+    secret_file = fed.cache / "state" / "superexec-yibin.secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert not _acquire(port, secret_file.read_bytes()).HasField("task")
+    for secret in (None, b"a guess"):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            _acquire(port, secret)
+        assert refused.value.response.status_code in (401, 403), refused.value
+
+    marks = fed.home / "sentinel-imports"
+    out = fed.root / "sentinel.json"
+    run_id = submit_app(fed, apps["sentinel"], tiny=False, out=str(out), nodes=3)
+    run = fed.wait_finished(run_id, timeout=300)
+    assert run["status"] == "finished:completed", f"{run['status-details']}\n{fed.server_log(run_id)[-3000:]}"
+    replies = json.loads(out.read_text())
+    digest = apps["sentinel_hash"]
+    for site in ("yibin", "jinling"):  # not listed: refused, the centre told which app
+        assert f"FAB sha256 {digest} is not on its allow-list" in replies[site], replies
+        assert str(apps["lists"][site]) not in replies[site]  # the site's paths stay at the site
+        log = fed.sites[site].text()
+        assert f"{digest}) is not on this site's allow-list {apps['lists'][site]}" in log, log[-3000:]
+        assert "starting a fresh warm parent" not in log  # a refusal is no failure of the warm parent
+    assert "fails on purpose" in replies["plagh"], replies  # listed: it ran (and failed, as it always does)
+
+    # The sentinel's module marks its import with the pid of the executor that forked it: plagh's only.
+    executors = {s: [int(p) for p in re.findall(r"executor \(pid (\d+)\): warm", fed.sites[s].text())]
+                 for s in SITES}
+    assert sorted(int(p.name) for p in marks.iterdir()) == [executors["plagh"][0]], (executors, os.listdir(marks))
+    # plagh's failed ClientApp: the executor starts a fresh warm parent (same pid, re-executed), which serves on.
+    wait_for(lambda: len(executors_of(fed, "plagh")) >= 2, 120, "plagh's fresh warm parent")
+    assert "starting a fresh warm parent because the ClientApp of task" in fed.sites["plagh"].text()
+    assert set(executors_of(fed, "plagh")) == {executors["plagh"][0]}
+
+
+def executors_of(fed, site: str) -> list[int]:
+    return [int(p) for p in re.findall(r"executor \(pid (\d+)\): warm", fed.sites[site].text())]
+
+
+def test_two_rounds_three_sites_one_drops_out(federation, apps):
     fed = federation
     fed.deploy()
     fed.wait_nodes(3, timeout=300)
 
     started = time.monotonic()
-    run_id = fed.submit(**{"num-server-rounds": 2, "min-available-nodes": 2, "min-train-nodes": 2,
-                           "min-evaluate-nodes": 2, "wait-for-nodes-s": 120.0,
-                           "external-data": str(fed.phantom / "external")})
-    # Stop jinling once it holds its round-2 training message: its reply never comes.
     jinling = fed.sites["jinling"]
-    wait_for(lambda: received(jinling, "train") >= 2, 900, "jinling's round-2 train message", poll=0.3)
+    before = received(jinling, "train")  # the previous test's sentinel message
+    run_id = submit_app(fed, apps["app"], **{"num-server-rounds": 2, "min-available-nodes": 2, "min-train-nodes": 2,
+                                             "min-evaluate-nodes": 2, "wait-for-nodes-s": 120.0,
+                                             "external-data": str(fed.phantom / "external")})
+    # Stop jinling once it holds its round-2 training message: its reply never comes.
+    wait_for(lambda: received(jinling, "train") >= before + 2, 900, "jinling's round-2 train message", poll=0.3)
     fed.kill_site("jinling", signal.SIGTERM)
     run = fed.wait_finished(run_id, timeout=900)
     elapsed = time.monotonic() - started
@@ -146,7 +234,7 @@ def test_two_rounds_three_sites_one_drops_out(federation):
     _record_measurements(fed, run_id, run, rounds, elapsed)
 
 
-def test_superlink_killed_mid_run_then_resume_latest(federation):
+def test_superlink_killed_mid_run_then_resume_latest(federation, apps):
     """The federation of the first test goes on to a third round; the centre crashes during it and resumes."""
     fed = federation
     finished = sorted(fed.ckpt.glob("run-*/final.pt"))
@@ -155,8 +243,9 @@ def test_superlink_killed_mid_run_then_resume_latest(federation):
     fed.wait_nodes(3, timeout=300)
     before = {s: received(p, "train") for s, p in fed.sites.items()}
     # Federated evaluation is the first test's business: skipping it here saves a ClientApp start per site and round.
-    extended = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
-                             "wait-for-nodes-s": 120.0, "fraction-evaluate": 0.0})
+    extended = submit_app(fed, apps["app"], **{"num-server-rounds": 3, "resume-from": "latest",
+                                               "min-available-nodes": 3, "wait-for-nodes-s": 120.0,
+                                               "fraction-evaluate": 0.0})
     # Kill the centre (SuperLink, SuperExec, ServerApp) while round 3 is in flight at the sites.
     wait_for(lambda: all(received(p, "train") > before[s] for s, p in fed.sites.items()), 900,
              "round 3's train messages", poll=0.3)
@@ -165,8 +254,9 @@ def test_superlink_killed_mid_run_then_resume_latest(federation):
     fed.wait_nodes(3, timeout=300)
     assert not (fed.run_dir(extended) / "round-0003.pt").exists()
 
-    resumed = fed.submit(**{"num-server-rounds": 3, "resume-from": "latest", "min-available-nodes": 3,
-                            "wait-for-nodes-s": 120.0, "fraction-evaluate": 0.0})
+    resumed = submit_app(fed, apps["app"], **{"num-server-rounds": 3, "resume-from": "latest",
+                                              "min-available-nodes": 3, "wait-for-nodes-s": 120.0,
+                                              "fraction-evaluate": 0.0})
     run = fed.wait_finished(resumed, timeout=900)
     log = fed.server_log(resumed)
     assert run["status"] == "finished:completed", f"{run['status-details']}\n{log[-4000:]}"

@@ -1,0 +1,88 @@
+"""``flower-supernode`` with shorter waits: ``python client/supernode.py ARGS`` takes ``flower-supernode``'s arguments.
+
+Flower 1.42's SuperNode looks for a new message at the SuperLink, and when there is none sleeps a fixed 3 s (on
+average 1.5 s of every message's latency, two messages a round); it then waits for the ClientApp's reply, and for
+each of its objects, in fixed 0.5 s steps. None of this is configurable. Here the SuperLink is asked every
+``BRAINTUMNET_SUPERNODE_PULL_S`` seconds (default 1.0: each look is a write at the SuperLink's state, so three sites
+make three writes a second instead of one) and the local waits for the reply check every 0.05 s (they read the
+SuperNode's own memory). Everything else is Flower's own ``flower-supernode``: TLS, node authentication, heartbeats,
+the Runtime API.
+
+The waits are literal ``time.sleep(3)`` and ``time.sleep(0.5)`` calls in ``flwr.supernode.start_client_internal``;
+this module swaps that module's ``time`` for one whose ``sleep`` maps those two values. Only on Flower 1.42.x (the
+version whose source was read; tests/federation/test_executor.py checks those calls are still there): on another
+version the SuperNode runs unchanged, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("braintumnet.supernode")
+FLOWER_PULL_S = 3  # Flower 1.42's sleep after an empty look for messages
+FLOWER_REPLY_WAIT_S = 0.5  # its sleep while the reply (or one of its objects) is not there yet
+REPLY_WAIT_S = 0.05
+DEFAULT_PULL_S = 1.0
+
+
+class _ShorterWaits:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the same, with two sleeps shortened."""
+
+    def __init__(self, pull_s: float):
+        self.pull_s = pull_s
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_PULL_S:
+            seconds = self.pull_s
+        elif seconds == FLOWER_REPLY_WAIT_S:
+            seconds = REPLY_WAIT_S
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def pull_interval() -> float:
+    raw = os.environ.get("BRAINTUMNET_SUPERNODE_PULL_S", str(DEFAULT_PULL_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= FLOWER_PULL_S:
+        raise SystemExit(f"error: BRAINTUMNET_SUPERNODE_PULL_S={raw!r}: give seconds between 0.1 and 3")
+    return value
+
+
+def shorten_waits(pull_s: float) -> bool:
+    """Patch Flower's SuperNode loop; False (and nothing changed) on a Flower version other than 1.42.x."""
+    from client.executor import SUPPORTED_FLOWER, flower_version, supported
+
+    if not supported(flower_version()):
+        log.warning("Flower %s: the SuperNode keeps its own waits (shortened on %sx only)", flower_version(),
+                    SUPPORTED_FLOWER)
+        return False
+    from flwr.supernode import start_client_internal as internal
+
+    internal.time = _ShorterWaits(pull_s)
+    return True
+
+
+def main() -> None:
+    handler = logging.StreamHandler()  # Flower logs through its own handler; the root logger stays quiet
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    shorten_waits(pull_interval())
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv[0] = "flower-supernode"  # Flower names its exit events after the program
+    sys.exit(flower_supernode())
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a script: the repository's packages, not this folder, on the path
+        sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    main()

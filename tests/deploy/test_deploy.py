@@ -291,7 +291,8 @@ def test_systemd_unit_parses_and_runs_an_existing_command(unit):
 
 
 def runbook_commands(path: Path) -> list[tuple[int, list[str]]]:
-    """Every command in the ```bash blocks: continuation lines joined, `&&` chains split, comments dropped."""
+    """Every command in the ```bash blocks: continuation lines joined, `&&` chains and pipes split, comments
+    dropped."""
     text = path.read_text()
     out = []
     for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
@@ -301,7 +302,7 @@ def runbook_commands(path: Path) -> list[tuple[int, list[str]]]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            for part in re.split(r"\s&&\s", line):
+            for part in re.split(r"\s(?:&&|\|)\s", line):
                 argv = shlex.split(part, comments=True)
                 if argv and argv[-1] == "&":
                     argv = argv[:-1]

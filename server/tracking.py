@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from braintumnet.extras import require
 from braintumnet.tracking import experiment_id as find_or_create_experiment, tracking_uri
 
 log = logging.getLogger("braintumnet.server")
@@ -97,8 +98,10 @@ class Tracker:
                             "run folder still has every number", self.uri, type(exc).__name__, exc)
 
     def _start(self, experiment: str, run_name: str, federation_id: str, params: dict, tags: dict) -> None:
+        # A centre installs mlflow with the 'centre' extra; without it this names the extra, and the federation
+        # goes on untracked (_work logs the message once).
+        MlflowClient = require("mlflow.tracking", "the centre's MLflow tracking").MlflowClient
         from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
 
         self.root.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.uri)

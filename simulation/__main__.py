@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         # Here, before the study's heavy imports and before its run folder exists, so a misspelt key costs nothing
         # and leaves nothing behind.
         check_keys(overrides)
+        _require_extras(phantom=args.data is None, federated=not args.skip_federated)
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -77,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _require_extras(*, phantom: bool, federated: bool) -> None:
+    """Fail before any work when the 'simulation' extra is missing (a site's install leaves it out), not an hour in."""
+    from braintumnet.extras import require
+
+    needed = {"matplotlib": "the study's figures", "mlflow": "the study's MLflow runs"}
+    if phantom:
+        needed["nilearn"] = "the synthetic phantom cohort"
+    if federated:
+        needed["ray"] = "the federated arm (Flower's Simulation Engine)"
+    for module, purpose in needed.items():
+        require(module, purpose, extra="simulation")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix
 
 from braintumnet.data.dataset import select_slices
+from braintumnet.extras import require
+from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, new_figure,
+                                      overlay_examples, roc_curves, save)
 from braintumnet.scoring import predict_slices
-from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, overlay_examples,
-                                      roc_curves, save)
 from simulation.report import arms_of
 
 GRID = "0.92"
@@ -94,7 +93,7 @@ def learning_curves(rounds: Sequence[Mapping], finals: Mapping[str, Mapping], pa
         sd: arm -> the sd of those metrics over the repetitions; given (several seeds or folds), each final line
             carries a ±1 sd band. The rounds are the first repetition's.
     """
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    fig = new_figure(figsize=(11, 3.8), layout="constrained")
     mark_synthetic(fig, synthetic)
     axes = fig.subplots(1, 3)
     x = [r["round"] for r in rounds]
@@ -117,8 +116,9 @@ def learning_curves(rounds: Sequence[Mapping], finals: Mapping[str, Mapping], pa
     axes[2].set(xlabel="Federated round", ylabel=metric_label("train_loss"),
                 title="Federated training loss (site mean)")
     axes[2].grid(color=GRID)
+    whole_numbers = require("matplotlib.ticker", "the study's figures").MaxNLocator
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        ax.xaxis.set_major_locator(whole_numbers(integer=True))  # rounds are whole numbers
     axes[0].legend(fontsize=7, loc="best")
     return save(fig, path)
 
@@ -131,7 +131,7 @@ def site_bars(results: Mapping[str, Mapping], sites: Sequence[str], path: Path, 
     error bar.
     """
     arms = list(results)
-    fig = Figure(figsize=(5 + 1.4 * len(sites) * max(len(arms), 1) / 3, 4.0), layout="constrained")
+    fig = new_figure(figsize=(5 + 1.4 * len(sites) * max(len(arms), 1) / 3, 4.0), layout="constrained")
     mark_synthetic(fig, synthetic)
     axes = fig.subplots(1, 2)
     width = 0.8 / max(len(arms), 1)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from braintumnet.extras import require
 from braintumnet.tracking import experiment_id, tracking_uri
 
 log = logging.getLogger("simulation")
@@ -23,7 +24,7 @@ def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], par
     Returns the MLflow run id, or None when MLflow could not write (logged once; the study goes on).
     """
     try:
-        import mlflow
+        mlflow = require("mlflow", "the study's MLflow runs")
         from mlflow.tracking import MlflowClient
 
         # After the import, which sets its own level: its store-creation INFO lines would break the progress lines.

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from braintumnet.extras import require
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: a site's lean install may lack it (extras.py)
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 # Contour colours: the whole lesion (labels 1 + 2, so its outline is the edema's outer border) and the tumour
 # (label 1). Reference contours solid, predictions dashed. Filled overlays colour each label on its own.
@@ -31,6 +36,16 @@ METRIC_LABELS = {
     "iou_tumor": "Tumour IoU", "acc": "Accuracy", "auc": "AUC (macro)", "f1": "F1 (macro)",
     "sensitivity": "Sensitivity (macro)", "specificity": "Specificity (macro)", "train_loss": "Training loss",
 }
+
+
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib ``Figure(**kwargs)``, or a message naming the extra that installs matplotlib."""
+    return require("matplotlib.figure", "drawing figures").Figure(**kwargs)
+
+
+def _legend_line(**kwargs) -> Line2D:
+    """An empty line that only shows in a legend."""
+    return require("matplotlib.lines", "drawing figures").Line2D([], [], **kwargs)
 
 
 def metric_label(key: str) -> str:
@@ -57,7 +72,7 @@ def roc_curves(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[s
     A class with no positive or no negative case has no curve; the legend says so.
     """
     y_true, probs = np.asarray(y_true, dtype=int), np.asarray(probs, dtype=float)
-    fig = Figure(figsize=(4.8, 4.6), layout="constrained")
+    fig = new_figure(figsize=(4.8, 4.6), layout="constrained")
     mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
@@ -80,7 +95,7 @@ def confusion_matrix_plot(matrix: Sequence[Sequence[int]], class_names: Sequence
     """Counts, rows = true class, columns = predicted class, each cell shaded by its share of the row."""
     matrix = np.asarray(matrix, dtype=int)
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(2.4 + 1.1 * len(class_names), 1.6 + 1.0 * len(class_names)), layout="constrained")
+    fig = new_figure(figsize=(2.4 + 1.1 * len(class_names), 1.6 + 1.0 * len(class_names)), layout="constrained")
     mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -98,7 +113,7 @@ def dice_distribution(dice: Mapping[str, Sequence[float]], path: Path,
     """A box plot per region (``{"tumor": [...], "edema": [...], "whole": [...]}``) with every case as a dot."""
     names = [n for n, v in dice.items() if len(v)]
     values = [np.asarray(dice[n], dtype=float) for n in names]
-    fig = Figure(figsize=(2.4 + 1.2 * max(len(names), 1), 4.0), layout="constrained")
+    fig = new_figure(figsize=(2.4 + 1.2 * max(len(names), 1), 4.0), layout="constrained")
     mark_synthetic(fig, synthetic)
     ax = fig.add_subplot()
     if names:
@@ -125,7 +140,7 @@ def overlay_examples(images: Sequence[np.ndarray], targets: Sequence[np.ndarray]
         titles: one caption per slice.
     """
     n = len(images)
-    fig = Figure(figsize=(2.8 * max(n, 1), 3.6), layout="constrained")
+    fig = new_figure(figsize=(2.8 * max(n, 1), 3.6), layout="constrained")
     mark_synthetic(fig, synthetic)
     for i in range(n):
         ax = fig.add_subplot(1, max(n, 1), i + 1)
@@ -147,7 +162,7 @@ def case_report(path: Path, *, images: Sequence[np.ndarray], preds: Sequence[np.
     ``aspect`` is the pixel height over width (row spacing / column spacing) of the slices.
     """
     n = max(len(images), 1)
-    fig = Figure(figsize=(8.27, 9.5), layout="constrained")
+    fig = new_figure(figsize=(8.27, 9.5), layout="constrained")
     fig.suptitle(heading, fontsize=13)
     top, middle, bottom = fig.subfigures(3, 1, height_ratios=[1.5, 0.8, 1.0])
     axes = top.subplots(1, n, squeeze=False)[0]
@@ -202,11 +217,11 @@ def legend_handles(with_reference: bool, predicted: set[str] | None = None) -> l
     handles = []
     for region, colour in REGION_COLOURS.items():
         if with_reference:
-            handles.append(Line2D([], [], color=colour, ls="solid", label=f"{REGION_NAMES[region]}, reference"))
+            handles.append(_legend_line(color=colour, ls="solid", label=f"{REGION_NAMES[region]}, reference"))
         if predicted is None or region in predicted:
-            handles.append(Line2D([], [], color=colour, ls="dashed", label=f"{REGION_NAMES[region]}, predicted"))
+            handles.append(_legend_line(color=colour, ls="dashed", label=f"{REGION_NAMES[region]}, predicted"))
     if predicted is not None and not predicted:
-        handles.append(Line2D([], [], ls="none", label="the model segmented nothing in these slices"))
+        handles.append(_legend_line(ls="none", label="the model segmented nothing in these slices"))
     return handles
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from braintumnet.extras import require
+
 log = logging.getLogger(__name__)
 
 PAD_BELOW_MM = 12  # the template stops at MNI z = -72 mm: repeat its lowest slice (brainstem) 12 mm further down
@@ -70,7 +72,8 @@ class Anatomy:
 @functools.lru_cache(maxsize=1)
 def load_anatomy() -> Anatomy:
     """Build the static anatomy from nilearn's shipped MNI152 template (offline; a few seconds, once per process)."""
-    from nilearn import datasets  # imported here: nilearn takes ~2 s to import and only the phantom needs it
+    # Imported here: nilearn takes ~2 s to import, only the phantom needs it, and a site's install leaves it out.
+    datasets = require("nilearn.datasets", "the synthetic phantom cohort")
 
     t1 = datasets.load_mni152_template(resolution=1)  # resolution 1 is the shipped file itself: no resampling
     gm = np.asarray(datasets.load_mni152_gm_template(resolution=1).get_fdata(), np.float32)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from braintumnet.data.contract import EDEMA_LABEL, EXTERNAL_SITE, SITES, TUMOR_TYPES, TUMOUR_LABEL
+from braintumnet.extras import require
 
 TITLE = "SYNTHETIC PHANTOM: drawn from the MNI152 template with simulated tumours and scanners, NOT patient data"
 
@@ -26,8 +25,10 @@ def contact_sheet(panels: list[dict], path: Path) -> Path:
         path: the PNG to write.
     """
     sites = [s for s in (*SITES, EXTERNAL_SITE) if any(p["site"] == s for p in panels)]
-    fig = Figure(figsize=(4.2 * len(TUMOR_TYPES), 4.4 * len(sites) + 1.0), facecolor="black")
-    FigureCanvasAgg(fig)
+    figure = require("matplotlib.figure", "the phantom's preview").Figure
+    canvas = require("matplotlib.backends.backend_agg", "the phantom's preview").FigureCanvasAgg
+    fig = figure(figsize=(4.2 * len(TUMOR_TYPES), 4.4 * len(sites) + 1.0), facecolor="black")
+    canvas(fig)
     axes = fig.subplots(len(sites), len(TUMOR_TYPES), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()

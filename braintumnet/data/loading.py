@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from braintumnet.config import DataConfig
-from braintumnet.data.cache import PreparedSite, load_prepared, prepared_dir, read_meta
+from braintumnet.data.cache import (PreparedSite, array_problem, load_prepared, prepared_dir, read_meta,
+                                    remove_stale_temporaries, sigterm_as_exit, temporary_dir)
 from braintumnet.data.prepare import prepare_site
 from braintumnet.errors import EXIT_NOTHING_USABLE, BrainTumNetError
 
@@ -68,19 +68,28 @@ def open_site(site: SiteRuntime, data_cfg: DataConfig) -> PreparedSite:
         BrainTumNetError: no cache and no data folder to prepare it from, or the data folder is unusable.
     """
     cache_dir = prepared_dir(site.cache, site.name, data_cfg)
-    if read_meta(cache_dir) is not None:
+    remove_stale_temporaries(cache_dir.parent, cache_dir.name)  # what a killed writer left (a live one's stay)
+    if _intact(cache_dir):
         return load_prepared(cache_dir)
     if site.data is None:
+        if read_meta(cache_dir) is not None:
+            load_prepared(cache_dir)  # raises, naming the damaged file and the fix
         raise BrainTumNetError(f"site {site.name}: no prepared cache at {cache_dir} and no data-path to prepare it "
                                "from; run python client/run.py --site NAME --check with the run's data settings")
     if site.phantom is not None and not site.data.exists():
         ensure_phantom(site.data.parent, *site.phantom)
     with file_lock(site.cache / f".{site.name}.lock"):
-        if read_meta(cache_dir) is None:
+        if not _intact(cache_dir):  # missing, or damaged (prepare_site says which file and prepares it again)
             log.info("site %s: preparing the cache for %d px, %d slices per case in %s", site.name,
                      data_cfg.img_size, data_cfg.slices_per_case, cache_dir)
             return prepare_and_load(site.data, site.cache, data_cfg, progress=False)
     return load_prepared(cache_dir)
+
+
+def _intact(cache_dir: Path) -> bool:
+    """A complete cache whose array files are what its ``prepared.json`` describes (header and size only)."""
+    meta = read_meta(cache_dir)
+    return meta is not None and array_problem(cache_dir, meta) is None
 
 
 def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
@@ -93,15 +102,17 @@ def ensure_phantom(root: Path, scale: float, seed: int) -> Path:
     with file_lock(root.parent / f".{root.name}.lock"):
         if complete_cohort(root) is not None:
             return root
+        remove_stale_temporaries(root.parent, root.name)  # a generation killed before it could clean up
         log.info("generating the synthetic phantom cohort (scale %g, seed %d) into %s", scale, seed, root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            generate_cohort(tmp / "cohort", scale=scale, seed=seed, fmt="nifti", progress=False)
-            if root.exists():
-                shutil.rmtree(root)
-            os.replace(tmp / "cohort", root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with sigterm_as_exit():
+            tmp = temporary_dir(root, "tmp")
+            try:
+                generate_cohort(tmp / "cohort", scale=scale, seed=seed, fmt="nifti", progress=False)
+                if root.exists():
+                    shutil.rmtree(root)
+                os.replace(tmp / "cohort", root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -161,11 +161,20 @@ def prepare_site(
         raise BrainTumNetError(f"cache folder {cache_root} is inside the site folder {root}: the site folder is "
                                "never written to; choose a cache folder outside it")
     out = cache.prepared_dir(cache_root, site.name, data_cfg)
+    cache.remove_stale_temporaries(out.parent, out.name)
     fingerprint = source_fingerprint(site)
     meta = cache.read_meta(out)
     if meta and _up_to_date(meta, fingerprint, data_cfg):
-        return _reuse(site, out, meta, strict, start)
+        damage = cache.array_problem(out, meta)
+        if not damage:
+            return _reuse(site, out, meta, strict, start)
+        logger.warning("%s; preparing the cache again", damage)
+    with cache.sigterm_as_exit():  # a stop request still shuts the workers down and removes the temporary folder
+        return _prepare(site, out, fingerprint, data_cfg, strict, progress, workers, start)
 
+
+def _prepare(site: Site, out: Path, fingerprint: str, data_cfg: DataConfig, strict: bool, progress: bool,
+             workers: int, start: float) -> PrepareReport:
     problems, rows = _table_problems(site)
     usable, parts = [], []
     for row, outcome in _run(site, rows, data_cfg, progress, workers):
@@ -192,7 +201,7 @@ def prepare_site(
                            n_slices=len(slices))
     meta = {
         "site": site.name,
-        "site_dir": str(root),
+        "site_dir": str(site.root.resolve()),
         "synthetic": site.synthetic,
         "data": _data_settings(data_cfg),
         "counts": {"cases": _counts(usable_frame), "slices": len(slices), "cases_in_csv": len(site.cases),

@@ -3,6 +3,10 @@
 Each message is described by record names and kinds, arrays by shape and dtype only (never their contents), config
 and metric items with their values (they are what the centre sees anyway) and the error reason of an error reply.
 The run folder appends the descriptions to ``audit.jsonl`` (``server.checkpoints.RunFolder.append_audit``).
+
+After each phase the screening's decisions follow (:func:`describe_screening`): per Flower node id, the site it
+claimed and what became of its reply (kept, clipped with each group's norm and bound, rejected with the reason), and
+the round's aggregate when it was refused. Two nodes claiming one site name are two entries.
 """
 
 from __future__ import annotations
@@ -49,4 +53,16 @@ def _plain(value: Any) -> Any:
         return {"bytes": len(value)}
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def describe_screening(server_round: int, phase: str, outcomes: Mapping[int, dict], refused: str | None = None) -> dict:
+    """The screening's decisions of one phase for the audit: per node id, its site and the outcome of its reply
+    (``server.rounds.RoundRecord.outcomes``); ``refused``: why the round's aggregate was not applied."""
+    entry: dict[str, Any] = {"direction": "screening", "type": phase, "round": server_round,
+                             "replies": [{"node": node, **_plain(dict(o))} for node, o in sorted(outcomes.items())]}
+    if refused is not None:
+        entry["refused"] = refused
+    return entry

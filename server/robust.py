@@ -1,24 +1,38 @@
-"""The centre's defences against a bad update: the update-norm bound and robust aggregation (docs/privacy.md).
+"""The centre's defences against a bad update: the update-norm bound with clipping, the weight cap and robust
+aggregation (docs/federation.md, "Screening the sites' replies").
 
-- **Norm bound.** A site's update is ``w_site - w_global``; its L2 norm over every floating-point array is compared
-  with the round's median update norm. One far above the others (``> robust.norm-factor × median``) is rejected: a
-  scaled or runaway update, whether a bug, a diverged site or an attack. The median needs three or more updates to
-  mean anything (with two, it is their mean, which the outlier itself inflates), so the bound is not applied to
-  fewer; documented as a limit.
+- **Update-norm bound, per parameter group, with clipping.** A site's update is ``w_site - w_global``. It is split
+  into parameter groups, the model's top-level modules (the first part of a state-dict key: ``enc1`` .. ``enc4``,
+  ``bottleneck``, ``dec4`` .. ``dec1``, ``pyramid``, ``classifier``), and each group's L2 norm over its floating-point
+  arrays is held against a bound, ``robust.norm-factor`` x that group's reference norm. A group above its bound is
+  scaled down onto it (clipped), not dropped: a scaled or runaway update keeps its direction and loses its excess, an
+  honest site with an unusual round still counts. Per group, because a whole-model norm hides an update concentrated
+  in a small module: the classifier head holds under a tenth of the weights, so 10x the median there barely moves
+  the whole model's norm. Only an update whose norm is not finite is rejected.
+- **The reference norm.** With three or more replies, the lower median of the round's norms for that group (the
+  middle value; of an even count the smaller middle one, so half the replies cannot raise it). With one or two there
+  is no median worth the name (with two, the outlier is half of it), so the reference is carried: the lower median of
+  the group's accepted (clipped) norms over the last ``CARRY_ROUNDS`` aggregated rounds. Honest update norms shrink
+  as training converges and the learning rate decays, so a carried reference errs on the generous side. Before any
+  round was aggregated (round 1 with one or two replies, or the first round after a resume) there is none, and the
+  updates are not bounded that round (logged; a documented limit).
 - **Aggregation.** ``fedavg`` is Flower's weighted mean (``aggregate_arrayrecords``). ``median`` (coordinate-wise,
   as Flower's ``FedMedian``) and ``trimmed-mean`` (Flower's ``fedtrimmedavg.trim_mean``) are unweighted: a site's
-  size must not buy it influence when the point is robustness.
+  size must not buy it influence when the point is robustness. A rule that cannot do what it is for with the replies
+  it has (:func:`rule_shortfall`) is refused for that round rather than quietly averaging.
 - **Weight cap.** FedAvg weights a site by the ``num-examples`` it reports, which nothing at the centre can check: one
   site claiming 1e12 slices would make the aggregate its own model. With three or more replies no site may carry more
   than ``robust.max-weight-share`` of the total weight (:func:`weight_cap`); the weights above the cap are clipped to
   it. With two sites a share cap would turn every honest 3:1 federation into a plain mean, so it is not applied
-  (documented as a limit, like the norm bound).
+  (documented as a limit).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -27,29 +41,112 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 MIN_SITES_FOR_NORM_BOUND = 3
 MIN_SITES_FOR_WEIGHT_CAP = 3
+CARRY_ROUNDS = 5  # aggregated rounds whose accepted norms make the reference of a round with one or two replies
+
+GroupNorms = dict[str, float]  # parameter group -> L2 norm of its update
 
 
-def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
-    """L2 norm of ``arrays - reference`` over the floating-point arrays (integer buffers are counters)."""
-    total = 0.0
+def parameter_group(key: str) -> str:
+    """A state-dict key's parameter group: the model's top-level module (``classifier.fc.weight`` -> ``classifier``)."""
+    return key.split(".", 1)[0]
+
+
+def group_norms(arrays: ArrayRecord, reference: ArrayRecord) -> GroupNorms:
+    """Per parameter group, the L2 norm of ``arrays - reference`` over its floating-point arrays (integer buffers are
+    counters, not weights)."""
+    squares: dict[str, float] = {}
     for key, array in arrays.items():
         values = array.numpy()
         if values.dtype.kind != "f":
             continue
-        diff = values.astype(np.float64) - reference[key].numpy().astype(np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
-    return math.sqrt(total)
+        diff = (values.astype(np.float64) - reference[key].numpy().astype(np.float64)).ravel()
+        group = parameter_group(key)
+        squares[group] = squares.get(group, 0.0) + float(np.dot(diff, diff))
+    return {group: math.sqrt(total) for group, total in squares.items()}
 
 
-def norm_outliers(norms: dict[str, float], factor: float) -> dict[str, str]:
-    """Sites whose update norm exceeds ``factor`` × the median, with the reason; none if off or too few sites."""
-    if factor <= 0 or len(norms) < MIN_SITES_FOR_NORM_BOUND:
-        return {}
-    median = float(np.median(list(norms.values())))
-    bound = factor * median
-    return {site: (f"update norm {norm:.4g} exceeds robust.norm-factor {factor:g} x the median update norm "
-                   f"{median:.4g} of {len(norms)} sites")
-            for site, norm in norms.items() if norm > bound}
+def whole_norm(norms: Mapping[str, float]) -> float:
+    """The whole update's L2 norm from its groups' norms."""
+    return math.sqrt(sum(n * n for n in norms.values()))
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The middle value; of an even count the smaller middle one (so half the values cannot raise it)."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+@dataclass(frozen=True)
+class NormBounds:
+    """One round's update-norm bound per parameter group, and where its reference came from (for logs and
+    ``metrics.json``)."""
+
+    factor: float
+    source: str
+    groups: dict[str, float]
+
+    def scales(self, norms: Mapping[str, float]) -> dict[str, float]:
+        """The groups of an update above their bound, each with the factor that scales it onto the bound."""
+        return {g: self.groups[g] / n for g, n in norms.items() if g in self.groups and n > self.groups[g]}
+
+    def public(self) -> dict:
+        return {"factor": self.factor, "reference": self.source, "groups": dict(self.groups)}
+
+
+class NormReference:
+    """The reference norms the bound scales, per parameter group: the round's own with three or more replies, else the
+    accepted norms carried from the last ``rounds`` aggregated rounds."""
+
+    def __init__(self, rounds: int = CARRY_ROUNDS):
+        self._past: deque[dict[str, list[float]]] = deque(maxlen=rounds)
+
+    def bounds(self, norms: Sequence[Mapping[str, float]], factor: float) -> NormBounds | None:
+        """The round's bounds for the updates' ``norms``; None when the bound is off (``factor`` 0) or there is no
+        reference (one or two replies and no round aggregated before)."""
+        if factor <= 0 or not norms:
+            return None
+        if len(norms) >= MIN_SITES_FOR_NORM_BOUND:
+            per_group = _by_group(norms)
+            source = f"the lower median of this round's {len(norms)} replies"
+        else:
+            per_group = {}
+            for past in self._past:
+                for group, values in past.items():
+                    per_group.setdefault(group, []).extend(values)
+            if not per_group:
+                return None
+            source = (f"the lower median of the norms accepted over the last {len(self._past)} aggregated round(s) "
+                      f"(this round has {len(norms)} repl{'y' if len(norms) == 1 else 'ies'})")
+        return NormBounds(factor, source, {g: factor * lower_median(v) for g, v in per_group.items()})
+
+    def accept(self, norms: Iterable[Mapping[str, float]]) -> None:
+        """The accepted (clipped) norms of a round that was aggregated."""
+        entry = _by_group(norms)
+        if entry:
+            self._past.append(entry)
+
+
+def _by_group(norms: Iterable[Mapping[str, float]]) -> dict[str, list[float]]:
+    """Group -> its norm in each update."""
+    out: dict[str, list[float]] = {}
+    for update in norms:
+        for group, value in update.items():
+            out.setdefault(group, []).append(value)
+    return out
+
+
+def clip_update(arrays: ArrayRecord, reference: ArrayRecord, scales: Mapping[str, float]) -> ArrayRecord:
+    """``arrays`` with the update of each group in ``scales`` scaled by its factor (``reference + s x update``), each
+    array in its own dtype; the other arrays as they were."""
+    out = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        scale = scales.get(parameter_group(key))
+        if scale is not None and values.dtype.kind == "f":
+            ref = reference[key].numpy().astype(np.float64)
+            values = np.asarray(ref + scale * (values.astype(np.float64) - ref), dtype=values.dtype)
+        out[key] = Array(np.asarray(values))
+    return ArrayRecord(out)
 
 
 def weight_cap(weights: Sequence[float], share: float) -> float | None:
@@ -77,9 +174,11 @@ def rule_shortfall(rule: str, n: int, trim_fraction: float) -> str | None:
     if rule == "trimmed-mean" and trim_fraction > 0 and int(trim_fraction * n) == 0:
         needed = math.ceil(1 / trim_fraction - 1e-9)
         return (f"strategy.aggregation trimmed-mean with strategy.trim-fraction {trim_fraction:g} trims no site of "
-                f"{n} replies (it needs {needed} or more): the aggregate is their plain unweighted mean")
+                f"{n} replies (it needs {needed} or more; strategy.trim-fraction 0.34 trims one of three): the "
+                "aggregate would be their plain unweighted mean")
     if rule == "median" and n < 3:
-        return f"strategy.aggregation median of {n} replies is their plain unweighted mean"
+        return (f"strategy.aggregation median of {n} repl{'y' if n == 1 else 'ies'} would be their plain unweighted "
+                "mean (it needs 3 or more)")
     return None
 
 

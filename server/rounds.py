@@ -2,8 +2,11 @@
 book of finished rounds (:class:`RoundBook`), which records each in the run folder and MLflow.
 
 - A round's entry in ``metrics.json`` (:meth:`RoundRecord.public`) holds the aggregated train and evaluate metrics,
-  what each site reported, the centre's external evaluation, timings and the overhead against the slowest site, model
-  bytes per site, the rejected replies and the sites' cumulative privacy ε.
+  what each site reported, the Flower node id behind each site's entry, the centre's external evaluation, timings and
+  the overhead against the slowest site, model bytes per site, the screening (rejected replies, clipped updates, the
+  norm bound, a refused aggregate) and the sites' cumulative privacy ε.
+- The screening's outcome for every reply, keyed by node id, is what the message audit adds per phase
+  (:meth:`RoundRecord.outcomes`, ``server/audit.py``).
 - Its MLflow metrics (:meth:`RoundRecord.mlflow_metrics`) are keyed as ``server/tracking.py`` describes.
 - Its checkpoint's meta names the round, the best federated ``BEST_METRIC`` so far, the round's evaluation and sites.
 """
@@ -39,8 +42,17 @@ class RoundRecord:
         evaluate: the federated evaluation (with evaluate-in-train, filled in by the next round's train replies).
         external: the centre's evaluation on its external cohort.
         rejected: phase -> site -> why its reply was left out.
+        nodes: site -> the Flower node id its entries come from. A site name claimed by several nodes in a phase is
+            recorded as ``SITE (node ID)``, once per node.
+        clipped: site -> parameter group -> its update's ``norm`` and the ``bound`` it was clipped onto.
+        norm_bound: the round's update-norm bound: ``factor``, ``reference`` (where the reference norm came from) and
+            ``groups`` (group -> bound); empty when no bound applied.
+        outcomes: phase -> node id -> the screening's outcome for its reply (``name``: the site it is recorded as;
+            ``outcome``: kept, clipped, rejected, error or budget-spent; the reason or clipped groups), for the audit.
         bytes: ``down_train`` / ``up_train`` / ``down_evaluate`` / ``up_evaluate`` -> site -> model bytes.
-        skipped: too few train replies: the global model stayed as it was.
+        skipped: the global model stayed as it was: too few train replies, or the aggregate was refused.
+        refused: why the round's aggregate was refused (a robust rule that cannot work with the replies it has), or
+            None.
         evaluate_later: the round's evaluation arrives with the next round's train replies.
         ended: when its evaluate phase ended.
         train_s, evaluate_s, external_s: the phases' durations.
@@ -55,8 +67,13 @@ class RoundRecord:
     evaluate: Metrics = field(default_factory=dict)
     external: Metrics = field(default_factory=dict)
     rejected: dict[str, dict[str, str]] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    clipped: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    norm_bound: dict = field(default_factory=dict)
+    outcomes: dict[str, dict[int, dict]] = field(default_factory=dict)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: bool = False
+    refused: str | None = None
     evaluate_later: bool = False
     ended: float | None = None
     train_s: float | None = None
@@ -72,6 +89,18 @@ class RoundRecord:
 
     def reject(self, phase: str, site: str, reason: str) -> None:
         self.rejected.setdefault(phase, {})[site] = reason
+
+    def clip(self, site: str, groups: dict[str, dict[str, float]]) -> None:
+        """``site``'s update was clipped in ``groups`` (group -> its ``norm`` and ``bound``)."""
+        self.clipped[site] = groups
+
+    def outcome(self, phase: str, node: int, site: str, outcome: str, **details) -> None:
+        """The screening's outcome for ``node``'s reply in ``phase`` (a later one replaces an earlier one)."""
+        self.outcomes.setdefault(phase, {})[node] = {"name": site, "outcome": outcome, **details}
+
+    def site_of(self, node: int, default: str) -> str:
+        """The name ``node``'s entries are recorded under this round (the latest), or ``default``."""
+        return next((site for site, n in reversed(self.nodes.items()) if n == node), default)
 
     def split_received(self) -> dict[str, Metrics]:
         """Move the ``received_*`` metrics out of each site's train metrics; returns them per site, unprefixed."""
@@ -113,6 +142,10 @@ class RoundRecord:
             "overhead": self.overhead,
             "bytes_per_site": self.bytes_per_site(),
             "rejected": self.rejected,
+            "nodes": self.nodes,
+            "clipped": self.clipped,
+            "norm_bound": self.norm_bound,
+            "refused": self.refused,
             "privacy": self.privacy(),
         }
 
@@ -129,6 +162,8 @@ class RoundRecord:
         out["round/sites_evaluate"] = sum("evaluate" in p for p in self.sites.values())
         out["round/skipped"] = float(self.skipped)
         out["round/rejected_train"] = len(self.rejected.get("train", {}))
+        out["round/clipped_train"] = len(self.clipped)
+        out["round/refused"] = float(self.refused is not None)
         privacy = self.privacy()
         if privacy:
             out["privacy/epsilon_max"] = privacy["epsilon_max"]

@@ -46,10 +46,11 @@ from flwr.serverapp.strategy import FedAvg
 from braintumnet.protocol import (EVALUATE_RECEIVED, FEDERATION_ID, METRICS, RECEIVED_PREFIX, SERVER_ROUND,
                                   TOTAL_ROUNDS, WEIGHT_KEY)
 from server.aggregation import cast_like, fedavg_arguments
+from server.audit import describe_screening
 from server.checkpoints import RunFolder
-from server.robust import aggregate, rule_shortfall
+from server.robust import NormReference, aggregate, rule_shortfall
 from server.rounds import BEST_METRIC, RoundBook, RoundRecord
-from server.screening import bound_norms, cap_weights, screen_replies
+from server.screening import bound_updates, cap_weights, screen_replies
 from server.settings import ServerSettings, server_optimizer_params
 from server.sites import SiteNames, sample_nodes
 from server.tracking import Tracker
@@ -99,6 +100,7 @@ class SiteAwareFedAvg(FedAvg):
         self._dtypes: dict[str, np.dtype] = {}
         self._round: RoundRecord | None = None  # the round under way
         self._aggregate: ArrayRecord | None = None  # the round's screened, robust aggregate (before a server step)
+        self._norms = NormReference()  # the update-norm bound's reference, carried for rounds with 1-2 replies
         self.arrays: ArrayRecord | None = None  # the global model after the last finished round
 
     @property
@@ -133,7 +135,8 @@ class SiteAwareFedAvg(FedAvg):
         r, dp = self.robust, self.profile.privacy
         log.info("aggregation %s%s; update-norm bound %s; site DP %s%s", r.aggregation,
                  f" (trim-fraction {r.trim_fraction:g})" if r.aggregation == "trimmed-mean" else "",
-                 f"{r.norm_factor:g} x median (3+ sites)" if r.norm_factor > 0 else "off",
+                 f"{r.norm_factor:g} x the median per parameter group (of 3+ replies, else carried from earlier "
+                 "rounds), larger updates clipped" if r.norm_factor > 0 else "off",
                  "on" if dp.enabled else "off", f", budget epsilon {dp.budget:g} at delta {dp.delta:g}"
                  if dp.enabled else "")
         params = self.server_optimizer_params()
@@ -142,6 +145,10 @@ class SiteAwareFedAvg(FedAvg):
                  "checkpointed each round" if params else " (FedAvg: the aggregate is the new global model)")
         if self.settings.audit_messages:
             log.info("message audit on: %s", self.folder.audit_path)
+        shortfall = rule_shortfall(r.aggregation, len(self.settings.sites), r.trim_fraction)
+        if shortfall and self.fraction_train > 0:
+            log.warning("with the %d expected sites (%s): %s; such a round's aggregate is refused and the global "
+                        "model stays as it was", len(self.settings.sites), ", ".join(self.settings.sites), shortfall)
 
     # ---- train ---------------------------------------------------------------------------------------------------
 
@@ -169,22 +176,29 @@ class SiteAwareFedAvg(FedAvg):
         rec, exchange = self._round, self._exchange()
         screened = screen_replies(list(replies), exchange, "train", self._sent_arrays, names=self.names, record=rec,
                                   dp_budget=self.profile.privacy.budget)
-        valid = bound_norms(screened, self._sent_arrays, self.robust.norm_factor, rec)
+        valid = bound_updates(screened, self._sent_arrays, self.robust.norm_factor, self._norms, rec)
         self._previous_round_evaluated(rec.split_received())
         rec.train_s = exchange.seconds
-        rec.bytes = {"down_train": self.names.by_site(exchange.bytes_out),
-                     "up_train": self.names.by_site(exchange.bytes_in)}
+        rec.bytes = {"down_train": self._by_site(exchange.bytes_out), "up_train": self._by_site(exchange.bytes_in)}
         if len(valid) < max(self.min_train_nodes, 1):
             log.warning("round %d: %d site(s) replied to train, fewer than min-train-nodes=%d; the global model "
                         "stays as it was this round", rec.round, len(valid), self.min_train_nodes)
             rec.skipped = True
+            self._audit_screening("train")
+            return None, None
+        refused = rule_shortfall(self.robust.aggregation, len(valid), self.robust.trim_fraction)
+        if refused:
+            # Averaging instead would hand a bad update the very influence the robust rule was chosen to deny.
+            log.warning("round %d: %s: the round's aggregate is refused, the global model stays as it was",
+                        rec.round, refused)
+            rec.skipped, rec.refused = True, refused
+            self._audit_screening("train")
             return None, None
         contents = cap_weights(valid, self.robust.max_weight_share, rec)
-        shortfall = rule_shortfall(self.robust.aggregation, len(contents), self.robust.trim_fraction)
-        if shortfall:
-            log.warning("round %d: %s", rec.round, shortfall)
         arrays = cast_like(aggregate(contents, self.robust.aggregation, self.weighted_by_key,
                                      self.robust.trim_fraction), self._dtypes)
+        self._norms.accept(r.norms for r in valid)
+        self._audit_screening("train")
         self._aggregate = ArrayRecord(dict(arrays.items()))  # a copy: Flower's FedAvgM clears the record it steps
         metrics = MetricRecord({k: v for k, v in self.train_metrics_aggr_fn(contents, self.weighted_by_key).items()
                                 if not k.startswith(RECEIVED_PREFIX)})
@@ -215,13 +229,14 @@ class SiteAwareFedAvg(FedAvg):
         valid = screen_replies(list(replies), exchange, "evaluate", None, names=self.names, record=rec,
                                dp_budget=self.profile.privacy.budget)
         rec.evaluate_s = exchange.seconds
-        rec.bytes.update({"down_evaluate": self.names.by_site(exchange.bytes_out),
-                          "up_evaluate": self.names.by_site(exchange.bytes_in)})
+        rec.bytes.update({"down_evaluate": self._by_site(exchange.bytes_out),
+                          "up_evaluate": self._by_site(exchange.bytes_in)})
+        self._audit_screening("evaluate")
         if len(valid) < max(self.min_evaluate_nodes, 1):
             log.warning("round %d: %d site(s) replied to evaluate, fewer than min-evaluate-nodes=%d; no federated "
                         "metrics this round", rec.round, len(valid), self.min_evaluate_nodes)
             return None
-        metrics = self.evaluate_metrics_aggr_fn([m.content for _, m in valid], self.weighted_by_key)
+        metrics = self.evaluate_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         rec.evaluate = dict(metrics)
         return metrics
 
@@ -282,6 +297,17 @@ class SiteAwareFedAvg(FedAvg):
 
     def _evaluates_in_train(self) -> bool:
         return self.settings.evaluate_in_train and self.fraction_evaluate > 0.0
+
+    def _by_site(self, per_node: dict[int, int]) -> dict[str, int]:
+        """A per-node count under the names the round's entries use (two nodes claiming one site stay two)."""
+        return {self._round.site_of(node, self.names.name(node)): v for node, v in per_node.items()}
+
+    def _audit_screening(self, phase: str) -> None:
+        """With the message audit on, the phase's screening decisions per node id follow its messages."""
+        if self._grid is not None and self._grid.audit is not None:
+            rec = self._round
+            self._grid.audit([describe_screening(rec.round, phase, rec.outcomes.get(phase, {}),
+                                                 rec.refused if phase == "train" else None)])
 
     def _exchange(self) -> Exchange:
         return self._grid.last if self._grid is not None else Exchange()

@@ -249,10 +249,10 @@ def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_pro
 # ---- update validation, robust aggregation, privacy budgets, the message audit --------------------------
 
 
-def test_a_poisoned_and_a_scaled_update_are_rejected_and_the_model_stays_sane(make_strategy, prepared_sites,
-                                                                              tiny_profile, caplog):
-    """Real tiny BrainTumNet updates from two honest sites, a NaN one and one scaled x100: the run completes with
-    FedAvg of the honest two, and the log names each rejected site and why."""
+def test_a_poisoned_update_is_rejected_and_a_scaled_one_clipped(make_strategy, prepared_sites, tiny_profile, caplog):
+    """Real tiny BrainTumNet updates from two honest sites, a NaN one and one scaled x100: the run completes, the NaN
+    reply is rejected, the scaled update is clipped in every parameter group onto 10 x the group's median norm, and the
+    model is FedAvg of the honest two and the clipped one."""
     from braintumnet.engine import build_model, train_model
 
     torch.manual_seed(0)
@@ -296,17 +296,37 @@ def test_a_poisoned_and_a_scaled_update_are_rejected_and_the_model_stays_sane(ma
     strategy = make_strategy()
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=1, timeout=5,
                             train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}))
-    (a, na), (b, nb) = trained["yibin"], trained["plagh"]
-    for key, array in result.arrays.items():
-        got = array.numpy()
-        assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, (na * a[key] + nb * b[key]) / (na + nb), rtol=1e-5, atol=1e-6)
+    sent = {k: v.numpy().astype(np.float64) for k, v in initial.items()}
+    updates = {s: {k: v - sent[k] for k, v in trained[s][0].items()} for s in ("yibin", "plagh")}
+    updates["jinling"] = {k: 100.0 * (v - sent[k]) for k, v in trained["jinling"][0].items()}
+    groups = sorted({k.split(".")[0] for k in initial})
+
+    def norm(update, group):
+        return math.sqrt(sum(float(np.sum(v ** 2)) for k, v in update.items()
+                             if k.split(".")[0] == group and v.dtype.kind == "f"))
+
+    record = strategy.history[0]
+    weights = {s: record["sites"][s]["train"].get("weight_capped", trained[s][1]) for s in updates}
+    for group in groups:
+        norms = {s: norm(u, group) for s, u in updates.items()}
+        bound = 10 * sorted(norms.values())[1]
+        assert norms["jinling"] > bound  # x100 is far above 10 x the median in every group
+        assert record["clipped"]["jinling"][group] == {"norm": pytest.approx(norms["jinling"]),
+                                                       "bound": pytest.approx(bound)}
+        for key in (k for k in initial if k.split(".")[0] == group and initial[k].is_floating_point()):
+            clipped = sent[key] + (bound / norms["jinling"]) * updates["jinling"][key]
+            expected = sum(weights[s] * (sent[key] + updates[s][key] if s != "jinling" else clipped)
+                           for s in updates) / sum(weights.values())
+            np.testing.assert_allclose(result.arrays[key].numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert all(np.isfinite(a.numpy()).all() for a in result.arrays.values())
     assert "nan-site rejected: array" in caplog.text and "NaN or infinite" in caplog.text
-    assert "train reply from jinling rejected: update norm" in caplog.text
-    rejected = strategy.history[0]["rejected"]["train"]
-    assert set(rejected) == {"jinling", "nan-site"} and "robust.norm-factor 10" in rejected["jinling"]
-    norms = {s: strategy.history[0]["sites"][s]["train"]["update_norm"] for s in ("yibin", "plagh", "jinling")}
-    assert norms["jinling"] > 10 * max(norms["yibin"], norms["plagh"]) > 0
+    assert "train reply from jinling (node 13): update clipped onto robust.norm-factor 10 x" in caplog.text
+    assert set(record["rejected"]["train"]) == {"nan-site"}
+    assert record["nodes"] == {"yibin": 11, "plagh": 12, "jinling": 13, "nan-site": 14}
+    train = {s: record["sites"][s]["train"] for s in ("yibin", "plagh", "jinling")}
+    assert train["jinling"]["update_norm"] > 10 * max(train["yibin"]["update_norm"], train["plagh"]["update_norm"])
+    assert train["jinling"]["update_norm_clipped"] < train["jinling"]["update_norm"] / 5
+    assert "update_norm_clipped" not in train["yibin"] and "update_norm_clipped" not in train["plagh"]
 
 
 @pytest.mark.parametrize("rule, extra, expected", [
@@ -384,17 +404,23 @@ def test_the_weight_cap_clips_only_a_site_above_its_share(make_strategy):
     assert weight_cap([10, 10 ** 12], 0.5) is None  # two sites: not applied (a documented limit)
 
 
-def test_a_trimmed_mean_that_trims_nothing_says_so(make_strategy, caplog):
+def test_a_trimmed_mean_that_trims_nothing_says_so_and_is_refused(make_strategy, caplog):
     caplog.set_level(logging.INFO, logger="braintumnet.server")
-    run(make_strategy(run_config={"strategy.aggregation": "trimmed-mean"}),
-        three(site("jinling", 10, 3.0)))
-    assert ("round 1: strategy.aggregation trimmed-mean with strategy.trim-fraction 0.2 trims no site of 3 replies "
-            "(it needs 5 or more)") in caplog.text
+    strategy = make_strategy(run_config={"strategy.aggregation": "trimmed-mean"})
+    run(strategy, three(site("jinling", 10, 3.0)))
+    shortfall = ("strategy.aggregation trimmed-mean with strategy.trim-fraction 0.2 trims no site of 3 replies (it "
+                 "needs 5 or more")
+    assert f"with the 3 expected sites (yibin, plagh, jinling): {shortfall}" in caplog.text  # said before round 1
+    assert f"round 1: {shortfall}" in caplog.text and "the round's aggregate is refused" in caplog.text
+    np.testing.assert_allclose(strategy.arrays["w"].numpy(), 0.0)  # not the plain mean 2.0: the model stays
+    record = strategy.history[0]
+    assert record["skipped"] and record["refused"].startswith(shortfall) and record["train"] == {}
 
 
-def test_the_norm_bound_needs_three_sites_and_can_be_switched_off(make_strategy):
+def test_the_norm_bound_needs_a_reference_and_can_be_switched_off(make_strategy):
     two = run(make_strategy(), ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 500.0)}))
-    np.testing.assert_allclose(two.arrays["w"].numpy(), 250.5)  # with two, the median is no reference: kept
+    # round 1 with two replies: no median and nothing carried from an earlier round, so not bounded
+    np.testing.assert_allclose(two.arrays["w"].numpy(), 250.5)
     off = run(make_strategy(run_config={"robust.norm-factor": 0.0}),
               ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 1.0), 13: site("x", 10, 500.0)}))
     np.testing.assert_allclose(off.arrays["w"].numpy(), 502.0 / 3)
@@ -434,7 +460,11 @@ def test_the_audit_describes_every_message_without_array_contents(make_strategy)
     lines = [json.loads(x) for x in strategy.folder.audit_path.read_text().splitlines()]
     assert [(e["direction"], e["type"]) for e in lines] == [
         ("to-site", "train"), ("to-site", "train"), ("from-site", "train"), ("from-site", "train"),
-        ("to-site", "evaluate"), ("to-site", "evaluate"), ("from-site", "evaluate"), ("from-site", "evaluate")]
+        ("screening", "train"),
+        ("to-site", "evaluate"), ("to-site", "evaluate"), ("from-site", "evaluate"), ("from-site", "evaluate"),
+        ("screening", "evaluate")]
+    assert lines[4]["replies"] == [{"node": 11, "name": "yibin", "outcome": "kept"},
+                                   {"node": 12, "name": "node 12", "outcome": "error", "reason": "Node Unavailable"}]
     reply = next(e for e in lines if e["direction"] == "from-site" and "records" in e and e["type"] == "train")
     assert reply["records"]["arrays"] == {"kind": "array", "items": {"w": {"shape": [3], "dtype": "float32"},
                                                                      "n": {"shape": [], "dtype": "int64"}}}

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,13 @@ def test_site_state_dir_is_a_persistent_volume():
     app = doc["services"]["clientapp"]
     state = app["environment"]["BRAINTUMNET_STATE"]
     assert f"state:{state}" in app["volumes"] and "state" in doc["volumes"]
+    # The ClientApp reads its policy and state-dir from the site config the SuperNode's node config names.
+    from flwr.common.config import parse_config_args  # what flower-supernode does with --node-config
+
+    node_config = next(a for a in doc["services"]["supernode"]["command"] if a.startswith("--node-config="))
+    config = parse_config_args([node_config.split("=", 1)[1]])["site-config"]
+    assert any(v.split(":")[:2] == ["./sites.toml", config] for v in app["volumes"])
+    assert tomllib.loads((DEPLOY / "site" / "sites.toml").read_text())["defaults"]["state-dir"] == state
     assert any(v.split(":")[:2] == ["cache", "/cache"] for v in app["volumes"])
 
 

@@ -7,10 +7,12 @@
 - **Transport** (``server/transport.py``): replies polled as often as the phase deserves, reads retried while the
   SuperLink is busy, bytes and timings recorded per exchange; with ``audit-messages = true`` every message is
   described in ``audit.jsonl`` (``server/audit.py``).
-- **Screening** (``server/screening.py``): bad replies are logged with the site's name and left out, not fatal; a site
-  whose privacy budget is spent is left out of the aggregation (it still evaluates); with three or more train replies
-  the update-norm bound rejects one far above the round's median (``robust.norm-factor``) and no site's weight may
-  exceed ``robust.max-weight-share`` of the total (a larger ``num-examples`` is clipped).
+- **Screening** (``server/screening.py``): every reply is held by its node id; bad replies are logged with the site's
+  name and left out, not fatal, and so are all replies of a site name that several nodes claim; a site whose privacy
+  budget is spent is left out of the aggregation (it still evaluates); each parameter group of an update above its
+  bound (``robust.norm-factor`` x the group's median norm, carried from earlier rounds below three replies) is clipped
+  onto it; with three or more train replies no site's weight may exceed ``robust.max-weight-share`` of the total (a
+  larger ``num-examples`` is clipped).
 - **Aggregation** (``strategy.aggregation``, ``server/robust.py``, ``server/aggregation.py``): FedAvg's weighted mean,
   or a coordinate-wise median or trimmed mean; metrics averaged where defined; integer buffers keep their dtype.
 - **Server optimizer** (``strategy.server-optimizer``, ``server/optimizers.py``): Flower's FedAvgM, FedAdam, FedYogi or
@@ -22,6 +24,8 @@ Here: the phases in Flower's order, and
 
 - **Dropout.** A round counts when at least ``min-train-nodes`` sites replied; otherwise the global model stays as
   it was and the log says so. A site that comes back is sampled again next round.
+- **Refusal.** A robust rule that cannot work with the replies it has (``server.robust.rule_shortfall``) is not
+  applied: the global model stays as it was, and the round records why (``refused``).
 - **Rounds continue across resumes**: ``round_offset`` shifts every round number the sites, logs, checkpoints and
   MLflow see.
 - **Evaluate-in-train** (``evaluate-in-train``): the sites score the model they receive before training, so round r's

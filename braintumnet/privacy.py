@@ -1,12 +1,13 @@
 """Differential privacy per site: DP-SGD with Opacus (sample level) and the site's privacy ledger (docs/privacy.md).
 
-What a site's DP-SGD protects: each training **slice** (the sample ``train_model`` draws), within that site. A case
-contributes ``slices_per_case`` slices, so the guarantee for a whole case is weaker (group privacy); see the docs.
+What a site's DP-SGD protects: each training **slice** (the sample ``train_model`` draws), within that site: ε is
+record-level, per slice. A case contributes ``slices_per_case`` slices, so the guarantee for a whole case (a
+patient) is that of a group of k slices (:func:`group_privacy`), much weaker; see the docs.
 
 - **Accounting** is Opacus's RDP accountant; its history is a list of ``(noise_multiplier, sample_rate, steps)``
-  tuples. ε is cumulative over a federation's rounds: the site restores the history before training, Opacus adds this
-  round's steps, and the site stores the result again (:class:`PrivacyLedger`). Flower starts a fresh ClientApp
-  process for every message, so the history has to live outside the process.
+  tuples. The site's :class:`PrivacyLedger` holds one line per trained round of every federation, in the site's
+  state directory; a federation's ε is the RDP composition of its lines, the site's lifetime ε that of all lines.
+  Flower starts a fresh ClientApp process for every message, so the history has to live outside the process.
 - **Sampling** is Opacus's Poisson sampling (``make_private(poisson_sampling=True)``): the accountant's amplification
   by subsampling assumes it. Batches vary in size and can be empty; an empty batch is still a (noise-only) step.
 - **σ from a target ε**: Opacus's ``get_noise_multiplier`` over all planned epochs of the federation
@@ -19,7 +20,8 @@ contributes ``slices_per_case`` slices, so the guarantee for a whole case is wea
   subsampling). DP training is therefore not bit-for-bit reproducible. The generators are PyTorch's, not a CSPRNG
   (Opacus's ``secure_mode`` needs ``torchcsprng``, not a dependency).
 - **Budget**: a round is trained only if the ε after it (computed before training: σ, q and the number of steps are
-  known in advance) stays within the cap, so the cap is never overspent; a refused round raises
+  known in advance) stays within every cap (the run's ``dp.max-epsilon`` and the site policy's per-federation and
+  lifetime caps, :class:`EpsilonLimit`), so no cap is ever overspent; a refused round raises
   :class:`PrivacyBudgetSpent` before any step.
 
 Nothing here imports ``flwr``.
@@ -27,14 +29,17 @@ Nothing here imports ``flwr``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import secrets
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from braintumnet.config import PrivacyConfig
 from braintumnet.errors import BrainTumNetError
-from braintumnet.io import PRIVATE, atomic_write_json
+from braintumnet.site_policy import Journal, check_noise_floor, safe_name
 
 log = logging.getLogger("braintumnet.privacy")
 
@@ -54,27 +59,58 @@ CAP_SLACK = 1e-6
 
 
 class PrivacyBudgetSpent(BrainTumNetError):
-    """Training this round would take the site's cumulative ε above ``dp.max-epsilon``; no step was taken."""
+    """Training this round would take an ε above one of the caps (``rule``); no step was taken.
 
-    def __init__(self, spent: float, after: float, budget: float, delta: float):
-        self.spent, self.after, self.budget = spent, after, budget
+    Attributes:
+        spent: this federation's ε so far at the run's ``dp.delta`` (what the reply reports).
+        after, budget, rule: the ε the round would have reached under the cap that refused it, the cap, its name.
+    """
+
+    def __init__(self, rule: str, spent: float, so_far: float, after: float, budget: float, delta: float):
+        self.rule, self.spent, self.after, self.budget = rule, spent, after, budget
+        advice = ("Raise dp.max-epsilon or dp.noise-multiplier for a new federation to train further"
+                  if rule == "dp.max-epsilon" else "the site's own policy sets this cap (its site config)")
+        scope = "in any federation" if rule.endswith("lifetime") else "in this federation"
         super().__init__(
-            f"privacy budget spent: epsilon {spent:.3f} so far, {after:.3f} after this round, dp.max-epsilon "
-            f"{budget:g} (delta {delta:g}); this site no longer trains in this federation and still evaluates. "
-            "Raise dp.max-epsilon or dp.noise-multiplier for a new federation to train further")
+            f"privacy budget spent: epsilon {so_far:.3f} so far, {after:.3f} after this round, {rule} {budget:g} "
+            f"(per slice, delta {delta:g}); this site no longer trains {scope} and still evaluates. {advice}")
+
+
+@dataclass(frozen=True)
+class EpsilonLimit:
+    """A cap on the ε of ``history`` at ``delta`` (besides the run's own ``dp.max-epsilon``), named ``rule``."""
+
+    rule: str
+    cap: float
+    history: History
+    delta: float
 
 
 def epsilon(history: Iterable[Sequence], delta: float) -> float:
-    """Cumulative ε at ``delta`` of an RDP history (0 for an empty one), by Opacus's RDP accountant."""
-    from opacus.accountants import RDPAccountant
+    """Cumulative ε at ``delta`` of an RDP history (0 for an empty one), as Opacus's RDP accountant computes it.
 
-    accountant = RDPAccountant()
-    for sigma, q, steps in _tuples(history):  # merge equal (σ, q) runs: RDP is linear in steps, one evaluation each
-        if accountant.history and accountant.history[-1][:2] == (sigma, q):
-            accountant.history[-1] = (sigma, q, accountant.history[-1][2] + steps)
-        else:
-            accountant.history.append((sigma, q, steps))
-    return accountant.get_epsilon(delta) if accountant.history else 0.0
+    The accountant sums ``compute_rdp(q, σ, steps)`` over its history; that is ``steps`` × the RDP of one step, so
+    the per-step RDP of each ``(σ, q)`` is computed once per process and scaled (a site's ledger holds the same
+    ``(σ, q)`` on many lines, and each RDP evaluation costs about 0.1-0.3 s here).
+    """
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    history = _tuples(history)
+    if not history:
+        return 0.0
+    total = sum(np.asarray(_rdp_of_one_step(sigma, q)) * steps for sigma, q, steps in history)
+    eps, _ = analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_of_one_step(sigma: float, q: float) -> tuple[float, ...]:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    return tuple(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, epochs: int) -> float:
@@ -91,18 +127,23 @@ class PrivateTraining:
 
     Args:
         config: the run's ``dp.*`` settings.
-        history: the site's accountant history so far (:meth:`PrivacyLedger.load`); updated in place by
+        history: this federation's accountant history so far (:meth:`PrivacyLedger.history`); updated in place by
             :meth:`detach`.
+        limits: the site policy's caps, checked with the run's ``dp.max-epsilon`` before the round.
+        min_noise_multiplier: the site policy's floor on σ (checked once σ is known).
 
     Example::
 
-        dp = PrivateTraining(profile.privacy, ledger.load())
-        train_model(model, sites, profile, device, epochs=1, privacy=dp)
-        ledger.save(dp.history, dp.epsilon)
+        with PrivacyLedger(state_dir, "yibin").locked() as ledger:
+            dp = PrivateTraining(profile.privacy, ledger.history("fed-1"))
+            train_model(model, sites, profile, device, epochs=1, privacy=dp)
+            ledger.record(dp, federation_id="fed-1", run_id="7", server_round=1, before=ledger.history("fed-1"))
     """
 
     config: PrivacyConfig
     history: History = field(default_factory=list)
+    limits: Sequence[EpsilonLimit] = ()
+    min_noise_multiplier: float = 0.0
     noise_multiplier: float = math.nan
     sample_rate: float = math.nan
     _engine: object = None
@@ -127,7 +168,8 @@ class PrivateTraining:
 
         Raises:
             BrainTumNetError: δ is not below 1/n.
-            PrivacyBudgetSpent: the ε after this round would exceed ``dp.max-epsilon``.
+            PolicyRefusal: σ is below the site's ``min-noise-multiplier``.
+            PrivacyBudgetSpent: the ε after this round would exceed ``dp.max-epsilon`` or a site cap.
         """
         cfg = self.config
         if cfg.delta * num_examples >= 1:
@@ -137,11 +179,15 @@ class PrivateTraining:
         self.sample_rate = 1.0 / steps_per_epoch
         self.noise_multiplier = cfg.noise_multiplier or noise_for_target(
             cfg.target_epsilon, cfg.delta, self.sample_rate, max(total_epochs, epochs))
-        spent = self.epsilon
-        after = epsilon(self.history + [(self.noise_multiplier, self.sample_rate, epochs * steps_per_epoch)],
-                        cfg.delta)
-        if after > cfg.budget * (1 + CAP_SLACK):
-            raise PrivacyBudgetSpent(spent, after, cfg.budget, cfg.delta)
+        check_noise_floor(self.noise_multiplier, self.min_noise_multiplier)
+        this_round = (self.noise_multiplier, self.sample_rate, epochs * steps_per_epoch)
+        for limit in (EpsilonLimit("dp.max-epsilon", cfg.budget, self.history, cfg.delta), *self.limits):
+            if not (limit.cap > 0 and math.isfinite(limit.cap)):
+                continue
+            after = epsilon(limit.history + [this_round], limit.delta)
+            if after > limit.cap * (1 + CAP_SLACK):
+                raise PrivacyBudgetSpent(limit.rule, self.epsilon, epsilon(limit.history, limit.delta), after,
+                                         limit.cap, limit.delta)
         return self.noise_multiplier
 
     def attach(self, model: nn.Module, optimizer, loader: DataLoader):
@@ -175,46 +221,108 @@ class PrivateTraining:
 
 
 class PrivacyLedger:
-    """One site's accountant history for one federation, in a JSON file in the site's cache folder.
+    """The site's ε ledger: one JSON line per trained round of every federation, in the site's state directory.
 
-    ``<cache>/privacy/<site>/<federation-id>.json``. Kept on disk rather than in Flower's ``context.state`` (which
-    does persist across the messages of a run, in both deployment and simulation, Flower 1.42) because a SuperNode
-    holds that state in memory: a SuperNode restart would silently reset ε to 0, and a federation resumed with
-    ``resume-from`` is a new Flower run with a new context. The federation id survives both. Every trained round
-    is added, also one that a resumed federation repeats: its first update was sent, so it was spent.
+    ``<state-dir>/<site>/privacy-ledger.jsonl``, append-only, one line per spent round: ``federation_id``,
+    ``run_id``, ``round``, ``epsilon`` (that round alone) and ``epsilon_federation`` (the federation's after it), both
+    at ``delta`` (the run's ``dp.delta``), ``noise_multiplier``, ``sample_rate``, ``steps``, ``time``. Not the cache
+    (a cache may be wiped and rebuilt; the ledger may not), and not Flower's ``context.state`` (memory only: a
+    SuperNode restart or a resumed federation, a new Flower run, would start from 0).
+
+    Read, train and append inside one :meth:`locked` block: the lock is held across all of it, so a second run at
+    this site waits and then reads the first one's line. A ledger that goes missing after its first line is an error
+    (:class:`braintumnet.site_policy.Journal`). Every trained round is added, also one that a resumed federation
+    repeats: its first update was sent, so it was spent.
+
+    Args:
+        state_dir: the site's state directory (``state-dir`` of its site config).
+        site: the site's name.
+        cache_root: the site's cache root: a witness that the ledger exists goes there, and a ledger of the previous
+            format (``<cache>/privacy/<site>/<federation-id>.json``) is taken over from there once.
     """
 
-    def __init__(self, cache_root: Path, site: str, federation_id: str):
-        self.path = Path(cache_root) / "privacy" / _safe(site) / f"{_safe(federation_id)}.json"
+    NAME = "privacy-ledger"
+    FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "federation_id": str, "noise_multiplier": (int, float), "sample_rate": (int, float), "steps": int}
 
-    def load(self) -> History:
-        if not self.path.is_file():
-            return []
-        try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return _tuples(doc["history"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Starting again from 0 would understate ε: refuse instead.
-            raise BrainTumNetError(f"{self.path}: unreadable privacy ledger ({type(exc).__name__}); restore it from "
-                                   "a backup, or start a new federation (a new ledger)") from None
+    def __init__(self, state_dir: Path, site: str, cache_root: Path | None = None):
+        witness = Path(cache_root) / ".site-state" / safe_name(site) if cache_root is not None else None
+        self.journal = Journal(Path(state_dir) / safe_name(site), self.NAME, witness)
+        self.path = self.journal.path
+        self._legacy = Path(cache_root) / "privacy" / safe_name(site) if cache_root is not None else None
+        self.entries: list[dict] = []
 
-    def save(self, history: History, spent: float, delta: float, server_round: int) -> Path:
-        """Write atomically; ``rounds`` keeps the ε after each trained round for the site's own records."""
-        rounds = []
-        if self.path.is_file():
+    @contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Hold the ledger's lock, with its lines read (:attr:`entries`)."""
+        with self.journal.locked():
+            self.entries = self.journal.entries()
+            for number, entry in enumerate(self.entries, 1):
+                if not all(isinstance(entry.get(k), t) for k, t in self.FIELDS.items()):
+                    raise BrainTumNetError(f"{self.path}, line {number}: not a ledger line (it needs "
+                                           f"{sorted(self.FIELDS)}); restore the file from a backup")
+            if not self.entries and self._legacy is not None and self._legacy.is_dir():
+                self._take_over_legacy()
+            yield self
+
+    def history(self, federation_id: str | None = None) -> History:
+        """The accountant history of one federation, or of every federation (the site's lifetime)."""
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries
+                if federation_id is None or e["federation_id"] == federation_id]
+
+    def epsilon(self, federation_id: str | None, delta: float) -> float:
+        """ε at ``delta`` of one federation (or of all of them: the lifetime), by RDP composition of its lines."""
+        return epsilon(self.history(federation_id), delta)
+
+    def record(self, dp: PrivateTraining, *, federation_id: str, run_id: str, server_round: int,
+               before: History) -> dict:
+        """Append the round ``dp`` just trained (its history beyond ``before``); returns the line."""
+        steps = sum(n for _, _, n in dp.history) - sum(n for _, _, n in before)
+        delta = dp.config.delta
+        this_round = (dp.noise_multiplier, dp.sample_rate, steps)
+        entry = {"federation_id": federation_id, "run_id": str(run_id), "round": server_round,
+                 "epsilon": epsilon([this_round], delta),
+                 "epsilon_federation": epsilon(self.history(federation_id) + [this_round], delta),
+                 "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "steps": steps,
+                 "delta": delta}
+        self._append(entry)
+        return entry
+
+    def _append(self, entry: dict) -> None:
+        self.journal.append(entry)
+        self.entries.append(entry)
+
+    def _take_over_legacy(self) -> None:
+        """Copy the previous format's per-federation ledgers in, once, so their ε keeps counting."""
+        for old in sorted(self._legacy.glob("*.json")):
             try:
-                rounds = json.loads(self.path.read_text(encoding="utf-8")).get("rounds", [])
-            except (OSError, ValueError):
-                rounds = []
-        rounds.append({"round": server_round, "epsilon": spent})
-        doc = {"accountant": "rdp", "delta": delta, "history": [list(h) for h in history], "rounds": rounds}
-        return atomic_write_json(self.path, doc, indent=1, mode=PRIVATE)
+                doc = json.loads(old.read_text(encoding="utf-8"))
+                history, delta = _tuples(doc["history"]), float(doc.get("delta", 1e-5))
+            except (OSError, ValueError, KeyError, TypeError):
+                raise BrainTumNetError(f"{old}: unreadable privacy ledger of the previous format; restore it from a "
+                                       "backup before this site trains again") from None
+            for sigma, q, steps in history:
+                self._append({"federation_id": old.stem, "run_id": "migrated", "round": None,
+                              "epsilon": epsilon([(sigma, q, steps)], delta), "epsilon_federation": None,
+                              "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "delta": delta,
+                              "migrated_from": str(old)})
+            log.info("privacy ledger: took over %s (%d entries) into %s", old, len(history), self.path)
+
+
+def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:
+    """The (ε, δ) a group of ``k`` records gets from (ε, δ)-DP per record: ``(k·ε, k·e^((k-1)ε)·δ)``.
+
+    Group privacy for (ε, δ)-DP (Dwork & Roth 2014, §2.3; Vadhan 2017, Lemma 2.2). Here a record is a slice and the
+    group a patient's ``slices_per_case`` slices. The δ bound grows fast: at or above 1 it says nothing (inf when the
+    exponential overflows).
+    """
+    try:
+        group_delta = k * math.exp((k - 1) * eps) * delta
+    except OverflowError:
+        group_delta = math.inf
+    return k * eps, group_delta
 
 
 def _tuples(history: Iterable[Sequence]) -> History:
     """Opacus merges consecutive equal ``(σ, q)`` steps only when entries are tuples (JSON gives lists)."""
     return [(float(s), float(q), int(n)) for s, q, n in history]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "_"

@@ -6,8 +6,12 @@ it beforehand) and packs the reply: ``arrays``, the trained state dict (train re
 aggregate numbers only, with the same keys at every site; ``site``, the site's name only, so the centre can log
 per-site metrics when node names are not registered (no TLS / node authentication, simulation).
 
-An exception (say, a case that turns out corrupt) is logged here in full and becomes an error reply that names the
-site and the exception type only; the full message can name cases or files and stays at the site.
+Before a round does anything, the site checks the run against its own policy (read from the site config the launcher
+named in the node config, never from the run config: the centre cannot loosen it). A run that breaks a rule gets an
+error reply naming the site and the rule only; the site logs one line with the detail.
+
+Any other exception (say, a case that turns out corrupt) is logged here in full and becomes an error reply that names
+the site and the exception type only; the full message can name cases or files and stays at the site.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from braintumnet.errors import BrainTumNetError
 from braintumnet.logs import setup_logging
 from braintumnet.protocol import (ARRAYS, CONFIG, EVALUATE_RECEIVED, FEDERATION_ID, METRICS, SERVER_ROUND, SITE,
                                   SITE_NAME, TOTAL_ROUNDS)
+from braintumnet.site_policy import PolicyRefusal
 from braintumnet.site_round import evaluate_round, train_round
-from client.sites import site_from_context
+from client.sites import site_from_context, site_policy_from_context
 
 log = logging.getLogger("braintumnet.client")
 app = ClientApp()
@@ -50,19 +55,28 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
     config = msg.content[CONFIG]
     server_round = int(config[SERVER_ROUND])
+    policy, state_dir = site_policy_from_context(context.node_config, site)
     state, metrics = train_round(
         _global_state(msg), resolve(context.run_config), site, server_round=server_round,
-        total_rounds=int(config.get(TOTAL_ROUNDS, server_round)),
-        # Keys what a site keeps between rounds; a centre that sends no federation id gets one per Flower run.
-        federation_id=str(config.get(FEDERATION_ID, "") or f"run-{context.run_id}"),
+        total_rounds=int(config.get(TOTAL_ROUNDS, server_round)), federation_id=_federation(config, context),
+        policy=policy, state_dir=state_dir, run_id=str(context.run_id),
         evaluate_received=bool(config.get(EVALUATE_RECEIVED)))
     return _reply(msg, site, metrics, state)
 
 
 def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:
+    config = msg.content[CONFIG]
+    policy, state_dir = site_policy_from_context(context.node_config, site)
     metrics = evaluate_round(_global_state(msg), resolve(context.run_config), site,
-                             server_round=msg.content[CONFIG].get(SERVER_ROUND))
+                             server_round=config.get(SERVER_ROUND), federation_id=_federation(config, context),
+                             policy=policy, state_dir=state_dir, run_id=str(context.run_id))
     return _reply(msg, site, metrics)
+
+
+def _federation(config: ConfigRecord, context: Context) -> str:
+    """Keys what a site keeps per federation; a centre that sends no federation id gets one per Flower run (the
+    site's lifetime ε cap still counts every run)."""
+    return str(config.get(FEDERATION_ID, "") or f"run-{context.run_id}")
 
 
 def _global_state(msg: Message) -> dict:
@@ -84,6 +98,10 @@ def _site(context: Context) -> SiteRuntime:
 def _guarded(site: SiteRuntime, phase: str, fn: Callable[[], Message]) -> Message:
     try:
         return fn()
+    except PolicyRefusal as refusal:  # the rule travels; the run's values against the site's limits stay here
+        log.warning("site %s: %s refused by the site's policy, rule %s: %s", site.name, phase, refusal.rule,
+                    refusal.detail)
+        raise SiteFailure(f"site {site.name}: {phase} refused by the site's policy, rule {refusal.rule}") from None
     except Exception as exc:  # every failure becomes an error reply; the full story stays in this site's log
         log.exception("site %s: %s failed", site.name, phase)
         kind = "a data or settings problem, " if isinstance(exc, BrainTumNetError) else ""

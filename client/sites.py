@@ -4,7 +4,8 @@ Three sources, one result (a :class:`braintumnet.data.loading.SiteRuntime`, whic
 
 - the **site config file** (``client/sites.toml`` format, read by ``python client/run.py``), which the launcher turns
   into the SuperNode's ``--node-config``;
-- the **node config** in deployment: ``site-name``, ``data-path``, ``cache-dir``, ``device`` (:data:`NODE_KEYS`);
+- the **node config** in deployment: ``site-name``, ``data-path``, ``cache-dir``, ``device`` and ``site-config``
+  (the site config file, where the ClientApp reads the site's policy and state directory) (:data:`NODE_KEYS`);
 - in **simulation**, where Flower gives a node only ``partition-id``: the run config's ``sites`` list maps the
   partition to a site of the phantom cohort, which ``open_site`` generates (once, under a lock) if it is missing.
 
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from braintumnet.config import app_config
+from braintumnet.config import app_config, resolve
 from braintumnet.errors import BrainTumNetError
+from braintumnet.site_policy import SIMULATION_POLICY, SitePolicy, default_state_dir, policy_from_table
 
 if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas and numpy, which the launcher skips
     from braintumnet.data.loading import SiteRuntime
@@ -27,10 +29,10 @@ if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITES_FILE = REPO / "client" / "sites.toml"
 # node_config keys the launcher writes and the ClientApp reads.
-NODE_KEYS = ("site-name", "data-path", "cache-dir", "device")
+NODE_KEYS = ("site-name", "data-path", "cache-dir", "device", "site-config")
 # Keys a site table may hold (kebab-case, as in the file).
 SITE_KEYS = {"data", "cache", "device", "superlink", "root-certificates", "auth-key", "port", "run-config",
-             "allowed-apps", "superexec-secret"}
+             "allowed-apps", "superexec-secret", "policy", "state-dir"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class SiteSettings:
         auth_key: the SuperNode authentication private key; None = no node authentication.
         port: this SuperNode's local Runtime API port; None = pick a free one.
         run_config: run-config overrides naming the data settings to prepare the cache for.
+        config_file: the site config file these settings came from; the ClientApp reads the site's policy there.
+        policy: the site's own rules (``policy`` table; :class:`braintumnet.site_policy.SitePolicy`).
+        state_dir: where the site keeps its privacy ledger and evaluation count (``state-dir``).
         allowed_apps: the FAB allow-list (SHA-256 hashes of the apps this site runs); None = none configured.
         superexec_secret: the SuperNode/executor shared secret file; None = a new one per launch.
     """
@@ -60,6 +65,9 @@ class SiteSettings:
     auth_key: Path | None = None
     port: int | None = None
     run_config: dict[str, Any] = field(default_factory=dict)
+    config_file: Path | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    state_dir: Path = field(default_factory=default_state_dir)
     allowed_apps: Path | None = None
     superexec_secret: Path | None = None
 
@@ -67,6 +75,8 @@ class SiteSettings:
         """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
         values = {"site-name": self.name, "data-path": str(self.data), "cache-dir": str(self.cache),
                   "device": self.device}
+        if self.config_file is not None:
+            values["site-config"] = str(self.config_file)
         return " ".join(f"{k}={node_config_value(k, v)}" for k, v in values.items())
 
 
@@ -159,6 +169,7 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
                                "or pass --data DIR")
     from braintumnet.data.loading import default_cache_root
 
+    policy, state_dir = _policy_and_state(doc, site, path)
     port = merged.get("port")
     if port is not None and not (isinstance(port, int) and 0 < port < 65536):
         raise BrainTumNetError(f"site {site!r}: port={port!r} must be a TCP port number (1-65535)")
@@ -172,6 +183,9 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
         auth_key=as_path("auth-key"),
         port=port,
         run_config=dict(merged["run-config"]),
+        config_file=path if doc else None,
+        policy=policy,
+        state_dir=state_dir,
         allowed_apps=as_path("allowed-apps"),
         superexec_secret=as_path("superexec-secret"),
     )
@@ -231,3 +245,53 @@ def phantom_settings(run_config: Mapping[str, Any]) -> tuple[float, int]:
     """``phantom-scale`` and ``phantom-seed`` of the run config (the simulated cohort's size and seed)."""
     app = app_config(run_config)
     return app.phantom_scale, app.phantom_seed
+
+
+def site_policy(path: Path, site: str) -> tuple[SitePolicy, Path]:
+    """The site's policy and state directory from its site config file (``[defaults]`` then ``[site.<site>]``).
+
+    Raises:
+        BrainTumNetError: the file is missing or malformed, or its policy has an unknown key or a bad value.
+    """
+    path = Path(path).absolute()
+    return _policy_and_state(read_sites_file(path), site, path)
+
+
+def site_policy_from_context(node_config: Mapping[str, Any], site: SiteRuntime) -> tuple[SitePolicy, Path]:
+    """The policy and state directory of the site this ClientApp serves; the run config has no say in either.
+
+    Deployment: from the site config file the launcher named in ``site-config``; a SuperNode started without one
+    gets the default (hospital) policy and state directory. Simulation (no ``site-name``): the tester's synthetic
+    sites allow everything (:data:`~braintumnet.site_policy.SIMULATION_POLICY`) and keep their state beside their
+    cache.
+    """
+    if "site-name" not in node_config:
+        return SIMULATION_POLICY, site.cache / "simulated-site-state"
+    config = node_config.get("site-config")
+    if config:
+        return site_policy(Path(str(config)), site.name)
+    return _policy_and_state({}, site.name, Path("(no site config)"))
+
+
+def _policy_and_state(doc: Mapping[str, Any], site: str, path: Path) -> tuple[SitePolicy, Path]:
+    """``policy`` keys merged one by one (``[defaults.policy]``, then ``[site.NAME.policy]``); ``allowed-data``
+    defaults to the data settings of the merged ``run-config``; ``state-dir`` relative to the file's folder."""
+    defaults, table = doc.get("defaults", {}), doc.get("site", {}).get(site, {})
+    policy: dict[str, Any] = {}
+    for where, t in (("defaults", defaults), (f"site.{site}", table)):
+        if not isinstance(t.get("policy", {}), Mapping):
+            raise BrainTumNetError(f"{path}: [{where}] policy must be a table, e.g. [{where}.policy]")
+        policy.update(t.get("policy", {}))
+    run_config = {**_flat(defaults.get("run-config", {})), **_flat(table.get("run-config", {}))}
+    try:
+        data = resolve(run_config).data
+    except ValueError as exc:
+        raise BrainTumNetError(f"{path}: the run-config of site {site}: {exc}") from None
+    where = f"{path} [defaults.policy] / [site.{site}.policy]"
+    state = table.get("state-dir", defaults.get("state-dir"))
+    if state is not None and not (isinstance(state, str) and state):
+        raise BrainTumNetError(f"{path}: state-dir = {state!r}: use a folder, e.g. "
+                               'state-dir = "/var/lib/braintumnet"')
+    state_dir = Path(state).expanduser() if state else default_state_dir()
+    return policy_from_table(policy, data, where), (state_dir if state_dir.is_absolute()
+                                                    else (path.parent / state_dir).resolve())

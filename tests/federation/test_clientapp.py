@@ -57,3 +57,55 @@ def test_no_site_module_spells_a_message_key_itself():
         protocol.REPLY_METRIC_KEYS
 
 
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message constructor reads the process's task identity (set by flwr-clientapp in real runs)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.mark.parametrize("phase, run_config, rule", [
+    ("train", {"dp.enabled": False}, "dp-required"),
+    ("train", {"dp.enabled": True, "dp.noise-multiplier": 0.3}, "min-noise-multiplier"),
+    ("evaluate", {"data.img-size": 48}, "allowed-data"),
+])
+def test_the_site_policy_is_the_sites_and_a_refusal_names_the_rule_only(phase, run_config, rule, task_identity,
+                                                                        tmp_path, caplog, monkeypatch):
+    """The real ClientApp, as a SuperNode started by client/run.py calls it: the policy comes from the site config
+    named in the node config, whatever the centre's run config says; nothing is opened before the refusal."""
+    import logging
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    # The ClientApp gives the braintumnet logger a handler of its own (and stops propagation) unless it has one.
+    monkeypatch.setattr(logging.getLogger("braintumnet"), "handlers", [logging.NullHandler()])
+    monkeypatch.setattr(logging.getLogger("braintumnet"), "propagate", True)
+
+    from client.app import app
+    from client.sites import SiteSettings, site_settings
+
+    config = tmp_path / "sites.toml"
+    config.write_text('[defaults]\nstate-dir = "state"\ncache = "cache"\n[defaults.run-config]\nprofile = "quick"\n'
+                      '[site.yibin]\ndata = "data/yibin"\n')
+    settings = site_settings(config, "yibin")
+    assert isinstance(settings, SiteSettings) and settings.policy.dp_required  # the hospital default
+    from flwr.common.config import parse_config_args
+
+    node_config = parse_config_args([settings.node_config()])
+    assert node_config["site-config"] == str(config)
+    msg = Message(RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type=phase)
+    context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    with caplog.at_level("WARNING", logger="braintumnet.client"), pytest.raises(SiteFailure) as err:
+        app(msg, context)
+    assert str(err.value) == f"site yibin: {phase} refused by the site's policy, rule {rule}"
+    assert err.value.__cause__ is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "braintumnet.client"]
+    assert len(lines) == 1 and f"rule {rule}: " in lines[0]  # the detail stays in the site's log
+    assert not (tmp_path / "state").exists() and not settings.cache.exists()  # refused before opening anything

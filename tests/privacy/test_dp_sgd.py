@@ -19,15 +19,22 @@ def dp_profile(tiny_profile, **dp):
     return replace(tiny_profile, privacy=PrivacyConfig(enabled=True, **{"noise_multiplier": 1.0, **dp}))
 
 
-def one_round(profile, site, state, ledger, server_round):
-    """What a fresh ClientApp process does: rebuild the model, restore the ledger, train, store the ledger."""
+def one_round(profile, site, state, ledger, server_round, federation="fed-1"):
+    """What a fresh ClientApp process does: rebuild the model, read the ledger, train, append to the ledger."""
     model = build_model(profile)
     model.load_state_dict(state)
-    dp = PrivateTraining(profile.privacy, ledger.load())
-    train_model(model, [site], profile, CPU, epochs=1, epoch_offset=server_round - 1, total_epochs=3,
-                progress=False, privacy=dp)
-    ledger.save(dp.history, dp.epsilon, profile.privacy.delta, server_round)
+    with ledger.locked():
+        before = ledger.history(federation)
+        dp = PrivateTraining(profile.privacy, before)
+        train_model(model, [site], profile, CPU, epochs=1, epoch_offset=server_round - 1, total_epochs=3,
+                    progress=False, privacy=dp)
+        ledger.record(dp, federation_id=federation, run_id="1", server_round=server_round, before=before)
     return model, dp
+
+
+def federation_history(ledger, federation):
+    with ledger.locked():
+        return ledger.history(federation)
 
 
 def test_dp_sgd_keeps_the_plain_keys_and_epsilon_accumulates_across_processes(prepared_sites, tiny_profile,
@@ -35,7 +42,7 @@ def test_dp_sgd_keeps_the_plain_keys_and_epsilon_accumulates_across_processes(pr
     profile = dp_profile(tiny_profile)
     site = prepared_sites["yibin"]
     initial = build_model(profile).state_dict()
-    ledger = PrivacyLedger(tmp_path, "yibin", "fed-1")
+    ledger = PrivacyLedger(tmp_path, "yibin")
 
     model, first = one_round(profile, site, initial, ledger, 1)
     state = model.state_dict()
@@ -45,25 +52,26 @@ def test_dp_sgd_keeps_the_plain_keys_and_epsilon_accumulates_across_processes(pr
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())  # no Opacus hooks left behind
     assert any(not torch.equal(state[k], initial[k]) for k in state)
 
-    replay, _ = one_round(profile, site, initial, PrivacyLedger(tmp_path, "yibin", "replay"), 1)
+    replay, _ = one_round(profile, site, initial, ledger, 1, federation="replay")
     assert any(not torch.equal(replay.state_dict()[k], state[k]) for k in state)  # same seed, other noise/batches
 
-    _, second = one_round(profile, site, state, PrivacyLedger(tmp_path, "yibin", "fed-1"), 2)
+    _, second = one_round(profile, site, state, PrivacyLedger(tmp_path, "yibin"), 2)
     assert 0 < first.epsilon < second.epsilon  # restored from the ledger, not started again from 0
     assert second.history[-1][2] == 2 * first.history[-1][2]  # same σ and q: Opacus merged the steps
-    assert PrivacyLedger(tmp_path, "yibin", "fed-2").load() == []  # another federation, another ledger
+    assert federation_history(ledger, "fed-2") == []  # another federation's ε is its own (the lifetime sums them)
+    assert len(federation_history(ledger, None)) == 3
 
 
 def test_the_budget_stops_training_before_any_step(prepared_sites, tiny_profile, tmp_path):
     site = prepared_sites["plagh"]
-    ledger = PrivacyLedger(tmp_path, "plagh", "fed")
+    ledger = PrivacyLedger(tmp_path, "plagh")
     model, first = one_round(dp_profile(tiny_profile), site, build_model(tiny_profile).state_dict(), ledger, 1)
     capped = dp_profile(tiny_profile, max_epsilon=first.epsilon * 1.1)  # room for round 1, not for round 2
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrivacyBudgetSpent, match="privacy budget spent: epsilon .* still evaluates") as err:
         one_round(capped, site, before, ledger, 2)
     assert err.value.spent == pytest.approx(first.epsilon) and err.value.after > capped.privacy.max_epsilon
-    assert PrivacyLedger(tmp_path, "plagh", "fed").load() == first.history  # nothing was spent
+    assert federation_history(ledger, "fed-1") == first.history  # nothing was spent
 
 
 def test_target_epsilon_is_spread_over_the_planned_rounds():
@@ -92,7 +100,7 @@ def test_user_mistakes_name_the_setting(prepared_sites, tiny_profile, tmp_path):
                        ({"dp.enabled": "maybe"}, "expected true or false")]:
         with pytest.raises(ConfigError if "expected" not in match else ValueError, match=match):
             resolve(bad)
-    (tmp_path / "privacy" / "x").mkdir(parents=True)
-    (tmp_path / "privacy" / "x" / "f.json").write_text("{not json")
-    with pytest.raises(BrainTumNetError, match="unreadable privacy ledger"):
-        PrivacyLedger(tmp_path, "x", "f").load()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "privacy-ledger.jsonl").write_text('{"federation_id": "f"}\n{not json')
+    with pytest.raises(BrainTumNetError, match=r"privacy-ledger.jsonl, line 2: unreadable journal line"):
+        federation_history(PrivacyLedger(tmp_path, "x"), "f")

@@ -94,11 +94,12 @@ class RunFolder:
 
 
 def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
-    """The checkpoint ``resume-from`` names: "" none; "latest" the newest ``latest.pt`` under ``root``; a run folder
-    (its ``latest.pt``); or a checkpoint file.
+    """The checkpoint ``resume-from`` names: "" none; "latest" the newest ``latest.pt`` under ``root`` (all of one
+    federation); a run folder (its ``latest.pt``); or a checkpoint file.
 
     Raises:
-        BrainTumNetError: nothing to resume from, or the file is not a checkpoint of this federation.
+        BrainTumNetError: nothing to resume from, "latest" among checkpoints of several federations, or the file is
+            not a checkpoint of this federation.
     """
     spec = spec.strip()
     if not spec:
@@ -108,6 +109,7 @@ def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
         if not candidates:
             raise BrainTumNetError(f"resume-from=latest: no run-*/latest.pt under {root}; check checkpoint-dir, "
                                    "or start without resume-from")
+        _refuse_several_federations(root, candidates)
         path = max(candidates, key=lambda p: p.stat().st_mtime)
     else:
         path = Path(spec).expanduser()
@@ -122,6 +124,42 @@ def find_resume_point(root: Path, spec: str) -> ResumePoint | None:
         raise BrainTumNetError(f"{path}: has no federated round in its meta (not written by the ServerApp); "
                                "use a run-*/round-NNNN.pt or latest.pt")
     return ResumePoint(path.resolve(), int(meta["round"]), meta)
+
+
+def _refuse_several_federations(root: Path, candidates: list[Path]) -> None:
+    """``latest`` is only unambiguous within one federation: the newest file of another would carry its
+    federation id, and with it the sites' privacy ledgers and optimizer state, onto the wrong federation.
+
+    Raises:
+        BrainTumNetError: the run folders hold checkpoints of more than one federation (or one whose federation
+            cannot be read), listing them and how to name one.
+    """
+    federations: dict[str, list[str]] = {}
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime):
+        meta = _meta_only(path)
+        federation = str(meta.get("federation-id") or f"unknown ({path.parent.name}: no federation id in its meta)")
+        rounds = f"round {meta['round']}" if "round" in meta else "no round"
+        federations.setdefault(federation, []).append(f"{path.parent.name} ({rounds})")
+    if len(federations) > 1:
+        listing = "; ".join(f"federation {fid}: {', '.join(runs)}" for fid, runs in federations.items())
+        newest = max(candidates, key=lambda p: p.stat().st_mtime).parent.name
+        raise BrainTumNetError(
+            f"resume-from=latest: {root} holds checkpoints of {len(federations)} federations ({listing}), so the "
+            f"newest file need not be the federation meant; name the one to resume, e.g. resume-from='{newest}' "
+            "(a run folder under checkpoint-dir) or the path of its latest.pt, or give each federation its own "
+            "checkpoint-dir")
+
+
+def _meta_only(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta`` without reading its weights (memory-mapped); {} if it cannot be read."""
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a damaged file: its federation is unknown
+        return {}
+    meta = payload.get("meta") if isinstance(payload, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def server_optimizer_path(run_dir: Path, server_round: int) -> Path:

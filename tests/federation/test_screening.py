@@ -49,13 +49,15 @@ def by_round(*answers):
     return answer
 
 
-def test_two_nodes_claiming_one_site_name_are_both_left_out(make_strategy, caplog):
-    """A second node calling itself yibin (a hostile duplicate, or the old SuperNode left running after a key rotation)
-    with a huge update and weight: neither yibin reply is used, both node ids stay in the record and the audit."""
+@pytest.mark.parametrize("registered", [{}, {11: "yibin", 14: "yibin"}], ids=["claimed", "registered"])
+def test_two_nodes_claiming_one_site_name_are_both_left_out(make_strategy, caplog, registered):
+    """A second node calling itself yibin (a hostile duplicate, or the old SuperNode left running after a key rotation,
+    both keys registered under the name) with a huge weight: neither yibin reply is used, both node ids stay in the
+    record and the audit."""
     caplog.set_level(logging.INFO, logger="braintumnet.server")
     strategy = make_strategy(audit=True)
     grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 10, 2.0), 13: site("jinling", 30, 3.0),
-                         14: site("yibin", 10 ** 6, 9.0)})
+                         14: site("yibin", 10 ** 6, 9.0)}, names=registered)
     result = run(strategy, grid)
     np.testing.assert_allclose(result.arrays["w"].numpy(), (10 * 2.0 + 30 * 3.0) / 40)  # plagh and jinling only
     record = strategy.history[0]

@@ -191,14 +191,17 @@ class RobustConfig:
         aggregation: ``fedavg`` (weighted by training slices), ``median`` (coordinate-wise) or ``trimmed-mean``
             (coordinate-wise, unweighted, dropping ``trim_fraction`` of the sites at each end).
         trim_fraction: for ``trimmed-mean``, in [0, 0.5).
-        norm_factor: a train reply whose update norm ``||w_site - w_global||`` exceeds ``norm_factor`` × the median
-            of the round's update norms is rejected; 0 turns the check off. Needs 3 or more sites to mean much.
+        norm_factor: each top-level module (parameter group) of a train reply's update ``w_site - w_global`` is
+            clipped onto ``norm_factor`` × that group's lower-median update norm (the round's own with 3+ replies,
+            else carried from the last 5 aggregated rounds); 0 turns the bound off. Only non-finite updates are
+            rejected.
         max_weight_share: with 3 or more train replies, no site's ``num-examples`` may carry more than this share of
             the aggregate's weight (larger ones are clipped); 0 turns the cap off. In [0, 1).
     """
 
     aggregation: str = "fedavg"
-    trim_fraction: float = 0.2
+    # 0.34 trims one site of three at each end; 0.2 would trim nothing below five replies and the round be refused.
+    trim_fraction: float = 0.34
     norm_factor: float = 10.0
     max_weight_share: float = 0.5
 

@@ -81,7 +81,8 @@ def affine_problem(affine: np.ndarray) -> str | None:
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        img = nib.load(path)
+        with np.errstate(all="ignore"):  # a NaN or degenerate sform warns here; affine_problem says it in one line
+            img = nib.load(path)
         shape = img.shape
     except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error ... all "re-export"
         raise FileProblem(path, f"cannot be read as NIfTI ({type(exc).__name__}: {exc}): give a .nii/.nii.gz "

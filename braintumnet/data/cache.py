@@ -115,7 +115,8 @@ def write_prepared(
 ) -> None:
     """Write a cache folder atomically: everything goes to a hidden sibling, which then replaces ``out_dir``.
 
-    A reader never sees half a cache; a crash leaves at most a ``.tmp-*`` folder next to it.
+    A reader never sees half a cache. SIGTERM still removes the ``.tmp-*`` folder; one left by a hard kill is
+    removed when the cache is next opened (``remove_stale_temporaries``).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from braintumnet.config import PrivacyConfig
 from braintumnet.errors import BrainTumNetError
-from braintumnet.site_policy import Journal, check_noise_floor, safe_name
+from braintumnet.site_policy import LEDGER, check_noise_floor, safe_name, site_journal
 
 log = logging.getLogger("braintumnet.privacy")
 
@@ -241,13 +241,11 @@ class PrivacyLedger:
             format (``<cache>/privacy/<site>/<federation-id>.json``) is taken over from there once.
     """
 
-    NAME = "privacy-ledger"
     FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
         "federation_id": str, "noise_multiplier": (int, float), "sample_rate": (int, float), "steps": int}
 
     def __init__(self, state_dir: Path, site: str, cache_root: Path | None = None):
-        witness = Path(cache_root) / ".site-state" / safe_name(site) if cache_root is not None else None
-        self.journal = Journal(Path(state_dir) / safe_name(site), self.NAME, witness)
+        self.journal = site_journal(state_dir, site, LEDGER, cache_root)
         self.path = self.journal.path
         self._legacy = Path(cache_root) / "privacy" / safe_name(site) if cache_root is not None else None
         self.entries: list[dict] = []

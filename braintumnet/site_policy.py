@@ -327,6 +327,19 @@ class Journal:
             raise RuntimeError(f"{self.path}: read and append only inside Journal.locked()")
 
 
+# The site's journals in its state directory: the privacy ledger (braintumnet.privacy) and the evaluation count.
+LEDGER = "privacy-ledger"
+EVALUATIONS = "evaluations"
+
+
+def site_journal(state_dir: Path, site: str, name: str, cache_root: Path | None = None) -> Journal:
+    """Journal ``name`` of ``site``: ``<state_dir>/<site>/<name>.jsonl``; its witness in ``<cache>/.site-state/<site>``
+    (``cache_root`` None: no witness)."""
+    folder = safe_name(site)
+    witness = Path(cache_root) / ".site-state" / folder if cache_root is not None else None
+    return Journal(Path(state_dir) / folder, name, witness)
+
+
 class EvaluationLog:
     """The evaluations this site has answered: one line each (federation id, run id, round, time) in its state
     directory, so ``max-evaluations-per-federation`` survives new runs and a wiped cache.
@@ -337,11 +350,8 @@ class EvaluationLog:
         cache_root: where the witness that the log exists goes (the site's cache root).
     """
 
-    NAME = "evaluations"
-
     def __init__(self, state_dir: Path, site: str, cache_root: Path | None = None):
-        witness = Path(cache_root) / ".site-state" / safe_name(site) if cache_root is not None else None
-        self.journal = Journal(Path(state_dir) / safe_name(site), self.NAME, witness)
+        self.journal = site_journal(state_dir, site, EVALUATIONS, cache_root)
 
     def admit(self, policy: SitePolicy, *, federation_id: str, run_id: str, server_round: Any,
               test_cases: int) -> None:

@@ -257,6 +257,28 @@ def site_policy(path: Path, site: str) -> tuple[SitePolicy, Path]:
     return _policy_and_state(read_sites_file(path), site, path)
 
 
+def state_summary(settings: SiteSettings) -> list[str]:
+    """The preflight's lines on the site's policy and state directory (``python client/run.py --check``).
+
+    Reads the privacy ledger and the evaluation count (under their locks, without computing any ε), so a ledger that
+    went missing or a half-written line is found before the SuperNode starts, not in the first round.
+
+    Raises:
+        BrainTumNetError: a journal is missing although its marker or witness says it existed, or is unreadable.
+    """
+    from braintumnet.site_policy import EVALUATIONS, LEDGER, site_journal
+
+    counts = []
+    for name in (LEDGER, EVALUATIONS):
+        journal = site_journal(settings.state_dir, settings.name, name, settings.cache)
+        with journal.locked():
+            counts.append(len(journal.entries()))
+    source = settings.config_file or "no site config: the defaults"
+    return [f"site policy:    {source}", *settings.policy.summary(),
+            f"state dir:      {settings.state_dir} ({counts[0]} trained rounds in the privacy ledger, {counts[1]} "
+            "evaluations)"]
+
+
 def site_policy_from_context(node_config: Mapping[str, Any], site: SiteRuntime) -> tuple[SitePolicy, Path]:
     """The policy and state directory of the site this ClientApp serves; the run config has no say in either.
 

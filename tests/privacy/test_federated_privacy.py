@@ -88,10 +88,15 @@ def test_epsilon_grows_round_over_round_and_the_budget_stops_training(dp_run, ti
 def test_every_message_carries_only_model_arrays_and_aggregate_numbers(dp_run, tiny_profile, phantom_root):
     run_dir, _, _ = dp_run
     model = {k: list(v.shape) for k, v in build_model(tiny_profile).state_dict().items()}
-    entries = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    entries = [e for e in lines if e["direction"] in ("to-site", "from-site")]
     # rounds x train x (instruction, reply) x sites, and the last round's evaluate: rounds 1 and 2 are scored by the
     # sites inside the next round's train message (evaluate-in-train)
     assert len(entries) == 3 * 2 * len(SITES) + 2 * len(SITES)
+    # the centre's screening verdicts, one per phase: names, node ids and outcomes only
+    screening = [e for e in lines if e["direction"] == "screening"]
+    assert len(screening) == len(lines) - len(entries) == 3 + 1
+    assert all(set(r) == {"name", "node", "outcome"} and r["name"] in SITES for e in screening for r in e["replies"])
     strings = []
     for e in entries:
         assert "error" not in e, e

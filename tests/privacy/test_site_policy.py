@@ -15,7 +15,7 @@ from braintumnet.config import DataConfig, PrivacyConfig, resolve
 from braintumnet.errors import BrainTumNetError
 from braintumnet.privacy import PrivacyLedger, PrivateTraining, epsilon, group_privacy
 from braintumnet.site_policy import POLICY_KEYS, SitePolicy
-from client.sites import REPO, site_policy, site_settings
+from client.sites import REPO, SiteSettings, site_policy, site_settings, state_summary
 
 ROUND = (1.0, 0.1, 10)  # σ, q, steps of one made-up round
 
@@ -56,9 +56,13 @@ def test_two_processes_spending_at_once_lose_no_round(tmp_path):
 def test_a_lost_ledger_is_an_error_until_an_admin_resets_it(tmp_path):
     state, cache = tmp_path / "state", tmp_path / "cache"
     spend(PrivacyLedger(state, "yibin", cache), "fed")
+    settings = SiteSettings(name="yibin", data=tmp_path / "data", cache=cache, state_dir=state)
+    assert "1 trained rounds in the privacy ledger, 0 evaluations" in state_summary(settings)[-1]  # the preflight
     (state / "yibin" / "privacy-ledger.jsonl").unlink()
     with pytest.raises(BrainTumNetError, match="journal is missing, but .*privacy-ledger.started"):
         spend(PrivacyLedger(state, "yibin", cache), "fed")
+    with pytest.raises(BrainTumNetError, match="journal is missing"):
+        state_summary(settings)  # found before the SuperNode starts
     shutil.rmtree(state)  # the whole state directory (a container without a volume for it)
     with pytest.raises(BrainTumNetError, match=r"journal is missing, but .*\.site-state/yibin/privacy-ledger.witness"):
         spend(PrivacyLedger(state, "yibin", cache), "fed")

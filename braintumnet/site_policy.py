@@ -32,7 +32,6 @@ from typing import Any
 
 from braintumnet.config import DataConfig
 from braintumnet.errors import BrainTumNetError
-from braintumnet.io import PRIVATE, atomic_write_json, plain
 
 try:
     import fcntl
@@ -309,6 +308,9 @@ class Journal:
 
     def append(self, entry: Mapping[str, Any]) -> None:
         """Add one line (with its time), flushed to disk before returning."""
+        # imported here: braintumnet.io brings numpy, which the launcher (client/sites.py) does not need
+        from braintumnet.io import PRIVATE, atomic_write_json, plain
+
         self._require_lock()
         if not self.marker.is_file():
             atomic_write_json(self.marker, {"journal": self.path.name, "started": time.time()}, mode=PRIVATE)

@@ -406,7 +406,7 @@ def test_the_weight_cap_clips_only_a_site_above_its_share(make_strategy):
 
 def test_a_trimmed_mean_that_trims_nothing_says_so_and_is_refused(make_strategy, caplog):
     caplog.set_level(logging.INFO, logger="braintumnet.server")
-    strategy = make_strategy(run_config={"strategy.aggregation": "trimmed-mean"})
+    strategy = make_strategy(run_config={"strategy.aggregation": "trimmed-mean", "strategy.trim-fraction": 0.2})
     run(strategy, three(site("jinling", 10, 3.0)))
     shortfall = ("strategy.aggregation trimmed-mean with strategy.trim-fraction 0.2 trims no site of 3 replies (it "
                  "needs 5 or more")

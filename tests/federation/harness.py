@@ -121,8 +121,10 @@ class Federation:
         run_config = "".join(f'"{k}" = {json.dumps(v)}\n' for k, v in TINY.items())
         self.sites_file.write_text(
             f'[defaults]\nsuperlink = "127.0.0.1:{self.port}"\ncache = "{cache}"\ndevice = "cpu"\n'
-            f'root-certificates = "{self.ca}"\n\n'
+            f'root-certificates = "{self.ca}"\nstate-dir = "{root / "state"}"\n\n'
             f"[defaults.run-config]\n{run_config}\n"
+            # the tiny phantom's sites hold 1-3 test cases; metrics unrounded so tests can compare them exactly
+            "[defaults.policy]\ndp-required = false\nmin-test-cases = 1\nmetric-decimals = -1\n\n"
             + "".join(f'[site.{s}]\ndata = "{phantom / s}"\nauth-key = "{self.site_key(s)}"\n\n' for s in SITES))
         self.env = dict(os.environ)
         self.env.update({

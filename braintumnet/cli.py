@@ -57,6 +57,17 @@ def cmd_init(args) -> int:
     return 0
 
 
+def cmd_import_brats(args) -> int:
+    from braintumnet.data.brats import import_brats
+
+    report = import_brats(args.brats_dir, args.out_dir, institutions=args.institutions,
+                          institution_column=args.institution_column, external_institution=args.external_institution,
+                          seed=args.seed, external_fraction=args.external_fraction, test_fraction=args.test_fraction,
+                          workers=args.workers, progress=sys.stderr.isatty())
+    print(report.summary())
+    return report.exit_code
+
+
 def cmd_check(args) -> int:
     from braintumnet.data.prepare import check_site
 
@@ -161,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", metavar="REGEX",
                    help="DICOM: keep only series whose SeriesDescription matches (e.g. 't1.*(gd|post|\\+c)')")
     p.set_defaults(func=cmd_init)
+
+    p = command("import-brats", help="turn a BraTS release into a pooled site folder with a hospital column",
+                description="Write OUT_DIR/dataset.json, cases.csv (with a 'hospital' column) and relabelled masks "
+                            "from BraTS 2023 GLI / MET / MEN or BraTS 2021 cases below BRATS_DIR (only read): "
+                            "tumour = enhancing + non-enhancing/necrotic core, edema = SNFH/ED. Then "
+                            "'python -m simulation --data OUT_DIR'. See docs/data.md, 'BraTS'.")
+    p.add_argument("brats_dir", type=Path, help="the folder a BraTS release was unpacked into (one folder per case)")
+    p.add_argument("out_dir", type=Path, help="the new pooled site folder (outside BRATS_DIR)")
+    p.add_argument("--institutions", type=Path, metavar="CSV",
+                   help="a CSV with case_id and an institution column: each institution becomes a hospital "
+                        "(default: a seeded split into yibin, plagh, jinling and external)")
+    p.add_argument("--institution-column", default="institution",
+                   help="the --institutions CSV's column naming each case's institution (default institution)")
+    p.add_argument("--external-institution", metavar="NAME",
+                   help="with --institutions: the institution held out as the external site (never trained on)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hospital and train/test splits (default 0)")
+    p.add_argument("--external-fraction", type=float, default=0.2,
+                   help="without --institutions: the share of each tumour type held out as external (default 0.2)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="the share of each hospital's cases of each type in its test split (default 0.2)")
+    p.add_argument("--workers", type=int, default=1, help="processes that relabel the masks (default 1)")
+    p.set_defaults(func=cmd_import_brats)
 
     p = command("check", help="check a site folder against the data contract; writes nothing")
     p.add_argument("site_dir", type=Path, help="the site folder (dataset.json, cases.csv, images, labels)")

@@ -2,13 +2,14 @@
 
 The pooled folder follows the site contract of docs/data.md (``dataset.json`` + ``cases.csv``) with one more column
 in ``cases.csv`` naming each case's hospital (``--site-column``, e.g. ``hospital``). Splitting writes, per hospital,
-a folder holding only the two contract files; ``cases.csv`` points at the pooled folder's images and masks by
-absolute path, so nothing is copied and the pooled folder is never written to.
+a folder holding only the two contract files; ``cases.csv`` points at the pooled folder's images and masks by paths
+relative to the hospital's folder, so nothing is copied and the pooled folder is never written to.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def split_pooled(data: Path, site_column: str, out: Path, external: str | None =
         site_dir.mkdir(parents=True, exist_ok=True)
         rows = cases[cases["_site"] == name].drop(columns=["row", "_site"]).copy()
         for column in ("image", "mask"):
-            rows[column] = [str((data / p).absolute()) for p in rows[column]]
+            # Relative to the hospital's folder, as the contract reads paths (a cache's fingerprint names each file
+            # relative to its site folder, which an absolute path elsewhere is not).
+            rows[column] = [os.path.relpath(data / p, site_dir) for p in rows[column]]
         types = [t for t in meta["tumor_types"] if t in set(rows["tumor_type"])] or meta["tumor_types"]
         (site_dir / DATASET_JSON).write_text(json.dumps({**meta, "site": name, "tumor_types": types,
                                                          "description": f"{name}: split from {data}"}, indent=2))

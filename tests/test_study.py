@@ -121,7 +121,8 @@ def test_pooled_dataset_splits_by_hospital_without_copying_or_sharing_a_case(pha
         for case in cases["case_id"]:
             assert case not in seen, f"{case} in {seen.get(case)} and {site}"
             seen[case] = site
-        assert all(Path(p).is_absolute() and Path(p).is_file() for p in cases["image"])
+        # Relative to the hospital's folder, as the contract reads them (and a cache's fingerprint needs).
+        assert all(not Path(p).is_absolute() and (tmp_path / "sites" / site / p).is_file() for p in cases["image"])
     assert {p: p.stat().st_mtime_ns for p in pooled.iterdir()} == before  # the pooled folder is only read
 
 

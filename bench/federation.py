@@ -17,17 +17,16 @@
   cases, for "linear in total data".
 
 The simulation side runs ``simulation.flower_run.run_federated`` (Flower's Simulation Engine, one CPU per site).
-The loopback deployment side (full mode, or ``--deployment``) runs a real ``flower-superlink`` with TLS and node
-authentication and three ``python client/run.py`` sites, through the test suite's harness
-(``tests/federation/harness.py``): one run of 1 local epoch per round and one of the heavier local work (10 epochs),
-on the same federation, so the fixed per-round costs show against both.
+The loopback deployment side (full mode, or ``--deployment``; :mod:`bench.federation_deployment`) runs a real
+``flower-superlink`` with TLS and node authentication and three ``python client/run.py`` sites, through the test
+suite's harness (``tests/federation/harness.py``): 1 local epoch per round and the heavier local work (about 60 s of a
+site's own work per round), three sites at once then one alone, so the fixed per-round costs show against both.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 from bench.common import Context, fmt, median, ratio, table, write_result
+from bench.federation_deployment import (COSTS_HEAD, COSTS_HEADING, _deployment_aims, _deployment_notes,
+                                         _deployment_rows, run_deployment)
 from braintumnet.config import resolve
 from braintumnet.data.cache import PreparedSite, prepared_dir, read_quarantine, write_prepared
 from braintumnet.data.contract import SITES
@@ -55,6 +56,8 @@ def _settings(ctx: Context) -> dict:
         s = {"data": {"data.img-size": 64, "data.slices-per-case": 8}, "phantom": 0.25, "rounds": 3,
              "sites": [3, 6, 12, 24], "fractions": [0.5, 1.0], "heavy_local_epochs": 10, "deployment": True,
              "repeat": True}
+    # The deployment's heavier run: about 60 s of a site's own work per round at the test size on a 2-core CPU.
+    s["deployment_heavy_epochs"] = 40 if s["heavy_local_epochs"] else 0
     if ctx.deployment is not None:
         s["deployment"] = ctx.deployment
     if ctx.sites:
@@ -167,38 +170,6 @@ def simulate(ctx: Context, names: list[str], settings: dict, cache: Path, phanto
     return {"run_dir": str(run_dir), "run_wall_s": wall, "run_config": run_config}
 
 
-def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: list[int]) -> dict[int, dict]:
-    """Three sites on loopback (real SuperLink, TLS, node auth), via the test suite's harness: one run per entry of
-    ``epochs`` (local epochs per round), one after another on the same federation. Keyed by local epochs."""
-    sys.path.insert(0, str(REPO / "tests" / "federation"))
-    from harness import Federation  # noqa: E402  (the test suite's loopback harness, read-only reuse)
-
-    fed = Federation(ctx.workdir / "loopback", phantom, ctx.workdir / "loopback-cache")
-    found: dict[int, dict] = {}
-    try:
-        fed.deploy()
-        fed.wait_nodes(3, 300)
-        for local_epochs in epochs:
-            ctx.say(f"federation: loopback deployment, 3 sites, {settings['rounds']} rounds of {local_epochs} local "
-                    "epoch(s)")
-            t0 = time.perf_counter()
-            try:
-                run_id = fed.submit(**{"num-server-rounds": settings["rounds"], "train.local-epochs": local_epochs})
-                status = fed.wait_finished(run_id, 1800)
-            except Exception as exc:  # a failed run is a figure of its own; the next run still gets its try
-                found[local_epochs] = {"local_epochs": local_epochs, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                continue
-            r = {"local_epochs": local_epochs, "run_wall_s": time.perf_counter() - t0}
-            if (fed.run_dir(run_id) / "metrics.json").is_file():  # the rounds it finished, even if it then failed
-                r.update(analyse(fed.run_dir(run_id), size, ctx.machine.get("cpus_usable", 1)))
-            if status["status"] != "finished:completed":
-                r["error"] = f"run ended as {status['status']} after {len(r.get('rounds', []))} round(s)"
-            found[local_epochs] = r
-        return found
-    finally:
-        fed.stop_all()
-
-
 def run(ctx: Context) -> dict:
     from braintumnet.data.loading import load_sites
 
@@ -236,17 +207,7 @@ def run(ctx: Context) -> dict:
         ctx.say(f"  {tag}: run {found['run_wall_s']:.0f} s, rounds {found['round_wall_s_total']:.0f} s, overhead "
                 f"{fmt(found['overhead_median'])} (vs cores {fmt(found['overhead_vs_cores_median'])}), bytes "
                 f"(down+up)/2x model {fmt(found['exchanged_vs_2x_model'], 4)}")
-    loop: dict[int, dict] | None = None  # None: not run in this mode
-    if s["deployment"]:
-        # The 1-epoch run is the simulation's reference configuration; the heavier one shows what is left of the
-        # fixed per-round costs (polling, ServerApp, TLS) when the sites have real work to do.
-        epochs = [1] + ([s["heavy_local_epochs"]] if s["heavy_local_epochs"] else [])
-        try:
-            loop = deployment(ctx, s, phantom, model_bytes({"profile": "quick", "data.img-size": 32,
-                                                            "data.slices-per-case": 3, "model.feature-size": 8}),
-                              epochs)
-        except Exception as exc:  # the federation itself did not come up
-            loop = {e: {"local_epochs": e, "error": f"{type(exc).__name__}: {exc}"[:500]} for e in epochs}
+    loop = run_deployment(ctx, s, phantom) if s["deployment"] else None  # None: not run in this mode
     doc = {"model_bytes_fp32": size, "rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
            "repeated": s["repeat"],
            "parallel_slots": cores, "runs": runs, "deployments": loop,
@@ -301,13 +262,7 @@ def _aims(doc: dict) -> dict:
             aims[f"round_overhead_simulation_one_site_at_a_time_{r['local_epochs']}_local_epochs"] = {
                 "value": r["overhead_vs_cores_median"], "aim": 1.10,
                 "met": (r["overhead_vs_cores_median"] or 99) <= 1.10}
-    for epochs, d in (doc.get("deployments") or {}).items():
-        if d.get("overhead_median") is not None and "error" not in d:
-            suffix = "" if int(epochs) == 1 else f"_{epochs}_local_epochs"
-            aims[f"round_overhead_deployment{suffix}"] = {"value": d["overhead_median"], "aim": 1.10,
-                                                          "met": d["overhead_median"] <= 1.10}
-            aims[f"round_overhead_deployment{suffix}_vs_cores"] = {
-                "value": d["overhead_vs_cores_median"], "aim": 1.10, "met": d["overhead_vs_cores_median"] <= 1.10}
+    aims.update(_deployment_aims(doc.get("deployments") or {}))
     per_site = [v["per_added_site"] for v in doc["scaling"].get("sites", {}).values() if v["per_added_site"]]
     if per_site:
         aims["cost_per_added_site"] = {"value": max(per_site), "aim": 0.05, "met": max(per_site) < 0.05}
@@ -330,17 +285,15 @@ def _notes(ctx: Context, doc: dict) -> list[str]:
         notes.append("Each configuration ran once, one after another (not interleaved): on a loaded machine the "
                      "sites- and data-scaling ratios carry the load's drift. The full mode runs the plan forwards "
                      "then backwards and takes medians.")
-    failed = {e: d["error"] for e, d in (doc.get("deployments") or {}).items() if d.get("error")}
+    failed = {f"{d.get('local_epochs', e)} local epoch(s)" + (", one site" if d.get("sites") == 1 else ""): d["error"]
+              for e, d in (doc.get("deployments") or {}).items() if d.get("error")}
     if failed:
-        said = "; ".join(f"{e} local epoch(s): {err}" for e, err in failed.items())
+        said = "; ".join(f"{e}: {err}" for e, err in failed.items())
         notes.append(f"The loopback deployment did not complete in this run ({said}). Its SuperLink keeps its "
                      "state in SQLite, which answers \"database is locked\" when the machine is saturated "
                      "(docs/federation.md, Known limits): run it on a machine without other heavy work.")
     if doc.get("deployments"):
-        notes.append("Loopback deployment: a real `flower-superlink` (TLS, node authentication) and three "
-                     "`python client/run.py` SuperNodes on this machine, all three sites training at once: its 'vs "
-                     f"cores' column divides by max(slowest site, total site time / {min(3, doc['parallel_slots'])})."
-                     )
+        notes += _deployment_notes(doc)
     if doc.get("deployments") is None:
         notes.append("Loopback deployment: not run in this mode (`--quick` without `--deployment`); the full mode "
                      "(`python -m bench --only federation`) runs it through tests/federation/harness.py.")
@@ -355,16 +308,11 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
              r["overhead_round1"], r["overhead_median"], r["overhead_vs_cores_median"],
              r["rounds"][0]["bytes_down_per_site"], r.get("exchanged_vs_2x_model"), r.get("exchanged_vs_2x_model_run")]
             for tag, r in doc["runs"].items()]
-    for epochs, d in (doc.get("deployments") or {}).items():
-        if d.get("overhead_median") is not None:
-            rows.append(["loopback deployment (TLS, node auth)" + (f": {d['error']}" if d.get("error") else ""), 3,
-                         1.0, epochs, d["run_wall_s"], d["round_wall_s_total"], d["overhead_round1"],
-                         d["overhead_median"], d["overhead_vs_cores_median"], d["rounds"][0]["bytes_down_per_site"],
-                         d.get("exchanged_vs_2x_model"), d.get("exchanged_vs_2x_model_run")])
-        else:
-            rows.append(["loopback deployment", 3, 1.0, epochs, d.get("error"), *[None] * 7])
+    loop_rows, costs = _deployment_rows(doc.get("deployments") or {})
     sections = [("Runs (simulation: Flower Simulation Engine, one CPU per site; loopback deployment)",
-                 table(head, rows, digits=4))]
+                 table(head, rows + loop_rows, digits=4))]
+    if costs:
+        sections.append((COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)))
     sc = doc["scaling"]
     if sc:
         rows = [[n, v["round_wall_s_total"], v["vs_3_sites"], v["per_added_site"], v["run_vs_3_sites"]]
@@ -382,3 +330,4 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
     rows = [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()]
     sections.append(("Aims", table(["figure", "aim", "measured", "met"], rows, digits=4)))
     return sections
+

@@ -31,6 +31,7 @@ Exit codes: 0 stopped, 2 a settings problem (secret, allow-list, Flower version)
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -51,6 +52,7 @@ DEFAULT_MAX_RSS_MB = 3072
 EXIT_SETTINGS = 2
 # A child's exit code when it refused the app: an expected outcome, not a reason to replace the warm parent.
 EXIT_REFUSED = 0
+CHILD_PULL_RETRY_S = 0.1
 
 
 class AppRefused(RuntimeError):
@@ -167,6 +169,7 @@ def run_child(address: str, token: str, insecure: bool, certificates: bytes | No
               parent_pid: int) -> None:
     """The forked child: Flower's ``run_clientapp`` with the allow-list check before the install. Exits the process."""
     code = 1
+    started = time.monotonic()
     try:
         import numpy as np
         from flwr.supercore.exit import exit_handler
@@ -177,7 +180,19 @@ def run_child(address: str, token: str, insecure: bool, certificates: bytes | No
         # A fresh process seeds these from the OS; a fork would repeat the parent's sequence in every child.
         random.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
-        runtime.install_from_fab = guarded_install(runtime.install_from_fab, allowed_apps)
+        runtime.install_from_fab = timed("install", guarded_install(runtime.install_from_fab, allowed_apps))
+        runtime.pull_task_input = timed("pull", runtime.pull_task_input)
+        # The SuperNode creates the task before it has received the message's objects from the SuperLink and stores
+        # them only once it has all; until then each pull here is refused, and Flower retries after 1, 2, 4, 8,
+        # 10, 10 ... s. A fresh flwr-clientapp spent that time importing; a warm child would mostly wait out the
+        # backoff. The SuperNode is local: ask again every CHILD_PULL_RETRY_S (no limit on tries; Flower's overall
+        # time limit stays).
+        runtime.pull_and_inflate_object_from_tree = functools.partial(
+            runtime.pull_and_inflate_object_from_tree, initial_backoff=CHILD_PULL_RETRY_S,
+            backoff_cap=CHILD_PULL_RETRY_S, max_tries_per_object=None)
+        runtime.push_message = timed("push", runtime.push_message)
+        loader = runtime.get_load_client_app_fn
+        runtime.get_load_client_app_fn = lambda *a, **k: timed("load", loader(*a, **k))
         runtime.run_clientapp(runtime_api_address=address, token=token, insecure=insecure,
                               certificates=certificates, parent_pid=parent_pid, runtime_dependency_install=False)
         code = 0
@@ -186,9 +201,29 @@ def run_child(address: str, token: str, insecure: bool, certificates: bytes | No
     except BaseException:  # noqa: BLE001 - the child must never return into the parent's loop
         traceback.print_exc()
     finally:
+        total = time.monotonic() - started
+        app = total - sum(phases.values())  # the app's own call, mostly; the rest of Flower's steps are small
+        log.info("ClientApp process %d: %.2f s in all: %s, app and the rest %.2f s", os.getpid(), total,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()), app)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+phases: dict[str, float] = {}  # in a child: seconds spent in each of Flower's steps, for the log line above
+
+
+def timed(name: str, func):
+    """``func``, adding its seconds to ``phases[name]`` (pull and push wait for the SuperNode's transfers)."""
+
+    def call(*args, **kwargs):
+        start = time.monotonic()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.monotonic() - start
+
+    return call
 
 
 refused: list[str] = []  # in a child: the FAB it refused (Flower then replies with an error and exits non-zero)

@@ -67,7 +67,21 @@ def shorten_waits(pull_s: float) -> bool:
     from flwr.supernode import start_client_internal as internal
 
     internal.time = _ShorterWaits(pull_s)
+    internal.pull_objects = _timed_pull(internal.pull_objects)
     return True
+
+
+def _timed_pull(pull_objects):
+    """Flower's ``pull_objects`` as the SuperNode uses it (a message's objects from the SuperLink), logging how long
+    a message's transfer took: its ClientApp waits for it (the executor logs that wait as ``pull``)."""
+
+    def pull(object_ids, *args, **kwargs):
+        start = time.monotonic()
+        result = pull_objects(object_ids, *args, **kwargs)
+        log.info("received %d objects from the SuperLink in %.2f s", len(result), time.monotonic() - start)
+        return result
+
+    return pull
 
 
 def main() -> None:

@@ -178,6 +178,11 @@ def test_flower_internals_the_executor_uses():
     assert source.index("install_from_fab(fab.content") < source.index("load_client_app_fn(")
     assert set(inspect.signature(runtime.run_clientapp).parameters) == {
         "runtime_api_address", "token", "insecure", "certificates", "parent_pid", "runtime_dependency_install"}
+    # The message's objects are pulled through the module's pull_and_inflate_object_from_tree, whose retry
+    # keywords a child shortens.
+    assert "pull_and_inflate_object_from_tree(" in inspect.getsource(runtime.pull_task_input)
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(
+        inspect.signature(runtime.pull_and_inflate_object_from_tree).parameters)
     # The exit-handler registry a forked child clears (the parent's handlers are not its own).
     assert isinstance(exit_handler.registered_exit_handlers, list)
 
@@ -203,3 +208,23 @@ def test_fab_hash_of_a_folder_is_the_hash_of_its_built_fab(tmp_path):
     fab = tmp_path / "app.fab"
     fab.write_bytes(build_fab_from_disk(app))
     assert fab_hash(fab) == digest == fab_hash(pinned_app(tmp_path / "pinned", app)[0])
+
+
+def test_supernode_waits_the_launcher_shortens(monkeypatch):
+    """client/supernode.py maps Flower 1.42's literal sleeps in the SuperNode loop: they must still be there."""
+    import time
+
+    from flwr.supernode import start_client_internal as internal
+
+    from client.supernode import FLOWER_PULL_S, FLOWER_REPLY_WAIT_S, REPLY_WAIT_S, _ShorterWaits
+
+    source = inspect.getsource(internal)
+    assert source.count(f"time.sleep({FLOWER_PULL_S})") == 1  # after an empty look for messages
+    assert source.count(f"time.sleep({FLOWER_REPLY_WAIT_S})") == 2  # waiting for the reply and its objects
+    assert internal.time is time or isinstance(internal.time, _ShorterWaits)
+    assert "obj_contents = pull_objects(" in source  # the message's objects, timed in the SuperNode's log
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    waits = _ShorterWaits(1.0)
+    waits.sleep(FLOWER_PULL_S), waits.sleep(FLOWER_REPLY_WAIT_S), waits.sleep(2)
+    assert slept == [1.0, REPLY_WAIT_S, 2] and waits.monotonic is time.monotonic

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from braintumnet.errors import BrainTumNetError
-from client.run import split_address, supernode_command
+from client.run import split_address
+from client.site_processes import supernode_command
 from client.sites import SiteSettings, site_from_context, site_settings
 
 REPO = Path(__file__).resolve().parents[2]

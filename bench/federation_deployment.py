@@ -1,0 +1,221 @@
+"""The federation benchmark's loopback deployment: a real ``flower-superlink`` with TLS and node authentication and
+three ``python client/run.py`` sites (each a SuperNode and the site executor) through the test suite's harness
+(``tests/federation/harness.py``), the app pinned from the committed tree and on every site's allow-list.
+
+Runs: 1 local epoch per round (the test size) and the heavier local work (about 60 s of a site's own work per round
+on a 2-core CPU), with the three sites training at once and then one site alone. Figures: a round's wall time over the
+slowest site's own work (``metrics.json``), and where a message's time goes at a site (the executor's line per
+ClientApp process). ``python -m bench --only federation --deployment`` runs it with the rest of the federation
+benchmark; ``python -m bench.federation_deployment`` runs it alone into ``federation-deployment.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from bench.common import Context, median, table, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+COSTS_HEADING = "Loopback deployment: a message's fixed cost at a site (means over the run's messages)"
+COSTS_HEAD = ["run", "site", "messages", "ClientApp process s", "pull s", "install s", "load s", "push s",
+              "site's own work s", "fixed cost s", "slowest site's own work per round s"]
+
+
+def run_deployment(ctx: Context, s: dict, phantom: Path) -> dict:
+    """The loopback deployment's runs: 1 local epoch per round (the simulation's reference configuration) and the
+    heavier local work, which shows what is left of the fixed costs (polling, ServerApp, TLS) against real work."""
+    from bench.federation import model_bytes
+
+    epochs = [1] + ([s["deployment_heavy_epochs"]] if s["deployment_heavy_epochs"] else [])
+    try:
+        return deployment(ctx, s, phantom, model_bytes({"profile": "quick", "data.img-size": 32,
+                                                        "data.slices-per-case": 3, "model.feature-size": 8}), epochs)
+    except Exception as exc:  # the federation itself did not come up
+        return {str(e): {"local_epochs": e, "sites": 3, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                for e in epochs}
+
+
+def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: list[int]) -> dict:
+    """Three sites on loopback (real SuperLink, TLS, node auth, each site's allow-list and site executor), via the
+    test suite's harness: one run per entry of ``epochs`` (local epochs per round) with the three sites training at
+    once, then the same with one site (the others stopped), so its round has the machine to itself. Keyed
+    ``"<epochs>"`` (three sites) and ``"<epochs>-one-site"``."""
+    from bench.federation import analyse
+
+    sys.path.insert(0, str(REPO / "tests" / "federation"))
+    from harness import SITES as LOOP_SITES  # noqa: E402  (the test suite's loopback harness, read-only reuse)
+    from harness import Federation  # noqa: E402
+    from test_executor import pinned_app, set_allowlists, submit_app  # noqa: E402
+
+    fed = Federation(ctx.workdir / "loopback", phantom, ctx.workdir / "loopback-cache")
+    # The committed app (HEAD, not work in progress in the tree) as flwr run uploads it, on every site's allow-list.
+    source = ctx.workdir / "loopback-source"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, check=True).stdout
+    tarfile.open(fileobj=io.BytesIO(archive)).extractall(source, filter="data")
+    app, app_hash = pinned_app(ctx.workdir / "loopback-app", source)
+    allowed = ctx.workdir / "loopback-allowed-apps"
+    allowed.write_text(f"{app_hash}\n")
+    set_allowlists(fed, {site: allowed for site in LOOP_SITES})
+    found: dict = {}
+    try:
+        fed.deploy()
+        fed.wait_nodes(3, 300)
+        for sites in (3, 1):
+            if sites == 1:
+                for site in LOOP_SITES[1:]:
+                    fed.kill_site(site, signal.SIGTERM)
+            for local_epochs in epochs:
+                key = f"{local_epochs}" + ("-one-site" if sites == 1 else "")
+                ctx.say(f"federation: loopback deployment, {sites} site(s), {settings['rounds']} rounds of "
+                        f"{local_epochs} local epoch(s)")
+                logs = {site: len(proc.text()) for site, proc in fed.sites.items()}
+                t0 = time.perf_counter()
+                try:
+                    run_id = submit_app(fed, app, **{"num-server-rounds": settings["rounds"],
+                                                     "train.local-epochs": local_epochs, "min-available-nodes": sites,
+                                                     "min-train-nodes": sites, "min-evaluate-nodes": sites})
+                    status = fed.wait_finished(run_id, 1800)
+                except Exception as exc:  # a failed run is a figure of its own; the next run still gets its try
+                    found[key] = {"local_epochs": local_epochs, "sites": sites,
+                                  "error": f"{type(exc).__name__}: {exc}"[:500]}
+                    continue
+                r = {"local_epochs": local_epochs, "sites": sites, "run_wall_s": time.perf_counter() - t0}
+                if (fed.run_dir(run_id) / "metrics.json").is_file():  # the rounds it finished, even if it then failed
+                    r.update(analyse(fed.run_dir(run_id), size, min(sites, ctx.machine.get("cpus_usable", 1))))
+                    r["per_message"] = per_message_cost(
+                        fed.run_dir(run_id), {s: p.text()[logs[s]:] for s, p in fed.sites.items()})
+                if status["status"] != "finished:completed":
+                    r["error"] = f"run ended as {status['status']} after {len(r.get('rounds', []))} round(s)"
+                found[key] = r
+        return found
+    finally:
+        fed.stop_all()
+
+
+def per_message_cost(run_dir: Path, site_logs: dict[str, str]) -> dict:
+    """Where a message's time goes at a site, as means over the run's messages, from the site executor's line per
+    ClientApp process (its steps: ``pull`` the message, ``install`` the FAB, ``load`` the app, ``push`` the reply)
+    and the site's own work for each message (the ``seconds`` it reports). ``fixed_s`` = the process's time minus the
+    transfers (pull, push: the SuperNode still receiving the message from the SuperLink, or sending the reply) minus
+    the site's own work: the process start, the install and the app's loading, Flower's bookkeeping."""
+    rounds = json.loads((Path(run_dir) / "metrics.json").read_text())["rounds"]
+    out = {}
+    for site, text in site_logs.items():
+        lines = re.findall(r"ClientApp process \d+: ([0-9.]+) s in all: (.*)", text)
+        own = [ph.get("seconds", 0.0) for r in rounds for ph in r["sites"].get(site, {}).values()]
+        if not lines or len(lines) != len(own):
+            continue
+        steps = [{k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", rest)} for _, rest in lines]
+        n = len(lines)
+        total = sum(float(t) for t, _ in lines) / n
+        mean = {k: sum(st.get(k, 0.0) for st in steps) / n for k in ("pull", "install", "load", "push")}
+        work = sum(own) / n
+        out[site] = {"messages": n, "process_s": total, **{f"{k}_s": v for k, v in mean.items()},
+                     "own_work_s": work, "fixed_s": total - mean["pull"] - mean["push"] - work}
+    return out
+
+
+def _deployment_aims(deployments: dict) -> dict:
+    """Round wall time / the slowest site's own work: at most 1.25 at the test size (1 local epoch), 1.05 once the
+    slowest site works >= 60 s a round, 1.10 in between; a message's fixed cost at a site at most 1 s."""
+    aims = {}
+    for key, d in deployments.items():
+        if d.get("overhead_median") is None or d.get("error"):
+            continue
+        work = median([r.get("slowest_site_s") for r in d["rounds"][1:] or d["rounds"] if r.get("slowest_site_s")])
+        aim = 1.25 if d["local_epochs"] == 1 else 1.05 if (work or 0) >= 60 else 1.10
+        name = ("round_overhead_deployment" + ("" if d["local_epochs"] == 1 else f"_{d['local_epochs']}_local_epochs")
+                + ("_one_site" if d.get("sites", 3) == 1 else ""))
+        aims[name] = {"value": d["overhead_median"], "aim": aim, "met": d["overhead_median"] <= aim}
+        if d.get("sites", 3) > 1:
+            aims[f"{name}_vs_cores"] = {"value": d["overhead_vs_cores_median"], "aim": aim,
+                                        "met": d["overhead_vs_cores_median"] <= aim}
+        fixed = [v["fixed_s"] for v in d.get("per_message", {}).values()]
+        if fixed:
+            aims[f"fixed_cost_per_message_s_{key}"] = {"value": max(fixed), "aim": 1.0, "met": max(fixed) <= 1.0}
+    return aims
+
+
+def _deployment_notes(doc: dict) -> list[str]:
+    return ["Loopback deployment: a real `flower-superlink` (TLS, node authentication) and three `python "
+            "client/run.py` sites on this machine (each a SuperNode and the site executor, which forks each message's "
+            "ClientApp from a warm process and checks the app against the site's allow-list), all three training at "
+            "once, then one site alone (the other two stopped). Its 'vs cores' column divides by max(slowest site, "
+            f"total site time / {min(3, doc['parallel_slots'])}). A message's fixed cost at a site is its ClientApp "
+            "process's time (the executor logs each step) minus the transfers (pull: the SuperNode still receiving "
+            "the message from the SuperLink; push: the reply) minus the site's own work (the `seconds` it reports)."]
+
+
+def _deployment_rows(deployments: dict) -> tuple[list, list]:
+    rows, costs = [], []
+    for key, d in deployments.items():
+        if d.get("overhead_median") is not None:
+            label = "loopback deployment (TLS, node auth)" + (", one site" if d.get("sites", 3) == 1 else "")
+            rows.append([label + (f": {d['error']}" if d.get("error") else ""), d.get("sites", 3), 1.0,
+                         d["local_epochs"], d["run_wall_s"], d["round_wall_s_total"], d["overhead_round1"],
+                         d["overhead_median"], d["overhead_vs_cores_median"], d["rounds"][0]["bytes_down_per_site"],
+                         d.get("exchanged_vs_2x_model"), d.get("exchanged_vs_2x_model_run")])
+        else:
+            rows.append(["loopback deployment", d.get("sites", 3), 1.0, d.get("local_epochs"), d.get("error"),
+                         *[None] * 7])
+        slowest = median([r.get("slowest_site_s") for r in d.get("rounds", [])[1:] or d.get("rounds", [])
+                          if r.get("slowest_site_s")])
+        for site, v in d.get("per_message", {}).items():
+            costs.append([key, site, v["messages"], v["process_s"], v["pull_s"], v["install_s"], v["load_s"],
+                          v["push_s"], v["own_work_s"], v["fixed_s"], slowest])
+    return rows, costs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.federation_deployment [--workdir DIR] [--out DIR] [--test-size-only]``: the loopback
+    deployment alone (the rest of the federation benchmark is simulation), into ``federation-deployment.{json,md}``."""
+    import argparse
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="python -m bench.federation_deployment",
+                                description="the federation benchmark's loopback deployment alone")
+    p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
+                   help="results folder (default bench/results)")
+    p.add_argument("--test-size-only", action="store_true",
+                   help="only the test size's run (1 local epoch), for a machine too busy for the long one")
+    args = p.parse_args(argv)
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="braintumnet-bench-"))).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    from bench.federation import _settings
+
+    ctx = Context(out=args.out.absolute(), workdir=workdir, quick=True, device="cpu", deployment=True)
+    s = _settings(ctx)
+    if args.test_size_only:
+        s["deployment_heavy_epochs"] = 0
+    loop = run_deployment(ctx, s, ctx.phantom(s["phantom"]).out)
+    doc = {"rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
+           "parallel_slots": ctx.machine.get("cpus_usable") or 1, "deployments": loop,
+           "aims": _deployment_aims(loop)}
+    rows, costs = _deployment_rows(loop)
+    head = ["run", "sites", "data", "local epochs", "run wall s", "rounds wall s", "round-1 overhead",
+            "overhead (median)", "overhead vs cores", "down bytes/site/round", "down+up / 2× model",
+            "down+up / 2× model, whole run"]
+    sections = [("Runs", table(head, rows, digits=4)), (COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)),
+                ("Aims", table(["figure", "aim", "measured", "met"],
+                               [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()], digits=4))]
+    write_result(ctx, "federation-deployment", "Federation cost: the loopback deployment (TLS, node authentication)",
+                 doc, sections, [f"{s['rounds']} rounds; data {s['data']} (the test size); SYNTHETIC phantom at "
+                                 f"scale {s['phantom']}. Overhead medians leave out round 1.", *_deployment_notes(doc)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,13 @@ A **reply** (site → centre) holds
 - ``metrics`` (:data:`METRICS`): aggregate numbers only, every key one of :data:`REPLY_METRIC_KEYS`, with
   :data:`WEIGHT_KEY` = training slices (train) or test cases (evaluate), which FedAvg weights by;
 - ``site`` (:data:`SITE`): a ConfigRecord with the site's name under :data:`SITE_NAME` and nothing else.
+
+A **query** (centre → site, Flower's ``MessageType.QUERY``) asks a newly seen node what it is, before any model is
+sent to it: its ``config`` holds :data:`SERVER_ROUND` only. The reply's ``site`` record holds :data:`SITE_NAME` and
+:data:`ROLE` (one of :data:`ROLES`), metadata only. A site's role is set in its own node config (the site config's
+``role``), never by the centre: an :data:`EVALUATE_ONLY` site (the external hospital) only ever scores the global
+model on all of its cases, never receives a train message (the centre samples training sites only) and refuses one
+that reaches it anyway.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SITE_NAME = "name"
+# A site's role: the key of a query reply's ``site`` record, and the node-config key the launcher writes.
+ROLE = "role"
+TRAINING = "training"  # trains and evaluates (every site without a role)
+EVALUATE_ONLY = "evaluate-only"  # scores the global model every round, never trains, never sends arrays
+ROLES = (TRAINING, EVALUATE_ONLY)
 
 # Instruction config keys.
 SERVER_ROUND = "server-round"
@@ -55,3 +67,21 @@ REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + RECEIVED_KEYS +
 # Per-site timings and privacy figures: logged per site; a weighted mean of them means nothing (the federation's ε
 # is each site's own, summarised as the maximum in the round's ``privacy`` entry).
 NOT_AVERAGED = frozenset({SECONDS, DP_EPSILON, DP_BUDGET_SPENT})
+
+# The run config's ``sites`` list names the simulated sites, partition i being entry i; an entry ``NAME:ROLE`` gives
+# that simulated site a role (``external:evaluate-only``), as a deployed site's own node config does.
+ROLE_SEPARATOR = ":"
+
+
+def site_entry(entry: str) -> tuple[str, str]:
+    """``(name, role)`` of one entry of the run config's ``sites`` (``NAME`` or ``NAME:ROLE``).
+
+    Raises:
+        ValueError: an empty name or an unknown role, naming the entry and the roles.
+    """
+    name, _, role = entry.strip().partition(ROLE_SEPARATOR)
+    name, role = name.strip(), role.strip() or TRAINING
+    if not name or role not in ROLES:
+        raise ValueError(f"sites entry {entry!r}: use NAME or NAME:ROLE with ROLE one of {', '.join(ROLES)} "
+                         "(e.g. external:evaluate-only)")
+    return name, role

@@ -123,9 +123,10 @@ def train_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *,
 
 
 def evaluate_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *, server_round: int | None,
-                   federation_id: str, policy: SitePolicy, state_dir: Path, run_id: str = "") -> dict[str, Any]:
-    """The received global model on the site's test split: every key of EVAL_KEYS, ``num-examples`` (test cases)
-    and ``seconds``.
+                   federation_id: str, policy: SitePolicy, state_dir: Path, run_id: str = "",
+                   split: str | None = "test") -> dict[str, Any]:
+    """The received global model on the site's ``split`` (None = every case: the external hospital, which never
+    trains, validates on its whole cohort): every key of EVAL_KEYS, ``num-examples`` (cases) and ``seconds``.
 
     Raises:
         PolicyRefusal: the data settings, the evaluation cap or the test split's size breaks the site's policy;
@@ -134,9 +135,9 @@ def evaluate_round(global_state: StateDict, profile: Profile, site: SiteRuntime,
     start = time.perf_counter()
     check_data(policy, profile.data)  # before the data are opened (or a cache prepared)
     prepared = open_site(site, profile.data)
-    _admit_evaluation(policy, state_dir, site, prepared, profile, federation_id, run_id, server_round)
+    _admit_evaluation(policy, state_dir, site, prepared, profile, federation_id, run_id, server_round, split)
     metrics = _evaluation(_global_model(global_state, profile), prepared, profile, pick_device(site.device), site,
-                          server_round, policy)
+                          server_round, policy, split)
     metrics[SECONDS] = time.perf_counter() - start
     return metrics
 
@@ -185,9 +186,9 @@ def _spend(dp: PrivateTraining, ledger: PrivacyLedger, profile: Profile, policy:
 
 
 def _admit_evaluation(policy: SitePolicy, state_dir: Path, site: SiteRuntime, prepared, profile: Profile,
-                      federation_id: str, run_id: str, server_round) -> None:
+                      federation_id: str, run_id: str, server_round, split: str | None = "test") -> None:
     """Count this evaluation against the site's caps, before it runs (PolicyRefusal when it may not)."""
-    test = prepared.slices.iloc[prepared.indices("test", profile.data.task)]
+    test = prepared.slices.iloc[prepared.indices(split, profile.data.task)]
     EvaluationLog(state_dir, site.name, site.cache).admit(
         policy, federation_id=federation_id, run_id=run_id, server_round=server_round,
         test_cases=int(test["case_id"].nunique()))
@@ -206,18 +207,18 @@ def _optimizer(profile: Profile, site: SiteRuntime, federation_id: str, model: n
 
 
 def _evaluation(model: nn.Module, prepared, profile: Profile, device: torch.device, site: SiteRuntime,
-                server_round, policy: SitePolicy) -> dict[str, Any]:
-    """The model on the site's test split: every key of EVAL_KEYS (rounded as the site's policy says) and
-    ``num-examples`` (test cases)."""
+                server_round, policy: SitePolicy, split: str | None = "test") -> dict[str, Any]:
+    """The model on the site's ``split`` (None = every case): every key of EVAL_KEYS (rounded as the site's policy
+    says) and ``num-examples`` (cases)."""
     start = time.perf_counter()
-    found = evaluate_model(model, [prepared], "test", profile, device, progress=False)
+    found = evaluate_model(model, [prepared], split, profile, device, progress=False)
     # Keys fixed and always present; an undefined value (e.g. AUC with one class in the test split) stays NaN and
     # the centre averages each metric over the sites where it is defined.
     metrics: dict[str, Any] = {k: float(found.get(k, math.nan)) for k in EVAL_KEYS}
     metrics[WEIGHT_KEY] = int(found[WEIGHT_KEY])
-    log.info("site %s: round %s's global model evaluated on %d test cases in %.1f s: dice_tumor %.4f, acc %.4f",
-             site.name, server_round, metrics[WEIGHT_KEY], time.perf_counter() - start, metrics["dice_tumor"],
-             metrics["acc"])
+    log.info("site %s: round %s's global model evaluated on %d %s cases in %.1f s: dice_tumor %.4f, acc %.4f",
+             site.name, server_round, metrics[WEIGHT_KEY], split or "all", time.perf_counter() - start,
+             metrics["dice_tumor"], metrics["acc"])
     return rounded(metrics, EVAL_KEYS, policy.metric_decimals)
 
 

@@ -6,6 +6,12 @@ it beforehand) and packs the reply: ``arrays``, the trained state dict (train re
 aggregate numbers only, with the same keys at every site; ``site``, the site's name only, so the centre can log
 per-site metrics when node names are not registered (no TLS / node authentication, simulation).
 
+A **query** asks what the node is: the reply's ``site`` record holds the site's name and its role (``training`` or
+``evaluate-only``, from the site's own node config), metadata only: no data are opened, nothing is computed. The
+centre sends train messages to training sites only; an evaluate-only site (the external hospital) scores the global
+model on all of its cases when asked, and refuses a train message that reaches it anyway with an error reply naming
+its role (defence in depth: no training, no arrays leave it).
+
 Before a round does anything, the site checks the run against its own policy (read from the site config the launcher
 named in the node config, never from the run config: the centre cannot loosen it). A run that breaks a rule gets an
 error reply naming the site and the rule only; the site logs one line with the detail.
@@ -26,11 +32,11 @@ from braintumnet.config import resolve
 from braintumnet.data.loading import SiteRuntime
 from braintumnet.errors import BrainTumNetError
 from braintumnet.logs import setup_logging
-from braintumnet.protocol import (ARRAYS, CONFIG, EVALUATE_RECEIVED, FEDERATION_ID, METRICS, SERVER_ROUND, SITE,
-                                  SITE_NAME, TOTAL_ROUNDS)
+from braintumnet.protocol import (ARRAYS, CONFIG, EVALUATE_ONLY, EVALUATE_RECEIVED, FEDERATION_ID, METRICS, ROLE,
+                                  SERVER_ROUND, SITE, SITE_NAME, TOTAL_ROUNDS)
 from braintumnet.site_policy import PolicyRefusal
 from braintumnet.site_round import evaluate_round, train_round
-from client.sites import site_from_context, site_policy_from_context
+from client.sites import site_from_context, site_policy_from_context, site_role
 
 log = logging.getLogger("braintumnet.client")
 app = ClientApp()
@@ -40,9 +46,21 @@ class SiteFailure(RuntimeError):
     """What the centre sees of a failed message: the site, the phase and the exception type, nothing else."""
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's name and role, nothing else: what the centre needs before it sends a model."""
+    site = _site(context)
+    role = site_role(context.node_config, context.run_config)
+    return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: site.name, ROLE: role})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
+    if site_role(context.node_config, context.run_config) == EVALUATE_ONLY:
+        log.warning("site %s: a train message refused: this site's role is %s (its node config); it only scores the "
+                    "global model", site.name, EVALUATE_ONLY)
+        raise SiteFailure(f"site {site.name}: train refused: this site's role is {EVALUATE_ONLY}")
     return _guarded(site, "train", lambda: _train(msg, context, site))
 
 
@@ -67,9 +85,12 @@ def _train(msg: Message, context: Context, site: SiteRuntime) -> Message:
 def _evaluate(msg: Message, context: Context, site: SiteRuntime) -> Message:
     config = msg.content[CONFIG]
     policy, state_dir = site_policy_from_context(context.node_config, site)
+    # The external hospital validates on its whole cohort; a training site on its test split.
+    every_case = site_role(context.node_config, context.run_config) == EVALUATE_ONLY
     metrics = evaluate_round(_global_state(msg), resolve(context.run_config), site,
                              server_round=config.get(SERVER_ROUND), federation_id=_federation(config, context),
-                             policy=policy, state_dir=state_dir, run_id=str(context.run_id))
+                             policy=policy, state_dir=state_dir, run_id=str(context.run_id),
+                             split=None if every_case else "test")
     return _reply(msg, site, metrics)
 
 

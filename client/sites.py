@@ -5,9 +5,12 @@ Three sources, one result (a :class:`braintumnet.data.loading.SiteRuntime`, whic
 - the **site config file** (``client/sites.toml`` format, read by ``python client/run.py``), which the launcher turns
   into the SuperNode's ``--node-config``;
 - the **node config** in deployment: ``site-name``, ``data-path``, ``cache-dir``, ``device`` and ``site-config``
-  (the site config file, where the ClientApp reads the site's policy and state directory) (:data:`NODE_KEYS`);
+  (the site config file, where the ClientApp reads the site's policy and state directory) and ``role``
+  (``training``, or ``evaluate-only`` for the external hospital: :data:`braintumnet.protocol.ROLES`)
+  (:data:`NODE_KEYS`);
 - in **simulation**, where Flower gives a node only ``partition-id``: the run config's ``sites`` list maps the
-  partition to a site of the phantom cohort, which ``open_site`` generates (once, under a lock) if it is missing.
+  partition to a site of the phantom cohort, which ``open_site`` generates (once, under a lock) if it is missing; an
+  entry ``NAME:evaluate-only`` makes that partition an evaluate-only site.
 
 Nothing here imports ``flwr``.
 """
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from braintumnet.config import app_config, resolve
 from braintumnet.errors import BrainTumNetError
+from braintumnet.protocol import ROLES, TRAINING, site_entry
 from braintumnet.site_policy import SIMULATION_POLICY, SitePolicy, default_state_dir, policy_from_table
 
 if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas and numpy, which the launcher skips
@@ -29,10 +33,10 @@ if TYPE_CHECKING:  # imported where used: the core's data loading brings pandas 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITES_FILE = REPO / "client" / "sites.toml"
 # node_config keys the launcher writes and the ClientApp reads.
-NODE_KEYS = ("site-name", "data-path", "cache-dir", "device", "site-config")
+NODE_KEYS = ("site-name", "data-path", "cache-dir", "device", "site-config", "role")
 # Keys a site table may hold (kebab-case, as in the file).
 SITE_KEYS = {"data", "cache", "device", "superlink", "root-certificates", "auth-key", "port", "run-config",
-             "allowed-apps", "superexec-secret", "policy", "state-dir"}
+             "allowed-apps", "superexec-secret", "policy", "state-dir", "role"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class SiteSettings:
         state_dir: where the site keeps its privacy ledger and evaluation count (``state-dir``).
         allowed_apps: the FAB allow-list (SHA-256 hashes of the apps this site runs); None = none configured.
         superexec_secret: the SuperNode/executor shared secret file; None = a new one per launch.
+        role: ``training`` (trains and evaluates) or ``evaluate-only`` (the external hospital: scores the global
+            model every round on all its cases, never trains, never sends arrays).
     """
 
     name: str
@@ -70,11 +76,12 @@ class SiteSettings:
     state_dir: Path = field(default_factory=default_state_dir)
     allowed_apps: Path | None = None
     superexec_secret: Path | None = None
+    role: str = TRAINING
 
     def node_config(self) -> str:
         """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
         values = {"site-name": self.name, "data-path": str(self.data), "cache-dir": str(self.cache),
-                  "device": self.device}
+                  "device": self.device, "role": self.role}
         if self.config_file is not None:
             values["site-config"] = str(self.config_file)
         return " ".join(f"{k}={node_config_value(k, v)}" for k, v in values.items())
@@ -170,6 +177,10 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
     from braintumnet.data.loading import default_cache_root
 
     policy, state_dir = _policy_and_state(doc, site, path)
+    role = merged.get("role", TRAINING)
+    if role not in ROLES:
+        raise BrainTumNetError(f"site {site!r}: role={role!r} in {path}: use one of {', '.join(ROLES)} (evaluate-only: "
+                               "the external hospital, which scores the global model and never trains)")
     port = merged.get("port")
     if port is not None and not (isinstance(port, int) and 0 < port < 65536):
         raise BrainTumNetError(f"site {site!r}: port={port!r} must be a TCP port number (1-65535)")
@@ -188,6 +199,7 @@ def site_settings(path: Path, site: str, overrides: Mapping[str, Any] | None = N
         state_dir=state_dir,
         allowed_apps=as_path("allowed-apps"),
         superexec_secret=as_path("superexec-secret"),
+        role=role,
     )
 
 
@@ -217,7 +229,7 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
     if "partition-id" not in node_config:
         raise BrainTumNetError("this SuperNode has no site-name in its node config; start it with "
                                "python client/run.py --site NAME (it sets --node-config site-name=...)")
-    names = list(app.sites)
+    names = simulation_sites(run_config)
     pid = int(node_config["partition-id"])
     if pid >= len(names):
         raise BrainTumNetError(f"simulation partition {pid} has no site: the run config's sites lists {names}; "
@@ -227,9 +239,35 @@ def site_from_context(node_config: Mapping[str, Any], run_config: Mapping[str, A
 
 
 def simulation_sites(run_config: Mapping[str, Any]) -> list[str]:
-    """The run config's ``sites`` (comma-separated; default and type: ``braintumnet.config.AppConfig``): partition i
-    of a simulation is site i."""
-    return list(app_config(run_config).sites)
+    """The names of the run config's ``sites`` (comma-separated; default and type: ``braintumnet.config.AppConfig``):
+    partition i of a simulation is site i."""
+    return [name for name, _ in simulation_roles(run_config)]
+
+
+def simulation_roles(run_config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(name, role)`` of each entry of the run config's ``sites`` (``NAME`` or ``NAME:evaluate-only``).
+
+    Raises:
+        BrainTumNetError: an entry with an unknown role.
+    """
+    try:
+        return [site_entry(entry) for entry in app_config(run_config).sites]
+    except ValueError as exc:
+        raise BrainTumNetError(f"run config: {exc}") from None
+
+
+def site_role(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> str:
+    """The role of the site this ClientApp serves: its node config's ``role`` (deployment; none = training), or its
+    partition's entry in the run config's ``sites`` (simulation). The centre's messages have no say in it."""
+    if "site-name" in node_config:
+        role = str(node_config.get("role", TRAINING))
+        if role not in ROLES:
+            raise BrainTumNetError(f"node config role={role!r}: use one of {', '.join(ROLES)} (set role in the site "
+                                   "config file and start the site with python client/run.py)")
+        return role
+    roles = simulation_roles(run_config)
+    pid = int(node_config.get("partition-id", 0))
+    return roles[pid][1] if pid < len(roles) else TRAINING
 
 
 def phantom_root(run_config: Mapping[str, Any], cache_root: Path) -> Path:

@@ -1,4 +1,9 @@
-"""The coordinating centre's ServerApp: FedAvg over the hospitals, checkpoints, resume, MLflow, external evaluation.
+"""The coordinating centre's ServerApp: FedAvg over the hospitals, checkpoints, resume, MLflow.
+
+The external hospital is an evaluate-only site (its own node config says so; ``server/strategy.py`` asks each node
+its role before sending a model): its scores of every round's model are the round's ``external`` entry, and its data
+never leave it. ``external-data`` is only for a public benchmark set the centre may hold itself (filed as
+``benchmark``).
 
 Run config (``[tool.flwr.app.config]``, overridden with ``flwr run . <connection> -c "key=value"``): the typed
 profile keys of ``braintumnet.config`` plus ``checkpoint-dir``, ``resume-from``, ``external-data``, ``cache-dir``,
@@ -132,7 +137,10 @@ def _server_optimizer_params(profile) -> dict:
 
 
 def _external_evaluator(settings: ServerSettings, profile):
-    """The centre's evaluation on ``external-data`` (a site folder or a prepared cache), or None if unset."""
+    """The centre's evaluation on ``external-data`` (a site folder or a prepared cache), or None if unset.
+
+    Only for a public benchmark set: a hospital's cohort held here would defeat the federation's purpose (the
+    external hospital is an evaluate-only site: docs/federation.md, "The external hospital")."""
     if not settings.external_data:
         return None
     from braintumnet.data.cache import load_prepared, read_meta
@@ -151,7 +159,10 @@ def _external_evaluator(settings: ServerSettings, profile):
         raise BrainTumNetError(f"external-data={source}: neither a site folder (dataset.json) nor a prepared cache "
                                "(prepared.json); give one of them, or external-data=\"\" to skip")
     device = pick_device("auto")
-    log.info("external evaluation on %s (%d slices) on %s after every round", external.site, len(external), device)
+    log.warning("external-data: the centre scores every round's model on %s (%d slices, on %s), filed as "
+                "benchmark. Use this for a public benchmark set only: a hospital's cohort stays at the hospital, which "
+                "joins as an evaluate-only site (role = \"evaluate-only\" in its site config)", external.site,
+                len(external), device)
 
     def evaluate(state: dict) -> dict:
         model = build_model(profile, len(class_names(profile.data.task)))

@@ -2,9 +2,10 @@
 book of finished rounds (:class:`RoundBook`), which records each in the run folder and MLflow.
 
 - A round's entry in ``metrics.json`` (:meth:`RoundRecord.public`) holds the aggregated train and evaluate metrics,
-  what each site reported, the Flower node id behind each site's entry, the centre's external evaluation, timings and
-  the overhead against the slowest site, model bytes per site, the screening (rejected replies, clipped updates, the
-  norm bound, a refused aggregate) and the sites' cumulative privacy ε.
+  what each site reported, the Flower node id behind each site's entry, the evaluate-only (external) sites' scores,
+  the centre's benchmark evaluation, timings and the overhead against the slowest site, model bytes per site, the
+  screening (rejected replies, clipped updates, the norm bound, a refused aggregate) and the sites' cumulative
+  privacy ε.
 - The screening's outcome for every reply, keyed by node id, is what the message audit adds per phase
   (:meth:`RoundRecord.outcomes`, ``server/audit.py``).
 - Its MLflow metrics (:meth:`RoundRecord.mlflow_metrics`) are keyed as ``server/tracking.py`` describes.
@@ -40,7 +41,9 @@ class RoundRecord:
         sites: site -> phase (``train`` / ``evaluate``) -> the metrics it reported (train: with its update norm).
         train: the aggregated train metrics.
         evaluate: the federated evaluation (with evaluate-in-train, filled in by the next round's train replies).
-        external: the centre's evaluation on its external cohort.
+        external: the evaluate-only sites' (the external hospital's) scores of the round's global model, case-weighted;
+            each one's under ``sites[NAME]["external"]``.
+        benchmark: the centre's own evaluation on a public benchmark set (``external-data``), if any.
         rejected: phase -> site -> why its reply was left out.
         nodes: site -> the Flower node id its entries come from. A site name claimed by several nodes in a phase is
             recorded as ``SITE (node ID)``, once per node.
@@ -55,7 +58,8 @@ class RoundRecord:
             None.
         evaluate_later: the round's evaluation arrives with the next round's train replies.
         ended: when its evaluate phase ended.
-        train_s, evaluate_s, external_s: the phases' durations.
+        train_s, evaluate_s, external_s, benchmark_s: the phases' durations (external: the evaluate exchange that
+            brought the external scores).
         wall_s: the round's wall time; slowest_site_s: the slowest site's own train + evaluate time; overhead: their
             ratio (set by :meth:`close`).
     """
@@ -66,6 +70,7 @@ class RoundRecord:
     train: Metrics = field(default_factory=dict)
     evaluate: Metrics = field(default_factory=dict)
     external: Metrics = field(default_factory=dict)
+    benchmark: Metrics = field(default_factory=dict)
     rejected: dict[str, dict[str, str]] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -79,6 +84,7 @@ class RoundRecord:
     train_s: float | None = None
     evaluate_s: float | None = None
     external_s: float | None = None
+    benchmark_s: float | None = None
     wall_s: float | None = None
     slowest_site_s: float | None = None
     overhead: float | None = None
@@ -137,8 +143,10 @@ class RoundRecord:
             "train": self.train,
             "evaluate": self.evaluate,
             "external": self.external,
+            "benchmark": self.benchmark,
             "sites": self.sites,
-            "seconds": self._timings("wall_s", "train_s", "evaluate_s", "external_s", "slowest_site_s"),
+            "seconds": self._timings("wall_s", "train_s", "evaluate_s", "external_s", "benchmark_s",
+                                     "slowest_site_s"),
             "overhead": self.overhead,
             "bytes_per_site": self.bytes_per_site(),
             "rejected": self.rejected,
@@ -156,6 +164,7 @@ class RoundRecord:
             out.update(phase_metrics(prefix, aggregated, {site: phases[phase] for site, phases in self.sites.items()
                                                           if phase in phases}))
         out.update({metric_key("external", k): v for k, v in self.external.items()})
+        out.update({metric_key("benchmark", k): v for k, v in self.benchmark.items()})
         out.update({metric_key("round", k): v for k, v in self._timings("wall_s", "train_s", "evaluate_s",
                                                                           "slowest_site_s", "overhead").items()})
         out["round/sites_train"] = sum("train" in p for p in self.sites.values())

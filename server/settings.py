@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
 
 from braintumnet.errors import BrainTumNetError
+from braintumnet.protocol import EVALUATE_ONLY, site_entry
 
 # strategy.server-optimizer -> the Flower class whose server step it runs (server/optimizers.py composes them).
 FLOWER_OPTIMIZERS: dict[str, type[FedAvg]] = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
@@ -32,9 +33,13 @@ class ServerSettings:
         checkpoint_dir: run folders, the embedded MLflow store; relative paths resolve against the SuperLink's
             working directory (logged as absolute).
         resume_from: "" (fresh start), "latest", a run folder or a checkpoint file.
-        external_data: "" or the centre's external cohort: a site folder or a prepared cache folder.
+        external_data: "" or a public benchmark set the centre scores every round (a site folder or a prepared cache
+            folder), filed as ``benchmark``. Never a hospital's cohort: the external hospital is an evaluate-only
+            site whose data stay there (docs/federation.md, "The external hospital").
         cache_dir: where the centre prepares ``external_data``; "" = ``$BRAINTUMNET_CACHE`` or ``.cache/braintumnet``.
-        sites: the sites expected (for the waiting log) and, in simulation, partition i's name.
+        sites: the names of the sites expected (for the waiting log) and, in simulation, partition i's name.
+        evaluate_only: the expected sites with the ``evaluate-only`` role (entries ``NAME:evaluate-only`` of the run
+            config's ``sites``).
         mlflow_experiment: MLflow experiment name; "" turns MLflow off.
         audit_messages: describe every message sent and received in ``audit.jsonl`` in the run folder.
         evaluate_in_train: each train message asks the sites to score the global model they receive (the previous
@@ -47,6 +52,7 @@ class ServerSettings:
     external_data: str = ""
     cache_dir: str = ""
     sites: tuple[str, ...] = ()
+    evaluate_only: tuple[str, ...] = ()
     mlflow_experiment: str = "braintumnet-fl"
     audit_messages: bool = False
     evaluate_in_train: bool = True
@@ -58,9 +64,20 @@ class ServerSettings:
         from braintumnet.config import app_config
 
         app = app_config(cfg)
+        try:
+            entries = [site_entry(entry) for entry in app.sites]
+        except ValueError as exc:
+            raise BrainTumNetError(f"run config: {exc}") from None
         return cls(checkpoint_dir=app.checkpoint_root, resume_from=app.resume_from, external_data=app.external_data,
-                   cache_dir=app.cache_dir, sites=app.sites, mlflow_experiment=app.mlflow_experiment,
-                   audit_messages=app.audit_messages, evaluate_in_train=app.evaluate_in_train)
+                   cache_dir=app.cache_dir, sites=tuple(name for name, _ in entries),
+                   evaluate_only=tuple(name for name, role in entries if role == EVALUATE_ONLY),
+                   mlflow_experiment=app.mlflow_experiment, audit_messages=app.audit_messages,
+                   evaluate_in_train=app.evaluate_in_train)
+
+    @property
+    def training_sites(self) -> tuple[str, ...]:
+        """The expected sites that train."""
+        return tuple(s for s in self.sites if s not in self.evaluate_only)
 
 
 def server_optimizer_arguments(profile) -> dict[str, float]:

@@ -30,8 +30,13 @@ Here: the phases in Flower's order, and
   MLflow see.
 - **Evaluate-in-train** (``evaluate-in-train``): the sites score the model they receive before training, so round r's
   federated metrics arrive with round r+1's train replies and are filed under round r.
-- **End of round** (``end_of_round``, Flower's ``evaluate_fn`` hook): the centre's external evaluation, then the round
-  goes into the book.
+- **Roles.** Before a node is sent any model, a query message asks it for its site name and role (metadata only;
+  once per node, again next round if it did not answer). Train messages go to ``training`` nodes only; a node that
+  has not answered is not sampled. ``evaluate-only`` nodes (the external hospital, its role set in its own node
+  config) receive an evaluate message every round, evaluate-in-train or not, and their scores are the round's
+  ``external`` entry; they never count towards the federated evaluation, ``min-*-nodes`` or ``best``.
+- **End of round** (``end_of_round``, Flower's ``evaluate_fn`` hook): the centre's evaluation on a public benchmark
+  set (``external-data``, filed as ``benchmark``), then the round goes into the book.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from braintumnet.protocol import (EVALUATE_RECEIVED, FEDERATION_ID, METRICS, RECEIVED_PREFIX, SERVER_ROUND,
-                                  TOTAL_ROUNDS, WEIGHT_KEY)
+from braintumnet.protocol import (EVALUATE_ONLY, EVALUATE_RECEIVED, FEDERATION_ID, METRICS, RECEIVED_PREFIX,
+                                  SERVER_ROUND, TOTAL_ROUNDS, TRAINING, WEIGHT_KEY)
 from server.aggregation import cast_like, fedavg_arguments
 from server.audit import describe_screening
 from server.checkpoints import RunFolder
@@ -56,11 +61,14 @@ from server.robust import NormReference, aggregate, rule_shortfall
 from server.rounds import BEST_METRIC, RoundBook, RoundRecord
 from server.screening import bound_updates, cap_weights, screen_replies
 from server.settings import ServerSettings, server_optimizer_params
-from server.sites import SiteNames, sample_nodes
+from server.sites import SiteNames, SiteRoles, sample_nodes, split_exchange
 from server.tracking import Tracker
-from server.transport import Exchange, RecordingGrid
+from server.transport import Exchange, RecordingGrid, retry_busy
 
 log = logging.getLogger("braintumnet.server")
+
+# How long a role query may take: a ClientApp's start and a reply from its node config, no data touched.
+QUERY_TIMEOUT_S = 120.0
 
 
 class SiteAwareFedAvg(FedAvg):
@@ -74,7 +82,7 @@ class SiteAwareFedAvg(FedAvg):
         class_names: the task's classes (stored in checkpoints).
         round_offset: rounds already done before this Flower run (resume).
         best_value: the best ``dice_tumor`` so far (resume), or None.
-        external_eval: ``fn(state_dict) -> metrics`` on the centre's external cohort, or None.
+        external_eval: ``fn(state_dict) -> metrics`` on the centre's public benchmark set, or None.
         meta: fixed checkpoint meta (``federation-id``, ...).
     """
 
@@ -106,6 +114,9 @@ class SiteAwareFedAvg(FedAvg):
         self._aggregate: ArrayRecord | None = None  # the round's screened, robust aggregate (before a server step)
         self._norms = NormReference()  # the update-norm bound's reference, carried for rounds with 1-2 replies
         self.arrays: ArrayRecord | None = None  # the global model after the last finished round
+        self.roles = SiteRoles(self.names)  # node id -> the role it answered the role query with
+        self._external_nodes: set[int] = set()  # the evaluate-only nodes sent this round's evaluate message
+        self._timeout = QUERY_TIMEOUT_S
 
     @property
     def folder(self) -> RunFolder:
@@ -128,6 +139,7 @@ class SiteAwareFedAvg(FedAvg):
               evaluate_fn=None):
         self._grid = RecordingGrid(grid, self.folder.append_audit if self.settings.audit_messages else None)
         self._dtypes = {k: a.numpy().dtype for k, a in initial_arrays.items()}
+        self._timeout = timeout
         return super().start(self._grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
                              evaluate_fn or self.end_of_round)
 
@@ -149,10 +161,14 @@ class SiteAwareFedAvg(FedAvg):
                  "checkpointed each round" if params else " (FedAvg: the aggregate is the new global model)")
         if self.settings.audit_messages:
             log.info("message audit on: %s", self.folder.audit_path)
-        shortfall = rule_shortfall(r.aggregation, len(self.settings.sites), r.trim_fraction)
+        training = self.settings.training_sites
+        shortfall = rule_shortfall(r.aggregation, len(training), r.trim_fraction)
         if shortfall and self.fraction_train > 0:
-            log.warning("with the %d expected sites (%s): %s; such a round's aggregate is refused and the global "
-                        "model stays as it was", len(self.settings.sites), ", ".join(self.settings.sites), shortfall)
+            log.warning("with the %d expected training sites (%s): %s; such a round's aggregate is refused and the "
+                        "global model stays as it was", len(training), ", ".join(training), shortfall)
+        if self.settings.evaluate_only:
+            log.info("evaluate-only sites expected (their scores are the rounds' external entry): %s",
+                     ", ".join(self.settings.evaluate_only))
 
     # ---- train ---------------------------------------------------------------------------------------------------
 
@@ -161,6 +177,7 @@ class SiteAwareFedAvg(FedAvg):
         g = self.round_offset + server_round
         self._round = RoundRecord(round=g, started=time.monotonic())
         self._sent_arrays = arrays
+        self.roles.new_round()
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes, "train", g)
@@ -214,27 +231,40 @@ class SiteAwareFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         g = self.round_offset + server_round
-        if self.fraction_evaluate == 0.0:
+        # The external hospital scores every round's model, whatever the federated evaluation does.
+        external = self._connected_external(grid, g)
+        self._external_nodes = set(external)
+        nodes: list[int] = []
+        if self.fraction_evaluate > 0.0:
+            if self._evaluates_in_train() and g < self.total_rounds:
+                self._round.evaluate_later = True  # with the next round's train replies
+            else:
+                nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate", g)
+        if not nodes and not external:
             return []
-        if self._evaluates_in_train() and g < self.total_rounds:
-            self._round.evaluate_later = True  # with the next round's train replies
-            return []
-        nodes = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate", g)
         config[SERVER_ROUND] = g
+        if self.meta.get("federation-id"):
+            config[FEDERATION_ID] = str(self.meta["federation-id"])  # keys the sites' evaluation count
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        if external:
+            log.info("round %d: the evaluate-only site(s) %s score the global model", g, self.names.names_of(external))
+        return self._construct_messages(record, nodes + external, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rec = self._round
         rec.ended = time.monotonic()
+        replies, exchange = list(replies), self._exchange()
+        if exchange.sent:
+            rec.bytes.update({"down_evaluate": self._by_site(exchange.bytes_out),
+                              "up_evaluate": self._by_site(exchange.bytes_in)})
+        federated, external = split_exchange(replies, exchange, self._external_nodes)
+        self._external_scores(*external)
         if self.fraction_evaluate == 0.0 or rec.evaluate_later:
             return None
-        exchange = self._exchange()
-        valid = screen_replies(list(replies), exchange, "evaluate", None, names=self.names, record=rec,
+        replies, exchange = federated
+        valid = screen_replies(replies, exchange, "evaluate", None, names=self.names, record=rec,
                                dp_budget=self.profile.privacy.budget)
         rec.evaluate_s = exchange.seconds
-        rec.bytes.update({"down_evaluate": self._by_site(exchange.bytes_out),
-                          "up_evaluate": self._by_site(exchange.bytes_in)})
         self._audit_screening("evaluate")
         if len(valid) < max(self.min_evaluate_nodes, 1):
             log.warning("round %d: %d site(s) replied to evaluate, fewer than min-evaluate-nodes=%d; no federated "
@@ -244,7 +274,29 @@ class SiteAwareFedAvg(FedAvg):
         rec.evaluate = dict(metrics)
         return metrics
 
-    # ---- end of round: the centre's external evaluation, then the round goes into the book ------------------------
+    def _external_scores(self, replies: list[Message], exchange: Exchange) -> None:
+        """The evaluate-only sites' scores of the round's global model: the round's ``external`` entry (their
+        case-weighted mean), each site's under ``sites[NAME]["external"]``. A site that is down is logged, and the
+        round goes on without its scores."""
+        if not exchange.sent:
+            return
+        rec = self._round
+        valid = screen_replies(replies, exchange, "external", None, names=self.names, record=rec,
+                               dp_budget=self.profile.privacy.budget)
+        self._audit_screening("external")
+        rec.external_s = exchange.seconds
+        if not valid:
+            log.warning("round %d: no external scores this round (the evaluate-only site(s) %s did not reply)",
+                        rec.round, self.names.names_of(exchange.sent.values()))
+            return
+        cases = sum(int(rec.sites[r.label]["external"][WEIGHT_KEY]) for r in valid)
+        rec.external = {**self.evaluate_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key),
+                        WEIGHT_KEY: cases}
+        log.info("round %d: external site(s) %s: dice_tumor %.4f, acc %.4f (%d cases)", rec.round,
+                 ", ".join(r.label for r in valid), rec.external.get("dice_tumor", math.nan),
+                 rec.external.get("acc", math.nan), cases)
+
+    # ---- end of round: the centre's benchmark evaluation, then the round goes into the book -----------------------
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's ``evaluate_fn``: called with round 0 before training (nothing to do) and after every round."""
@@ -254,20 +306,20 @@ class SiteAwareFedAvg(FedAvg):
         rec.close(time.monotonic())
         self.arrays = arrays
         state = arrays.to_torch_state_dict()
-        external = None
+        benchmark = None
         if self.external_eval is not None:
             t = time.monotonic()
-            external = self.external_eval(state)
-            rec.external = external
-            rec.external_s = time.monotonic() - t
-            log.info("round %d: external cohort: dice_tumor %.4f, acc %.4f (%d cases)", rec.round,
-                     external.get("dice_tumor", math.nan), external.get("acc", math.nan),
-                     external.get(WEIGHT_KEY, 0))
+            benchmark = self.external_eval(state)
+            rec.benchmark = benchmark
+            rec.benchmark_s = time.monotonic() - t
+            log.info("round %d: the centre's benchmark set: dice_tumor %.4f, acc %.4f (%d cases)", rec.round,
+                     benchmark.get("dice_tumor", math.nan), benchmark.get("acc", math.nan),
+                     benchmark.get(WEIGHT_KEY, 0))
         path, best = self.book.record(rec, state, self.names.as_meta(), self.server_optimizer_state())
         log.info("round %d/%d done in %.1f s (sites' own time %.1f s, overhead x%.2f); checkpoint %s%s", rec.round,
                  self.total_rounds, rec.wall_s, _or_nan(rec.slowest_site_s), _or_nan(rec.overhead), path,
                  " (best so far)" if best else "")
-        return MetricRecord({k: float(v) for k, v in external.items()}) if external else None
+        return MetricRecord({k: float(v) for k, v in benchmark.items()}) if benchmark else None
 
     def _previous_round_evaluated(self, per_site: dict[str, dict]) -> None:
         """The sites' scores of the global model they received this round: the previous round's federated metrics,
@@ -317,9 +369,26 @@ class SiteAwareFedAvg(FedAvg):
         return self._grid.last if self._grid is not None else Exchange()
 
     def _sample(self, grid: Grid, fraction: float, min_nodes: int, phase: str, g: int) -> list[int]:
+        """Training nodes only (known by their answer to the role query), sampled as FedAvg does."""
+        def training(ids: list[int]) -> tuple[list[int], int]:
+            self._learn_roles(ids, g)
+            return self.roles.of_role(ids, TRAINING)
+
         return sample_nodes(grid, self.names, fraction=fraction, min_nodes=min_nodes,
                             min_available=self.min_available_nodes, wait_s=self.profile.federation.wait_for_nodes_s,
-                            expected=self.settings.sites, phase=phase, server_round=g)
+                            expected=self.settings.sites, phase=phase, server_round=g, eligible=training)
+
+    def _connected_external(self, grid: Grid, g: int) -> list[int]:
+        """The connected evaluate-only nodes (no waiting: the round never waits for the external hospital)."""
+        ids = [n.node_id for n in retry_busy(lambda: list(grid.get_nodes()), "get nodes")]
+        self._learn_roles(ids, g)
+        return sorted(self.roles.of_role(ids, EVALUATE_ONLY)[0])
+
+    def _learn_roles(self, ids: list[int], g: int) -> None:
+        if self._grid is not None:
+            record = RecordDict({self.configrecord_key: ConfigRecord({SERVER_ROUND: g})})
+            self.roles.ask(self._grid, ids, g, lambda ask: self._construct_messages(record, ask, MessageType.QUERY),
+                           timeout=min(self._timeout, QUERY_TIMEOUT_S))
 
 
 def _or_nan(value: float | None) -> float:

@@ -51,7 +51,8 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
     """Submit one run and wait for it; returns the server's run folder (``checkpoint-dir/run-<id>``).
 
     Args:
-        num_sites: simulated SuperNodes (partition i is site i of the run config's ``sites``).
+        num_sites: simulated SuperNodes (partition i is site i of the run config's ``sites``, evaluate-only sites
+            included: an entry ``NAME:evaluate-only`` is such a partition).
         cpus_per_site, gpus_per_site: Ray resources each simulated site reserves.
         threads_per_site: the sites' OpenMP / torch threads (default ``cpus_per_site``). Fewer threads than reserved
             CPUs keeps a site from spinning on cores that other work holds (Ray counts CPUs, it does not pin them).

@@ -8,6 +8,10 @@ every arm.
 Repetitions: every seed, and with ``folds`` ≥ 2 every fold of a per-site stratified k-fold split of the training
 cases (each site holds out its own fold k; the federated sites compute the same folds themselves from the run
 config, so no case id ever crosses the network). Each repetition trains every arm; tables show mean ± sd.
+
+The federated arm runs the external site as a deployment does: a simulated evaluate-only site (an extra partition,
+``sites = "...,external:evaluate-only"``) that scores the global model every round on its own cases, never trains,
+and whose scores are each round's ``external`` entry; the centre holds no site's data.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from braintumnet.scoring import evaluate_cases, evaluate_model, evaluate_sites
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_tree
+from braintumnet.protocol import EVALUATE_ONLY
 from braintumnet.report import SYNTHETIC_NOTE
 from braintumnet.report.provenance import provenance as run_provenance
 from braintumnet.tracking import tracking_uri
@@ -229,9 +234,11 @@ class Study:
         local_epochs = _federated_local_epochs(budget, fed.local_epochs, self.internal, self.classes, rep.held)
         name = "federated" if budget == "epochs" else f"federated:{budget}"
         say(f"phase 5/5 {name} ({rep.tag}): {_strategy_words(rep.profile)} on Flower's Simulation Engine, "
-            f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(self.internal)} simulated sites")
+            f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(self.internal)} simulated sites"
+            + (f" and the evaluate-only external site {self.layout.external}" if self.layout.external else ""))
         t0 = time.perf_counter()
-        run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=len(self.internal),
+        num_sites = len(self.internal) + len(self.external)
+        run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=num_sites,
                                 cpus_per_site=self.cluster.cpus_per_site, gpus_per_site=self.cluster.gpus_per_site,
                                 ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out), log=say)
         self._spent(name, time.perf_counter() - t0)
@@ -242,14 +249,15 @@ class Study:
         self.score_arm(rep, name, model, rep.profile)
 
     def federated_run_config(self, rep: Repetition, local_epochs: int) -> dict:
-        """The run config the ServerApp and the simulated sites receive for one federated arm."""
+        """The run config the ServerApp and the simulated sites receive for one federated arm: partition i is site i
+        of ``sites``; the external site, if any, is the last partition, evaluate-only."""
+        sites = [*self.layout.internal, *([f"{self.layout.external}:{EVALUATE_ONLY}"] if self.layout.external else [])]
         run_config = {
             "profile": self.profile_name, **self.overrides, "train.seed": rep.seed,
             "num-server-rounds": self.base.federation.num_rounds, "train.local-epochs": local_epochs,
             "checkpoint-dir": str(self.out / "federated"), "cache-dir": str(self.out / "cache"),
-            "phantom-dir": str(self.layout.root), "device": self.device, "sites": ",".join(self.layout.internal),
-            "mlflow-experiment": EXPERIMENT,
-            "external-data": str(self.layout.root / self.layout.external) if self.layout.external else "",
+            "phantom-dir": str(self.layout.root), "device": self.device, "sites": ",".join(sites),
+            "mlflow-experiment": EXPERIMENT, "external-data": "",
         }
         if rep.fold is not None:
             run_config.update({"cv.folds": rep.folds, "cv.fold": rep.fold + 1})  # 1-based in the run config

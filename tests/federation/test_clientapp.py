@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from braintumnet.data.loading import SiteRuntime
-from braintumnet.errors import CaseProblem
+from braintumnet.errors import BrainTumNetError, CaseProblem
 from braintumnet.protocol import EVAL_KEYS
 from client.app import SiteFailure, _guarded
 
@@ -109,3 +109,50 @@ def test_the_site_policy_is_the_sites_and_a_refusal_names_the_rule_only(phase, r
     lines = [r.getMessage() for r in caplog.records if r.name == "braintumnet.client"]
     assert len(lines) == 1 and f"rule {rule}: " in lines[0]  # the detail stays in the site's log
     assert not (tmp_path / "state").exists() and not settings.cache.exists()  # refused before opening anything
+
+
+def test_the_role_is_the_sites_own_and_an_evaluate_only_site_refuses_to_train(task_identity, tmp_path, monkeypatch):
+    """The real ClientApp with the node config the launcher writes from ``role = "evaluate-only"``: the role query is
+    answered with the name and role only; a train message is refused naming the role, before anything is opened."""
+    import logging
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common.config import parse_config_args
+
+    from client.app import app
+    from client.sites import site_settings
+
+    monkeypatch.setattr(logging.getLogger("braintumnet"), "handlers", [logging.NullHandler()])
+    config = tmp_path / "sites.toml"
+    config.write_text('[defaults]\nstate-dir = "state"\ncache = "cache"\n[site.external]\ndata = "data/external"\n'
+                      'role = "evaluate-only"\n[site.yibin]\ndata = "data/yibin"\n')
+    for name, role in (("external", "evaluate-only"), ("yibin", "training")):
+        settings = site_settings(config, name)
+        assert settings.role == role and f'role="{role}"' in settings.node_config()  # shown by --check
+        context = Context(run_id=7, node_id=1, node_config=parse_config_args([settings.node_config()]),
+                          state=RecordDict(), run_config={})
+        query = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                        message_type="query")
+        reply = app(query, context)
+        assert dict(reply.content["site"]) == {"name": name, "role": role} and not reply.content.array_records
+    train = Message(RecordDict({"arrays": ArrayRecord({}), "config": ConfigRecord({"server-round": 1})}),
+                    dst_node_id=1, message_type="train")
+    external = Context(run_id=7, node_id=1, node_config=parse_config_args([site_settings(config, "external")
+                                                                           .node_config()]),
+                       state=RecordDict(), run_config={})
+    with pytest.raises(SiteFailure, match="^site external: train refused: this site's role is evaluate-only$"):
+        app(train, external)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "cache").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[site.external]\ndata = "data/external"\nrole = "observer"\n')
+    with pytest.raises(BrainTumNetError, match="role='observer'.*evaluate-only"):
+        site_settings(bad, "external")
+
+
+def test_a_simulated_site_takes_its_role_from_the_sites_list():
+    from client.sites import simulation_sites, site_role
+
+    run_config = {"sites": "yibin,plagh,external:evaluate-only"}
+    assert simulation_sites(run_config) == ["yibin", "plagh", "external"]
+    assert [site_role({"partition-id": i}, run_config) for i in range(3)] == ["training", "training",
+                                                                              "evaluate-only"]

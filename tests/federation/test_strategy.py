@@ -41,11 +41,13 @@ def task_identity():
 
 
 class ScriptedGrid(Grid):
-    """Nodes answer through ``behaviour[node](message) -> reply content | Error | None (no reply)``."""
+    """Nodes answer through ``behaviour[node](message) -> reply content | Error | None (no reply)``; the role query
+    is answered here (a ``gone`` node with an Error), with the node's role in ``roles`` (default training)."""
 
-    def __init__(self, behaviour: dict, names: dict[int, str] | None = None):
-        self.behaviour, self.names = behaviour, names or {}
+    def __init__(self, behaviour: dict, names: dict[int, str] | None = None, roles: dict[int, str] | None = None):
+        self.behaviour, self.names, self.roles = behaviour, names or {}, roles or {}
         self.pending: dict[str, Message] = {}
+        self.sent: list[tuple[int, str]] = []  # (node, message type) of every message pushed
 
     def set_run(self, run): pass
 
@@ -62,6 +64,7 @@ class ScriptedGrid(Grid):
     def push_messages(self, messages):
         ids = []
         for m in messages:
+            self.sent.append((m.metadata.dst_node_id, m.metadata.message_type))
             m.metadata.__dict__["_message_id"] = m.object_id
             self.pending[m.object_id] = m
             ids.append(m.object_id)
@@ -73,7 +76,12 @@ class ScriptedGrid(Grid):
             msg = self.pending.pop(mid, None)
             if msg is None:
                 continue
-            answer = self.behaviour[msg.metadata.dst_node_id](msg)
+            behaviour = self.behaviour[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == MessageType.QUERY:
+                answer = behaviour(msg) if behaviour is gone else RecordDict({"site": ConfigRecord(
+                    {"role": self.roles.get(msg.metadata.dst_node_id, "training")})})
+            else:
+                answer = behaviour(msg)
             if answer is None:
                 continue
             reply = Message(answer, reply_to=msg)
@@ -169,7 +177,8 @@ def test_error_and_bad_replies_are_left_out_with_the_site_named(make_strategy, c
     text = caplog.text
     assert "jinling rejected: array w holds NaN" in text
     assert "external rejected: metric keys differ" in text
-    assert "error from xiangya: Node Unavailable" in text  # a SuperLink-made error, traced to its node's name
+    # a SuperLink-made error, traced to its node's name: the node never got a model
+    assert "xiangya did not answer the role query (Node Unavailable)" in text
 
 
 def test_too_few_replies_keep_the_model(make_strategy, caplog):
@@ -231,8 +240,8 @@ def test_nan_weighted_mean_and_reply_checks():
     assert "positive" in reply_problem(zero, None, None)
 
 
-def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_profile):
-    """The centre prepares its external cohort once and evaluates the global model on all of its cases."""
+def test_benchmark_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_profile):
+    """The centre prepares a public benchmark set once and evaluates the global model on all of its cases."""
     from braintumnet.engine import build_model
     from server.app import _external_evaluator
 
@@ -244,6 +253,59 @@ def test_external_evaluation_on_a_site_folder(phantom_root, cache_root, tiny_pro
     with pytest.raises(BrainTumNetError, match="neither a site folder"):
         _external_evaluator(ServerSettings(checkpoint_dir=cache_root, external_data=str(cache_root / "nothing")),
                             tiny_profile)
+
+
+def test_the_evaluate_only_site_scores_every_round_and_never_trains(make_strategy):
+    """The external hospital: asked its role once, never sent a train message, sent the global model every round
+    (evaluate-in-train or not), its scores filed as the round's ``external`` entry, apart from the federated ones."""
+    strategy = make_strategy(rounds=2)
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 30, 2.0), 13: site("jinling", 10, 3.0),
+                         14: site("external", 5, 0.5)}, roles={14: "evaluate-only"})
+    run(strategy, grid, rounds=2)
+    external = [t for n, t in grid.sent if n == 14]
+    assert external == [MessageType.QUERY, MessageType.EVALUATE, MessageType.EVALUATE]
+    assert [t for n, t in grid.sent if n == 11] == [MessageType.QUERY, MessageType.TRAIN, MessageType.TRAIN,
+                                                    MessageType.EVALUATE]
+    rounds = strategy.history
+    assert [r["external"]["dice_tumor"] for r in rounds] == [0.5, 0.5]
+    assert all(r["external"]["num-examples"] == 5 for r in rounds)
+    assert [r["sites"]["external"]["external"]["dice_tumor"] for r in rounds] == [0.5, 0.5]
+    assert all("train" not in r["sites"]["external"] and "evaluate" not in r["sites"]["external"] for r in rounds)
+    assert rounds[0]["evaluate"]["dice_tumor"] == pytest.approx((10 * 1 + 30 * 2 + 10 * 3) / 50)  # training sites
+    assert strategy.book.rounds[0].mlflow_metrics()["external/dice_tumor"] == 0.5
+
+
+def test_a_round_completes_without_the_evaluate_only_site(make_strategy, caplog):
+    """The external hospital down (its SuperNode gone after the role query): the round completes, without scores."""
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy(rounds=1, min_available_nodes=3, min_train_nodes=2)
+    down = {"now": False}
+    external = site("external", 5, 0.5)
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: site("plagh", 30, 2.0),
+                         14: lambda m: gone(m) if down["now"] else external(m)}, roles={14: "evaluate-only"})
+    down["now"] = True
+    run(strategy, grid)
+    assert (14, MessageType.TRAIN) not in grid.sent and (14, MessageType.EVALUATE) in grid.sent
+    record = strategy.history[0]
+    assert not record["skipped"] and record["external"] == {} and record["evaluate"]["dice_tumor"] > 0
+    assert "no external scores this round" in caplog.text
+
+
+def test_a_site_without_an_answer_to_the_role_query_gets_no_model(make_strategy, caplog):
+    caplog.set_level(logging.INFO, logger="braintumnet.server")
+    strategy = make_strategy(rounds=1)
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 12: gone}, names={12: "plagh"})
+    run(strategy, grid)
+    assert [t for n, t in grid.sent if n == 12] == [MessageType.QUERY]
+    assert "plagh did not answer the role query (Node Unavailable); not sampled this round" in caplog.text
+
+
+def test_sites_entries_name_the_evaluate_only_sites():
+    settings = ServerSettings.from_run_config({"sites": "yibin,plagh,external:evaluate-only"})
+    assert settings.sites == ("yibin", "plagh", "external") and settings.evaluate_only == ("external",)
+    assert settings.training_sites == ("yibin", "plagh")
+    with pytest.raises(BrainTumNetError, match="external:observer.*evaluate-only"):
+        ServerSettings.from_run_config({"sites": "yibin,external:observer"})
 
 
 # ---- update validation, robust aggregation, privacy budgets, the message audit --------------------------
@@ -410,7 +472,8 @@ def test_a_trimmed_mean_that_trims_nothing_says_so_and_is_refused(make_strategy,
     run(strategy, three(site("jinling", 10, 3.0)))
     shortfall = ("strategy.aggregation trimmed-mean with strategy.trim-fraction 0.2 trims no site of 3 replies (it "
                  "needs 5 or more")
-    assert f"with the 3 expected sites (yibin, plagh, jinling): {shortfall}" in caplog.text  # said before round 1
+    # said before round 1
+    assert f"with the 3 expected training sites (yibin, plagh, jinling): {shortfall}" in caplog.text
     assert f"round 1: {shortfall}" in caplog.text and "the round's aggregate is refused" in caplog.text
     np.testing.assert_allclose(strategy.arrays["w"].numpy(), 0.0)  # not the plain mean 2.0: the model stays
     record = strategy.history[0]
@@ -459,12 +522,12 @@ def test_the_audit_describes_every_message_without_array_contents(make_strategy)
     run(strategy, ScriptedGrid({11: site("yibin", 10, 1.0), 12: gone}))
     lines = [json.loads(x) for x in strategy.folder.audit_path.read_text().splitlines()]
     assert [(e["direction"], e["type"]) for e in lines] == [
-        ("to-site", "train"), ("to-site", "train"), ("from-site", "train"), ("from-site", "train"),
-        ("screening", "train"),
-        ("to-site", "evaluate"), ("to-site", "evaluate"), ("from-site", "evaluate"), ("from-site", "evaluate"),
-        ("screening", "evaluate")]
-    assert lines[4]["replies"] == [{"node": 11, "name": "yibin", "outcome": "kept"},
-                                   {"node": 12, "name": "node 12", "outcome": "error", "reason": "Node Unavailable"}]
+        ("to-site", "query"), ("to-site", "query"), ("from-site", "query"), ("from-site", "query"),
+        ("to-site", "train"), ("from-site", "train"), ("screening", "train"),
+        ("to-site", "evaluate"), ("from-site", "evaluate"), ("screening", "evaluate")]
+    assert lines[3]["error"]["reason"] == "Node Unavailable" and lines[3]["node"] == 12  # no model ever sent to it
+    assert lines[2]["records"]["site"] == {"kind": "config", "items": {"role": "training"}}
+    assert lines[6]["replies"] == [{"node": 11, "name": "yibin", "outcome": "kept"}]
     reply = next(e for e in lines if e["direction"] == "from-site" and "records" in e and e["type"] == "train")
     assert reply["records"]["arrays"] == {"kind": "array", "items": {"w": {"shape": [3], "dtype": "float32"},
                                                                      "n": {"shape": [], "dtype": "int64"}}}
@@ -561,9 +624,10 @@ def test_the_instructions_carry_the_protocols_config_keys(make_strategy):
     answer = site("yibin", 10, 1.0)
     run(strategy, ScriptedGrid({11: lambda m: configs.append((m.metadata.message_type, set(m.content["config"])))
                                 or answer(m)}), rounds=2)
+    # the federation id on evaluate messages too: a site counts its evaluations per federation
     assert configs == [(MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID}),
                        (MessageType.TRAIN, {SERVER_ROUND, TOTAL_ROUNDS, FEDERATION_ID, EVALUATE_RECEIVED}),
-                       (MessageType.EVALUATE, {SERVER_ROUND})]
+                       (MessageType.EVALUATE, {SERVER_ROUND, FEDERATION_ID})]
 
 
 def test_the_centres_keys_are_typed_by_the_one_reader():

@@ -180,15 +180,17 @@ def sample_nodes(grid: Grid, names: SiteNames, *, fraction: float, min_nodes: in
         if len(ids) >= min_available and len(ids) - other_role >= min_nodes:
             break
         waited = time.monotonic() - start
-        connected = names.names_of([n.node_id for n in nodes]) or "none"
+        connected = (names.names_of([n.node_id for n in nodes]) or "none") + (
+            f"; {other_role} of them evaluate-only, which never train" if other_role else "")
         connected_sites = {names.get(n.node_id) for n in nodes}
         missing = [s for s in expected if s not in connected_sites]
         if waited >= wait_s:
             raise FederationError(
                 f"round {server_round} ({phase}): gave up after waiting {wait_s:.0f} s (wait-for-nodes-s) for nodes: "
-                f"{len(nodes)} connected ({connected}{f', {other_role} of them evaluate-only' if other_role else ''}), "
+                f"{len(nodes)} connected ({connected}), "
                 f"{need} needed (min-available-nodes={min_available}, min-{phase}-nodes={min_nodes}). Start the "
-                f"missing sites with python client/run.py --site NAME, or lower min-available-nodes / min-{phase}-nodes")
+                "missing sites with python client/run.py --site NAME, or lower min-available-nodes / "
+                f"min-{phase}-nodes")
         if waited - last_log >= WAIT_LOG_EVERY_S:
             last_log = waited
             log.warning("round %d (%s): waiting for nodes: %d connected (%s), %d needed; expected sites not "

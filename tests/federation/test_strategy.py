@@ -300,6 +300,16 @@ def test_a_site_without_an_answer_to_the_role_query_gets_no_model(make_strategy,
     assert "plagh did not answer the role query (Node Unavailable); not sampled this round" in caplog.text
 
 
+def test_an_evaluate_only_site_does_not_count_towards_the_training_sites(make_strategy):
+    strategy = make_strategy(min_available_nodes=2, min_train_nodes=2, wait_for_nodes_s=2.0)
+    grid = ScriptedGrid({11: site("yibin", 10, 1.0), 14: site("external", 5, 0.5)}, names={11: "yibin", 14: "external"},
+                        roles={14: "evaluate-only"})
+    with pytest.raises(FederationError, match=r"2 connected \(external, yibin; 1 of them evaluate-only, which never "
+                                              r"train\), 2 needed"):
+        run(strategy, grid)
+    assert (14, MessageType.TRAIN) not in grid.sent
+
+
 def test_sites_entries_name_the_evaluate_only_sites():
     settings = ServerSettings.from_run_config({"sites": "yibin,plagh,external:evaluate-only"})
     assert settings.sites == ("yibin", "plagh", "external") and settings.evaluate_only == ("external",)

@@ -81,7 +81,9 @@ class SiteSettings:
     def node_config(self) -> str:
         """The ``--node-config`` string: TOML values, strings quoted (Flower rejects ``site-name=yibin``)."""
         values = {"site-name": self.name, "data-path": str(self.data), "cache-dir": str(self.cache),
-                  "device": self.device, "role": self.role}
+                  "device": self.device}
+        if self.role != TRAINING:  # absent = training: a training site's node config stays as it always was
+            values["role"] = self.role
         if self.config_file is not None:
             values["site-config"] = str(self.config_file)
         return " ".join(f"{k}={node_config_value(k, v)}" for k, v in values.items())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 BENCHMARKS = {"compute": "bench.compute", "accuracy": "bench.accuracy", "federation": "bench.federation",
               "data": "bench.data_pipeline", "gpu": "bench.gpu", "joint": "bench.joint",
-              "evaluation": "bench.evaluation"}
+              "evaluation": "bench.evaluation", "transfer": "bench.transfer"}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

@@ -33,6 +33,11 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SITE_NAME = "name"
+# Keys inside ``arrays`` when the model travels packed (braintumnet/packing.py: deployments, where Flower sends one
+# request per array): one flat array per dtype under PACKED_PREFIX + dtype name, and the layout. A site replies in
+# the form it received.
+PACKED_PREFIX = "packed."
+PACKED_LAYOUT = "packed.layout"
 # A site's role: the key of a query reply's ``site`` record, and the node-config key the launcher writes.
 ROLE = "role"
 TRAINING = "training"  # trains and evaluates (every site without a role)

@@ -4,6 +4,13 @@ retried while the SuperLink is busy.
 Each exchange is recorded (:class:`Exchange`): where each message went (to name the site of a reply, or of a missing
 one), how long it took and how many array bytes moved per node. With the message audit on, every message sent and
 received is described (``server/audit.py``).
+
+Over a real network (Flower's ``HttpGrid``: a deployment) the model travels packed (:mod:`braintumnet.packing`: one
+flat array per dtype and a layout instead of one array per tensor; Flower sends one request per array, and a model
+message took about three times as long unpacked, bench/results/transfer.md). Each instruction's ``arrays`` are
+packed as they are sent and each reply's unpacked as it arrives, checked against the layout sent to that node, so the
+strategy and the screening see the state dict as before; a reply whose packed model does not match is replaced by an
+error reply naming the problem. The Simulation Engine passes messages in memory: there nothing is packed.
 """
 
 from __future__ import annotations
@@ -15,9 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from flwr.app import Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
 
+from braintumnet.packing import PackingError, decode_layout, is_packed, pack, unpack
+from braintumnet.protocol import ARRAYS, PACKED_LAYOUT
 from server.audit import describe_exchange
 
 log = logging.getLogger("braintumnet.server")
@@ -51,13 +62,15 @@ class RecordingGrid(Grid):
     """Flower's Grid, plus a record of each exchange (for site names, bytes and timing) and retried reads.
 
     ``audit``, when given, receives a description (``server.audit.describe_message``) of every message sent and
-    received.
+    received (the state dict as the strategy sees it, packed or not on the wire). ``pack``: send the model packed
+    and unpack the replies (None: when ``grid`` is Flower's network grid).
     """
 
-    def __init__(self, grid: Grid, audit: Callable[[list[dict]], Any] | None = None):
+    def __init__(self, grid: Grid, audit: Callable[[list[dict]], Any] | None = None, pack: bool | None = None):
         self._grid = grid
         self.last = Exchange()
         self.audit = audit
+        self.pack = isinstance(grid, HttpGrid) if pack is None else pack
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -84,22 +97,24 @@ class RecordingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         start = time.monotonic()
-        exchange = Exchange(bytes_out={m.metadata.dst_node_id: array_bytes(m.content) for m in messages},
+        wire = [packed(m) for m in messages] if self.pack else messages
+        exchange = Exchange(bytes_out={m.metadata.dst_node_id: array_bytes(m.content) for m in wire},
                             timeout=timeout)
-        ids = list(self._grid.push_messages(messages)) if messages else []
-        exchange.sent = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        ids = list(self._grid.push_messages(wire)) if wire else []
+        exchange.sent = {mid: m.metadata.dst_node_id for mid, m in zip(ids, wire) if mid}
+        sent_by_id = {mid: m for mid, m in zip(ids, wire) if mid}
         waiting = set(exchange.sent)
         deadline = None if timeout is None else start + timeout
         while waiting and (deadline is None or time.monotonic() < deadline):
             got = retry_busy(lambda: list(self._grid.pull_messages(list(waiting))), "pull replies")
-            exchange.replies.extend(got)
+            for m in got:
+                node = exchange.sent.get(m.metadata.reply_to_message_id)
+                if node is not None and not m.has_error():
+                    exchange.bytes_in[node] = array_bytes(m.content)  # as it travelled, packed or not
+                exchange.replies.append(unpacked(m, sent_by_id.get(m.metadata.reply_to_message_id)))
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
             if waiting:
                 time.sleep(min(POLL_S, max(POLL_MIN_S, POLL_FRACTION * (time.monotonic() - start))))
-        for m in exchange.replies:
-            node = exchange.sent.get(m.metadata.reply_to_message_id)
-            if node is not None and not m.has_error():
-                exchange.bytes_in[node] = array_bytes(m.content)
         exchange.seconds = time.monotonic() - start
         self.last = exchange
         if self.audit is not None:
@@ -121,6 +136,47 @@ def retry_busy(read: Callable[[], Any], what: str) -> Any:
                         wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def packed(msg: Message) -> Message:
+    """The instruction with its model packed (a new message; the strategy's own is left as it is), or ``msg`` itself
+    when it carries no model."""
+    if not msg.has_content() or ARRAYS not in msg.content.array_records:
+        return msg
+    content = RecordDict(dict(msg.content.items()))
+    state = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
+    content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in pack(state).items()})
+    meta = msg.metadata
+    return Message(content, dst_node_id=meta.dst_node_id, message_type=meta.message_type,
+                   group_id=meta.group_id or None, ttl=meta.ttl)
+
+
+def unpacked(reply: Message, sent: Message | None) -> Message:
+    """A reply with a packed model (as its instruction was sent) turned back into one array per tensor, checked
+    against the layout sent; an error reply naming the problem when it does not match. Other replies as they are."""
+    if reply.has_error() or not reply.has_content() or ARRAYS not in reply.content.array_records:
+        return reply
+    arrays = reply.content.array_records[ARRAYS]
+    if not is_packed(arrays):
+        return reply  # one array per tensor: the screening checks it as any reply
+    try:
+        if sent is None or not sent.has_content() or ARRAYS not in sent.content.array_records \
+                or not is_packed(sent.content.array_records[ARRAYS]):
+            raise PackingError("a packed model came back to an instruction that sent none")
+        expected = decode_layout(sent.content.array_records[ARRAYS][PACKED_LAYOUT].numpy())
+        state = unpack(_numpy(arrays), expected)
+    except PackingError as exc:  # the screening logs and records it under the site's name
+        return Message(metadata=reply.metadata,
+                       error=Error(code=ErrorCode.UNKNOWN, reason=f"packed model refused: {exc}"))
+    reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    return reply
+
+
+def _numpy(arrays: ArrayRecord) -> dict:
+    try:
+        return {k: a.numpy() for k, a in arrays.items()}
+    except Exception as exc:  # whatever a malformed Array raises while it is decoded: refuse the reply, never crash
+        raise PackingError(f"an array could not be decoded ({type(exc).__name__})") from None
 
 
 def array_bytes(content: RecordDict) -> int:

@@ -12,7 +12,6 @@ benchmark; ``python -m bench.federation_deployment`` runs it alone into ``federa
 from __future__ import annotations
 
 import io
-import json
 import re
 import shutil
 import signal
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 COSTS_HEADING = "Loopback deployment: a message's fixed cost at a site (means over the run's messages)"
 COSTS_HEAD = ["run", "site", "messages", "ClientApp process s", "pull s", "install s", "load s", "push s",
-              "site's own work s", "fixed cost s", "slowest site's own work per round s"]
+              "the app's call s", "fixed cost s (install + load)", "slowest site's own work per round s"]
 
 
 def run_deployment(ctx: Context, s: dict, phantom: Path) -> dict:
@@ -94,8 +93,7 @@ def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: l
                 r = {"local_epochs": local_epochs, "sites": sites, "run_wall_s": time.perf_counter() - t0}
                 if (fed.run_dir(run_id) / "metrics.json").is_file():  # the rounds it finished, even if it then failed
                     r.update(analyse(fed.run_dir(run_id), size, min(sites, ctx.machine.get("cpus_usable", 1))))
-                    r["per_message"] = per_message_cost(
-                        fed.run_dir(run_id), {s: p.text()[logs[s]:] for s, p in fed.sites.items()})
+                    r["per_message"] = per_message_cost({s: p.text()[logs[s]:] for s, p in fed.sites.items()})
                 if status["status"] != "finished:completed":
                     r["error"] = f"run ended as {status['status']} after {len(r.get('rounds', []))} round(s)"
                 found[key] = r
@@ -104,26 +102,21 @@ def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: l
         fed.stop_all()
 
 
-def per_message_cost(run_dir: Path, site_logs: dict[str, str]) -> dict:
+def per_message_cost(site_logs: dict[str, str]) -> dict:
     """Where a message's time goes at a site, as means over the run's messages, from the site executor's line per
-    ClientApp process (its steps: ``pull`` the message, ``install`` the FAB, ``load`` the app, ``push`` the reply)
-    and the site's own work for each message (the ``seconds`` it reports). ``fixed_s`` = the process's time minus the
-    transfers (pull, push: the SuperNode still receiving the message from the SuperLink, or sending the reply) minus
-    the site's own work: the process start, the install and the app's loading, Flower's bookkeeping."""
-    rounds = json.loads((Path(run_dir) / "metrics.json").read_text())["rounds"]
+    ClientApp process: ``pull`` the message (mostly waiting for the SuperNode to receive it from the SuperLink),
+    ``install`` the FAB, ``load`` the app, ``push`` the reply, and the app's own call (with Flower's small steps
+    between). ``fixed_s`` = install + load: what the site adds to a message besides the transfers and the work."""
     out = {}
     for site, text in site_logs.items():
         lines = re.findall(r"ClientApp process \d+: ([0-9.]+) s in all: (.*)", text)
-        own = [ph.get("seconds", 0.0) for r in rounds for ph in r["sites"].get(site, {}).values()]
-        if not lines or len(lines) != len(own):
+        if not lines:
             continue
         steps = [{k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", rest)} for _, rest in lines]
         n = len(lines)
-        total = sum(float(t) for t, _ in lines) / n
-        mean = {k: sum(st.get(k, 0.0) for st in steps) / n for k in ("pull", "install", "load", "push")}
-        work = sum(own) / n
-        out[site] = {"messages": n, "process_s": total, **{f"{k}_s": v for k, v in mean.items()},
-                     "own_work_s": work, "fixed_s": total - mean["pull"] - mean["push"] - work}
+        mean = {k: sum(st.get(k, 0.0) for st in steps) / n for k in ("pull", "install", "load", "push", "rest")}
+        out[site] = {"messages": n, "process_s": sum(float(t) for t, _ in lines) / n,
+                     **{f"{k}_s": v for k, v in mean.items()}, "fixed_s": mean["install"] + mean["load"]}
     return out
 
 
@@ -154,8 +147,8 @@ def _deployment_notes(doc: dict) -> list[str]:
             "ClientApp from a warm process and checks the app against the site's allow-list), all three training at "
             "once, then one site alone (the other two stopped). Its 'vs cores' column divides by max(slowest site, "
             f"total site time / {min(3, doc['parallel_slots'])}). A message's fixed cost at a site is its ClientApp "
-            "process's time (the executor logs each step) minus the transfers (pull: the SuperNode still receiving "
-            "the message from the SuperLink; push: the reply) minus the site's own work (the `seconds` it reports)."]
+            "process's steps besides the transfers (pull: mostly the SuperNode still receiving the message from the "
+            "SuperLink; push: the reply) and the app's own call: the FAB's install and the app's loading."]
 
 
 def _deployment_rows(deployments: dict) -> tuple[list, list]:
@@ -174,8 +167,26 @@ def _deployment_rows(deployments: dict) -> tuple[list, list]:
                           if r.get("slowest_site_s")])
         for site, v in d.get("per_message", {}).items():
             costs.append([key, site, v["messages"], v["process_s"], v["pull_s"], v["install_s"], v["load_s"],
-                          v["push_s"], v["own_work_s"], v["fixed_s"], slowest])
+                          v["push_s"], v["rest_s"], v["fixed_s"], slowest])
     return rows, costs
+
+
+def write_deployment_result(ctx: Context, s: dict, loop: dict, notes: tuple[str, ...] = ()) -> dict:
+    """``federation-deployment.{json,md}`` from the deployment's runs."""
+    doc = {"rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
+           "parallel_slots": ctx.machine.get("cpus_usable") or 1, "deployments": loop,
+           "aims": _deployment_aims(loop)}
+    rows, costs = _deployment_rows(loop)
+    head = ["run", "sites", "data", "local epochs", "run wall s", "rounds wall s", "round-1 overhead",
+            "overhead (median)", "overhead vs cores", "down bytes/site/round", "down+up / 2× model",
+            "down+up / 2× model, whole run"]
+    sections = [("Runs", table(head, rows, digits=4)), (COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)),
+                ("Aims", table(["figure", "aim", "measured", "met"],
+                               [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()], digits=4))]
+    return write_result(ctx, "federation-deployment",
+                        "Federation cost: the loopback deployment (TLS, node authentication)", doc, sections,
+                        [f"{s['rounds']} rounds; data {s['data']} (the test size); SYNTHETIC phantom at scale "
+                         f"{s['phantom']}. Overhead medians leave out round 1.", *_deployment_notes(doc), *notes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,20 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     s = _settings(ctx)
     if args.test_size_only:
         s["deployment_heavy_epochs"] = 0
-    loop = run_deployment(ctx, s, ctx.phantom(s["phantom"]).out)
-    doc = {"rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
-           "parallel_slots": ctx.machine.get("cpus_usable") or 1, "deployments": loop,
-           "aims": _deployment_aims(loop)}
-    rows, costs = _deployment_rows(loop)
-    head = ["run", "sites", "data", "local epochs", "run wall s", "rounds wall s", "round-1 overhead",
-            "overhead (median)", "overhead vs cores", "down bytes/site/round", "down+up / 2× model",
-            "down+up / 2× model, whole run"]
-    sections = [("Runs", table(head, rows, digits=4)), (COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)),
-                ("Aims", table(["figure", "aim", "measured", "met"],
-                               [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()], digits=4))]
-    write_result(ctx, "federation-deployment", "Federation cost: the loopback deployment (TLS, node authentication)",
-                 doc, sections, [f"{s['rounds']} rounds; data {s['data']} (the test size); SYNTHETIC phantom at "
-                                 f"scale {s['phantom']}. Overhead medians leave out round 1.", *_deployment_notes(doc)])
+    write_deployment_result(ctx, s, run_deployment(ctx, s, ctx.phantom(s["phantom"]).out))
     return 0
 
 

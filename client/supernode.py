@@ -88,6 +88,7 @@ def main() -> None:
     handler = logging.StreamHandler()  # Flower logs through its own handler; the root logger stays quiet
     handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s: %(message)s"))
     log.addHandler(handler)
+    log.setLevel(logging.INFO)
     log.propagate = False
     shorten_waits(pull_interval())
     from flwr.supernode.cli import flower_supernode

@@ -6,7 +6,8 @@ file store). Metric keys:
 
 - ``train/<name>``, ``eval/<name>``: aggregated over sites (weighted by ``num-examples``), step = global round;
 - ``<site>/train/<name>``, ``<site>/eval/<name>``: what each site reported, including ``num-examples``;
-- ``external/<name>``: the centre's own evaluation on the external cohort;
+- ``external/<name>``: the evaluate-only sites' scores of the round's global model (the external hospital);
+- ``benchmark/<name>``: the centre's own evaluation on a public benchmark set (``external-data``), when set;
 - ``round/<name>``: wall time, sites that replied, bytes sent and received.
 
 Logging runs on a background thread: importing MLflow and creating the SQLite schema take seconds that the

@@ -90,9 +90,9 @@ def test_every_message_carries_only_model_arrays_and_aggregate_numbers(dp_run, t
     model = {k: list(v.shape) for k, v in build_model(tiny_profile).state_dict().items()}
     lines = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
     entries = [e for e in lines if e["direction"] in ("to-site", "from-site")]
-    # rounds x train x (instruction, reply) x sites, and the last round's evaluate: rounds 1 and 2 are scored by the
-    # sites inside the next round's train message (evaluate-in-train)
-    assert len(entries) == 3 * 2 * len(SITES) + 2 * len(SITES)
+    # each site's role query and its answer (round 1), rounds x train x (instruction, reply) x sites, and the last
+    # round's evaluate: rounds 1 and 2 are scored by the sites inside the next round's train message (evaluate-in-train)
+    assert len(entries) == 2 * len(SITES) + 3 * 2 * len(SITES) + 2 * len(SITES)
     # the centre's screening verdicts, one per phase: names, node ids and outcomes only
     screening = [e for e in lines if e["direction"] == "screening"]
     assert len(screening) == len(lines) - len(entries) == 3 + 1
@@ -101,6 +101,14 @@ def test_every_message_carries_only_model_arrays_and_aggregate_numbers(dp_run, t
     for e in entries:
         assert "error" not in e, e
         records = e["records"]
+        if e["type"] == "query":  # what the node is, before any model: the round, then its name and role only
+            if e["direction"] == "to-site":
+                assert records == {"config": {"kind": "config", "items": {"server-round": 1}}}, records
+            else:
+                assert set(records) == {"site"} and records["site"]["items"] == {
+                    "name": records["site"]["items"]["name"], "role": "training"}
+                assert records["site"]["items"]["name"] in SITES
+            continue
         if e["direction"] == "to-site":
             assert set(records) == {"arrays", "config"}
             assert set(records["config"]["items"]) <= CONFIG_KEYS_TO_SITES

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Context, median, ratio, table, write_result
+from bench.transfer_app import APP_CLIENT, APP_COMMON, APP_PYPROJECT, APP_SERVER, SUPERNODE_WRAPPER
 
 BIN = Path(sys.executable).parent
 FORMS = ("per-tensor", "flat")
@@ -45,158 +46,6 @@ RUN_SIZES = {"quick": {"profile": "quick", "data.img-size": 32, "data.slices-per
                        "model.feature-size": 8},
              "standard": {"profile": "standard"}, "paper": {"profile": "paper"}}
 
-# The benchmark's own Flower app: written to the work folder, built into a FAB by `flwr run`.
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "transferbench"
-version = "1.0.0"
-license = { file = "LICENSE" }
-dependencies = ["flwr>=1.42.0"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "braintumnet"
-fab-format-version = 1
-flwr-version-target = "1.42.0"
-
-[tool.flwr.app.components]
-serverapp = "transferbench.server:app"
-clientapp = "transferbench.client:app"
-
-[tool.flwr.app.config]
-state-path = ""
-result-path = ""
-reps = 3
-"""
-
-APP_COMMON = '''\
-"""Both forms of the state dict: one Array per tensor, or one flat array per dtype with a layout."""
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
-
-
-def per_tensor(state):
-    return {"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})}
-
-
-def flat(state):
-    names = list(state)
-    offsets, at = [], 0
-    for k in names:
-        offsets.append(at)
-        at += state[k].size
-    vector = np.concatenate([np.ravel(state[k]).astype(np.float32, copy=False) for k in names])
-    layout = ConfigRecord({"names": names, "ndims": [state[k].ndim for k in names],
-                           "shape": [d for k in names for d in state[k].shape], "offsets": offsets})
-    return {"arrays": ArrayRecord({"flat": Array(vector)}), "layout": layout}
-
-
-def unflat(content):
-    vector = content["arrays"]["flat"].numpy()
-    layout = content["layout"]
-    dims = iter(layout["shape"])
-    out = {}
-    for name, ndim, offset in zip(layout["names"], layout["ndims"], layout["offsets"]):
-        shape = tuple(next(dims) for _ in range(ndim))
-        out[name] = vector[offset:offset + int(np.prod(shape, dtype=np.int64))].reshape(shape)
-    return out
-'''
-
-APP_SERVER = '''\
-import json
-import time
-
-import numpy as np
-from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid, ServerApp
-
-from transferbench.common import flat, per_tensor
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    state = dict(np.load(cfg["state-path"]))
-    nodes = []
-    while not nodes:
-        nodes = list(grid.get_node_ids())
-        time.sleep(0.2)
-    found = []
-    for rep in range(-1, int(cfg["reps"])):  # rep -1: a warm-up of each form, not counted
-        for form in (("per-tensor", "flat") if rep % 2 == 0 else ("flat", "per-tensor")):
-            content = RecordDict(per_tensor(state) if form == "per-tensor" else flat(state))
-            msg = Message(content, dst_node_id=nodes[0], message_type="train")
-            t0 = time.time()
-            ids = list(grid.push_messages([msg]))
-            t1 = time.time()
-            while True:
-                p0 = time.time()
-                got = list(grid.pull_messages(ids))
-                p1 = time.time()
-                if got:
-                    break
-                time.sleep(0.02)
-            reply = got[0]
-            assert not reply.has_error(), reply.error
-            timing = dict(reply.content["timing"])
-            found.append({"form": form, "rep": rep, "push_start": t0, "push_end": t1, "pull_start": p0,
-                          "reply_done": p1, "message_id": ids[0], **timing})
-            time.sleep(0.5)
-    with open(cfg["result-path"], "w") as fh:
-        json.dump(found, fh)
-'''
-
-APP_CLIENT = '''\
-import time
-
-import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
-from transferbench.common import flat, per_tensor, unflat
-
-app = ClientApp()
-
-
-@app.train()
-def echo(msg: Message, context: Context) -> Message:
-    start = time.time()
-    if "layout" in msg.content:
-        state = {k: torch.from_numpy(v.copy()) for k, v in unflat(msg.content).items()}
-        arrays = {k: v.numpy() for k, v in state.items()}
-        content = flat(arrays)
-    else:
-        state = msg.content["arrays"].to_torch_state_dict()
-        content = per_tensor({k: v.numpy() for k, v in state.items()})
-    reply = RecordDict(content)
-    reply["timing"] = MetricRecord({"app_start": start, "app_end": time.time()})
-    return Message(reply, reply_to=msg)
-'''
-
-# The SuperNode with a timestamp on each of Flower's log lines (its own format has none): Flower's own, or the one
-# the site launcher runs (client/supernode.py: shorter waits between looks for a message and for the reply).
-SUPERNODE_WRAPPER = (
-    "import logging, sys\n"
-    "h = logging.StreamHandler(sys.stdout)\n"
-    "h.setFormatter(logging.Formatter('TS %(created).4f %(message)s'))\n"
-    "logging.getLogger('flwr').addHandler(h)\n"
-    "if sys.argv[1] == 'project':\n"
-    "    sys.path.insert(0, sys.argv[2])\n"
-    "    del sys.argv[1:3]\n"
-    "    from client.supernode import main\n"
-    "    main()\n"
-    "del sys.argv[1:3]\n"
-    "from flwr.supernode.cli import flower_supernode\n"
-    "sys.argv[0] = 'flower-supernode'\n"
-    "flower_supernode()\n")
 REPO = Path(__file__).resolve().parents[1]
 SITE_KINDS = {"flower": "Flower's own SuperNode and a fresh `flwr-clientapp` process per message",
               "project": "the site launcher's processes: `client/supernode.py` (shorter waits) in process isolation "
@@ -374,7 +223,8 @@ def measure(root: Path, name: str, state: dict[str, np.ndarray], reps: int, say,
     loop = Loopback(work, site)
     try:
         loop.start()
-        say(f"transfer: {name}, {site} site: {len(state)} tensors, {sum(v.nbytes for v in state.values()) / 2**20:.2f} MiB, "
+        mib = sum(v.nbytes for v in state.values()) / 2**20
+        say(f"transfer: {name}, {site} site: {len(state)} tensors, {mib:.2f} MiB, "
             f"{reps} messages of each form")
         status = loop.run(app, {"state-path": str(work / "state.npz"), "result-path": str(work / "result.json"),
                                 "reps": reps}, timeout=600 + 240 * reps)
@@ -389,7 +239,8 @@ def measure(root: Path, name: str, state: dict[str, np.ndarray], reps: int, say,
     rows = [r for r in analyse(messages, events) if r["rep"] >= 0]
     medians = {form: {k: median([r[k] for r in rows if r["form"] == form]) for k in rows[0] if k.endswith("_s")}
                for form in FORMS}
-    return {"model": name, "site": site, "tensors": len(state), "mib": sum(v.nbytes for v in state.values()) / 2**20, "reps": reps,
+    return {"model": name, "site": site, "tensors": len(state), "mib": sum(v.nbytes for v in state.values()) / 2**20,
+            "reps": reps,
             "messages": rows, "medians": medians}
 
 
@@ -453,8 +304,8 @@ def _write(ctx: Context, found: dict, runs: tuple[str, ...], kept: dict) -> dict
               "`server/transport.py` and `braintumnet/site_round.py`); the Simulation Engine passes messages in "
               "memory and keeps one array per tensor.")]
     if kept:
-        notes.append(f"Runs {', '.join(k for k in kept if k not in runs)} are kept from an earlier invocation "
-                     "(their machine load is in the JSON's messages only as timings).")
+        notes.append(f"Runs {', '.join(k for k in kept if k not in runs)} are kept from an earlier invocation on "
+                     "this machine (the load average above is this invocation's).")
     return write_result(ctx, "transfer", "Model transfer: one Array per tensor against one flat array",
                         {"runs": found}, sections, notes)
 

@@ -175,7 +175,7 @@ def unpacked(reply: Message, sent: Message | None) -> Message:
 def _numpy(arrays: ArrayRecord) -> dict:
     try:
         return {k: a.numpy() for k, a in arrays.items()}
-    except Exception as exc:  # whatever a malformed Array raises while it is decoded: refuse the reply, never crash
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed Array raises when decoded: refuse, never crash
         raise PackingError(f"an array could not be decoded ({type(exc).__name__})") from None
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository's packages, not this folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from braintumnet.errors import BrainTumNetError  # noqa: E402
 from client.allowlist import AppNotAllowed, check_allowed  # noqa: E402
 
 log = logging.getLogger("braintumnet.executor")
@@ -236,10 +237,11 @@ def guarded_install(install, allowed_apps: Path | None):
         digest = hashlib.sha256(fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()).hexdigest()
         try:
             check_allowed(digest, allowed_apps)
-        except AppNotAllowed as exc:
+        except BrainTumNetError as exc:  # not listed, or the list unreadable: nothing runs; the path stays here
             log.error("%s", exc)
             refused.append(digest)
-            raise AppRefused(f"the site refused the app: FAB sha256 {digest} is not on its allow-list") from None
+            why = "is not on its allow-list" if isinstance(exc, AppNotAllowed) else "could not be checked"
+            raise AppRefused(f"the site refused the app: FAB sha256 {digest} {why}") from None
         installed = Path(install(fab_file, *args, **kwargs))
         shipped = {p.stem for p in installed.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
         for name in [m for m in sys.modules if m.split(".", 1)[0] in shipped]:

@@ -228,3 +228,33 @@ def test_supernode_waits_the_launcher_shortens(monkeypatch):
     waits = _ShorterWaits(1.0)
     waits.sleep(FLOWER_PULL_S), waits.sleep(FLOWER_REPLY_WAIT_S), waits.sleep(2)
     assert slept == [1.0, REPLY_WAIT_S, 2] and waits.monotonic is time.monotonic
+
+
+def test_guarded_install_checks_before_installing_and_lets_the_fabs_modules_win(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+    import types
+
+    from client.executor import AppRefused, guarded_install
+
+    fab = b"the FAB's bytes"
+    installed = []
+    app_dir = tmp_path / "installed"
+    (app_dir / "sentinelpkg").mkdir(parents=True)
+    (app_dir / "sentinelpkg" / "__init__.py").write_text("")
+
+    def install(content, *args, **kwargs):
+        installed.append(content)
+        return app_dir
+
+    allowed = tmp_path / "allowed"
+    allowed.write_text("0" * 64 + "\n")
+    for listing in (allowed, tmp_path / "missing"):  # not listed; the list unreadable: refused, nothing installed
+        with pytest.raises(AppRefused, match=hashlib.sha256(fab).hexdigest()) as refused:
+            guarded_install(install, listing)(fab, skip_prompt=True)
+        assert str(tmp_path) not in str(refused.value) and installed == []
+    allowed.write_text(hashlib.sha256(fab).hexdigest() + "\n")
+    monkeypatch.setitem(sys.modules, "sentinelpkg", types.ModuleType("sentinelpkg"))  # the parent's copy
+    monkeypatch.setitem(sys.modules, "sentinelpkg.sub", types.ModuleType("sentinelpkg.sub"))
+    assert guarded_install(install, allowed)(fab, skip_prompt=True) == app_dir and installed == [fab]
+    assert "sentinelpkg" not in sys.modules and "sentinelpkg.sub" not in sys.modules  # re-imported from the FAB

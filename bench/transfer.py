@@ -123,7 +123,8 @@ class Loopback:
             secret.chmod(0o600)
             self._start("supernode", [*cmd, "--isolation", "process", "--superexec-auth-secret-file", str(secret)])
             self._start("executor", [sys.executable, str(REPO / "client" / "executor.py"), "--runtime-api-address",
-                                     f"127.0.0.1:{self.appio}", "--superexec-auth-secret-file", str(secret)])
+                                     f"127.0.0.1:{self.appio}", "--superexec-auth-secret-file", str(secret),
+                                     "--allow-any-app"])
         else:
             self._start("supernode", cmd)
 

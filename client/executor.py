@@ -257,7 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--superexec-auth-secret-file", type=Path, required=True,
                    help="the secret file the SuperNode was started with (--superexec-auth-secret-file)")
     p.add_argument("--allowed-apps", type=Path, default=None,
-                   help="the site's FAB allow-list (one SHA-256 per line); leave out to run every app (dev only)")
+                   help="the site's FAB allow-list (one SHA-256 per line); required unless --allow-any-app")
+    p.add_argument("--allow-any-app", action="store_true",
+                   help="run every app the SuperLink sends, with no allow-list (plaintext test federations only)")
     p.add_argument("--max-rss-mb", type=float, default=DEFAULT_MAX_RSS_MB,
                    help=f"start a fresh warm parent when this process's memory exceeds it (default "
                    f"{DEFAULT_MAX_RSS_MB})")
@@ -275,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
     args = parse_args(argv)
+    if args.allowed_apps is None and not args.allow_any_app:
+        print("error: no --allowed-apps FILE: the site executor runs only the apps the site's admin listed (one "
+              "SHA-256 per line; python client/run.py --fab-hash APP.fab prints an app's hash); --allow-any-app "
+              "runs every app, for plaintext test federations only", file=sys.stderr)
+        return EXIT_SETTINGS
     version = flower_version()
     if not supported(version):
         print(f"error: the site executor relies on Flower {SUPPORTED_FLOWER}x internals, this is Flower {version}; "

@@ -67,9 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tries to reach the SuperLink, waiting 1, 2, 4, ... s between them (default 5)")
     p.add_argument("--allowed-apps", type=Path, metavar="FILE",
                    help="the FAB allow-list: SHA-256 hashes of the apps this site runs, one per line")
-    p.add_argument("--executor", choices=("site", "flower"), default="site",
-                   help="site (default): warm forked ClientApps with the allow-list; flower: Flower's own fresh "
-                   "process per message, no allow-list (only with --insecure)")
+    p.add_argument("--executor", choices=("site", "separate", "flower"), default="site",
+                   help="site (default): warm forked ClientApps with the allow-list, started beside the SuperNode; "
+                   "separate: the SuperNode alone, for a site executor run by its own service under another user "
+                   "(needs superexec-secret in the site config); flower: Flower's own fresh process per message, "
+                   "no allow-list (only with --insecure)")
     p.add_argument("--check", action="store_true",
                    help="stop after the preflight (data, cache, connection, allowed apps)")
     p.add_argument("--fab-hash", type=Path, metavar="FAB",
@@ -183,6 +185,14 @@ def check_apps(args: argparse.Namespace, settings: SiteSettings) -> str:
         return "ANY app (no allowed-apps file; --insecure test mode)"
     if args.executor == "flower":
         return f"NOT CHECKED (--executor flower ignores {path})"
+    if args.executor == "separate":
+        if settings.superexec_secret is None:
+            raise LaunchError(f"--executor separate: the site executor runs as its own service and must share the "
+                              f"SuperNode's secret: set superexec-secret = \"FILE\" in [site.{settings.name}] of the "
+                              "site config (the file the executor's --superexec-auth-secret-file names)")
+        hashes = read_allowlist(path)
+        return (f"{path} ({len(hashes)} apps), enforced by the separate site executor: start it with "
+                f"--allowed-apps {path}")
     hashes = read_allowlist(path)  # unreadable or malformed: a user error naming the file and line
     if os.access(path, os.W_OK):
         log.warning("%s can be changed by this site's own processes: make it read-only for them (owned by the "

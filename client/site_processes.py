@@ -58,6 +58,8 @@ def executor_command(settings: SiteSettings, port: int, secret: Path) -> list[st
            "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
     if settings.allowed_apps is not None:
         cmd += ["--allowed-apps", str(settings.allowed_apps)]
+    else:  # the launcher allows that only with --insecure (check_apps)
+        cmd += ["--allow-any-app"]
     return cmd
 
 
@@ -105,7 +107,9 @@ def site_executor_usable(settings: SiteSettings) -> bool:
 def run_site(settings: SiteSettings, port: int, executor: str) -> int:
     """Start the SuperNode (and the site executor) and wait; when one stops, stop the other. Returns its exit code."""
     env = dict(os.environ)
-    if executor == "flower" or not site_executor_usable(settings):
+    if executor == "separate":  # the executor runs in its own service (deploy/systemd), under a user without the key
+        commands = {"SuperNode": supernode_command(settings, port, superexec_secret(settings))}
+    elif executor == "flower" or not site_executor_usable(settings):
         # Flower's SuperExec checks for a new message every second by default; a ClientApp then starts sooner.
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
         commands = {"SuperNode": supernode_command(settings, port)}

@@ -176,6 +176,33 @@ def test_allowed_apps_required_with_tls_and_listed_by_check(tmp_path, phantom_ro
     assert res.returncode == 2 and f"{allowed}:1: 'abc' is not a SHA-256 FAB hash" in res.stderr, res.stderr
 
 
+def test_a_separate_executor_needs_the_shared_secret_and_an_allow_list(tmp_path, phantom_root, cache_root):
+    """On bare metal the executor runs as its own service (deploy/systemd): the launcher then starts the SuperNode
+    alone and needs the secret both share, and the executor refuses to start without an allow-list."""
+    ca = _certificates(tmp_path)["ca"]
+    allowed = write(tmp_path / "allowed-apps", f"{'ab' * 32}\n")
+    allowed.chmod(0o444)
+    base = (f'[defaults]\ncache = "{cache_root}"\nroot-certificates = "{ca}"\n[defaults.run-config]\n'
+            f'"data.img-size" = 32\n"data.slices-per-case" = 3\n[site.plagh]\ndata = "{phantom_root / "plagh"}"\n'
+            f'allowed-apps = "{allowed}"\n')
+    cfg = write(tmp_path / "sites.toml", base)
+    args = ("--config", str(cfg), "--site", "plagh", "--superlink", f"127.0.0.1:{closed_port()}", "--check",
+            "--executor", "separate")
+    res = launch(*args)
+    assert res.returncode == 2 and "set superexec-secret" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    secret = write(tmp_path / "superexec.secret", "s" * 64)
+    secret.chmod(0o600)
+    write(cfg, base + f'superexec-secret = "{secret}"\n')
+    res = launch(*args)
+    assert res.returncode == 0, res.stderr
+    assert "enforced by the separate site executor" in res.stdout
+
+    executor = subprocess.run([sys.executable, str(REPO / "client" / "executor.py"), "--runtime-api-address",
+                               f"127.0.0.1:{closed_port()}", "--superexec-auth-secret-file", str(secret)],
+                              capture_output=True, text=True, timeout=120)
+    assert executor.returncode == 2 and "no --allowed-apps FILE" in executor.stderr, executor.stderr
+
+
 def test_fab_hash_is_the_hash_the_executor_checks(tmp_path):
     import hashlib
 

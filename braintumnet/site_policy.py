@@ -285,7 +285,9 @@ class Journal:
         """
         self._require_lock()
         if not self.path.is_file():
-            witnesses = [str(p) for p in (self.marker, self.witness) if p is not None and p.is_file()]
+            witnesses = [str(self.marker)] if self.marker.is_file() else []
+            if str(self.path) in self._witnessed():
+                witnesses.append(str(self.witness))
             if witnesses:
                 raise BrainTumNetError(
                     f"{self.path}: the site's journal is missing, but {' and '.join(witnesses)} say(s) it existed. "
@@ -306,6 +308,19 @@ class Journal:
                 out.append(entry)
         return out
 
+    def _witnessed(self) -> list[str]:
+        """The journals the cache's witness says existed (an unreadable witness vouches for none)."""
+        if self.witness is None or not self.witness.is_file():
+            return []
+        try:
+            content = json.loads(self.witness.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        if not isinstance(content, dict):
+            return []
+        listed = content.get("journals", [content.get("journal")])  # the first format named one journal
+        return [str(p) for p in listed if isinstance(p, str)] if isinstance(listed, list) else []
+
     def append(self, entry: Mapping[str, Any]) -> None:
         """Add one line (with its time), flushed to disk before returning."""
         # imported here: braintumnet.io brings numpy, which the launcher (client/sites.py) does not need
@@ -314,8 +329,10 @@ class Journal:
         self._require_lock()
         if not self.marker.is_file():
             atomic_write_json(self.marker, {"journal": self.path.name, "started": time.time()}, mode=PRIVATE)
-        if self.witness is not None:
-            atomic_write_json(self.witness, {"journal": str(self.path)}, mode=PRIVATE)
+        journals = self._witnessed()
+        if self.witness is not None and str(self.path) not in journals:
+            # one cache may serve several state folders (a simulated site and a deployed one): the witness lists each
+            atomic_write_json(self.witness, {"journals": [*journals, str(self.path)]}, mode=PRIVATE)
         line = json.dumps(plain({**entry, "time": time.time()}), allow_nan=False) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE)
         try:

@@ -71,6 +71,19 @@ def test_a_lost_ledger_is_an_error_until_an_admin_resets_it(tmp_path):
         epsilon([ROUND], 1e-5))
 
 
+def test_two_state_folders_sharing_one_cache_each_keep_their_own_witness(tmp_path):
+    """A simulated site and a deployed one may share a cache: the witness vouches for each journal it saw, so a new
+    state folder starts empty, and a lost journal of either is still found."""
+    cache, first, second = tmp_path / "cache", tmp_path / "state-a", tmp_path / "state-b"
+    spend(PrivacyLedger(first, "yibin", cache), "fed")
+    spend(PrivacyLedger(second, "yibin", cache), "fed")  # not "missing": this journal never existed before
+    shutil.rmtree(first)
+    with pytest.raises(BrainTumNetError, match=r"journal is missing, but .*privacy-ledger.witness"):
+        spend(PrivacyLedger(first, "yibin", cache), "fed")
+    assert spend(PrivacyLedger(second, "yibin", cache), "fed")["epsilon_federation"] == pytest.approx(
+        epsilon([ROUND, ROUND], 1e-5))  # its own two rounds
+
+
 def test_the_previous_per_federation_ledger_is_taken_over(tmp_path):
     old = tmp_path / "cache" / "privacy" / "yibin"
     old.mkdir(parents=True)

@@ -71,7 +71,7 @@ def supported(version: str) -> bool:
 
 
 def warm_up(app_module: str = "client.app") -> float:
-    """Import the site's ClientApp (torch, the MONAI submodules, flwr, mlflow, ...); returns the seconds it took.
+    """Import the site's ClientApp (torch, the MONAI submodules, flwr, ...); returns the seconds it took.
 
     The first-party modules stay importable but each child drops those its FAB ships, so they are re-read from it.
     Imports only: no tensor operation runs here, so no thread pool (OpenMP) or CUDA context exists at fork time.

@@ -78,13 +78,9 @@ def superexec_secret(settings: SiteSettings) -> Path:
     state = settings.cache / "state"
     state.mkdir(parents=True, exist_ok=True)
     path = state / f"superexec-{settings.name}.secret"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
-        os.write(fd, secrets.token_hex(32).encode())
-    finally:
-        os.close(fd)
-    return path
+    from braintumnet.io import PRIVATE, atomic_write_text  # numpy with it: only once the SuperNode is to start
+
+    return atomic_write_text(path, secrets.token_hex(32), mode=PRIVATE)
 
 
 def site_executor_usable(settings: SiteSettings) -> bool:

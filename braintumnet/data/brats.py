@@ -22,7 +22,6 @@ splits by hospital.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from braintumnet.data.contract import (CASES_CSV, DATASET_JSON, EDEMA_LABEL, EXT
                                        TUMOR_TYPES, TUMOUR_LABEL)
 from braintumnet.data.site import SITE_NAME
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import atomic_write_json, atomic_write_text
 
 HOSPITAL_COLUMN = "hospital"  # what python -m simulation --data reads by default (--site-column)
 LABELS_DIR = "labelsTr"
@@ -341,7 +341,5 @@ def _write_contract(out: Path, brats_dir: Path, cases: pd.DataFrame) -> None:
         "description": f"{', '.join(releases)} from {brats_dir}, imported by braintumnet import-brats; one "
                        f"'{HOSPITAL_COLUMN}' per case",
     }
-    (out / DATASET_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    tmp = out / (CASES_CSV + ".tmp")
-    cases.to_csv(tmp, index=False)
-    tmp.replace(out / CASES_CSV)  # written last: a folder with cases.csv is a finished import
+    atomic_write_json(out / DATASET_JSON, meta)
+    atomic_write_text(out / CASES_CSV, cases.to_csv(index=False))  # written last: a folder with it is a finished import

@@ -1,5 +1,5 @@
-"""Sending and receiving: Flower's Grid with a record of each exchange, polling that adapts to the phase, and reads
-retried while the SuperLink is busy.
+"""Sending and receiving: Flower's Grid with a record of each exchange, polling for replies when they are due
+(``server/polling.py``: from each site's last reported seconds), and reads retried while the SuperLink is busy.
 
 Each exchange is recorded (:class:`Exchange`): where each message went (to name the site of a reply, or of a missing
 one), how long it took and how many array bytes moved per node. With the message audit on, every message sent and
@@ -28,21 +28,12 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from braintumnet.packing import PackingError, decode_layout, is_packed, pack, unpack
-from braintumnet.protocol import ARRAYS, PACKED_LAYOUT
+from braintumnet.protocol import ARRAYS, METRICS, PACKED_LAYOUT, SECONDS
 from server.audit import describe_exchange
+from server.polling import ReplyForecast, next_poll_wait
 
 log = logging.getLogger("braintumnet.server")
 
-# Seconds between reply polls. Flower's own Grid.send_and_receive waits a flat 3 s, which costs up to 3 s per phase
-# (6 s a round) whatever the sites do: round overhead x2-x4 on short rounds (bench/results/federation.md). Each poll is
-# a write at the SuperLink (it marks replies delivered), and flat fast polling made its SQLite state time out on locks
-# on a busy machine. So the wait grows with the phase: a tenth of the time waited so far (the polling delay stays
-# within ~10 % of the phase), never under POLL_MIN_S nor over POLL_S. The 3 s ceiling costs about 1.5 s a round on
-# average (the standard study's rounds fell on a 3 s grid: 2.5 % of a 60 s round); a 1 s ceiling, tried, saw a
-# loopback run fail on "database is locked" on a saturated box, so the ceiling stays.
-POLL_S = 3.0
-POLL_MIN_S = 0.5
-POLL_FRACTION = 0.1
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
 
@@ -56,6 +47,7 @@ class Exchange:
     timeout: float | None = None
     bytes_out: dict[int, int] = field(default_factory=dict)  # node id -> array bytes sent
     bytes_in: dict[int, int] = field(default_factory=dict)  # node id -> array bytes received
+    polls: int = 0  # reads of the SuperLink for replies
 
 
 class RecordingGrid(Grid):
@@ -71,6 +63,7 @@ class RecordingGrid(Grid):
         self.last = Exchange()
         self.audit = audit
         self.pack = isinstance(grid, HttpGrid) if pack is None else pack
+        self.forecast = ReplyForecast()
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -105,21 +98,35 @@ class RecordingGrid(Grid):
         sent_by_id = {mid: m for mid, m in zip(ids, wire) if mid}
         waiting = set(exchange.sent)
         deadline = None if timeout is None else start + timeout
+        seen = 0.0
         while waiting and (deadline is None or time.monotonic() < deadline):
             got = retry_busy(lambda: list(self._grid.pull_messages(list(waiting))), "pull replies")
+            exchange.polls += 1
+            earliest, seen = seen, time.monotonic() - start  # each reply arrived in this window
             for m in got:
+                sent = sent_by_id.get(m.metadata.reply_to_message_id)
                 node = exchange.sent.get(m.metadata.reply_to_message_id)
                 if node is not None and not m.has_error():
                     exchange.bytes_in[node] = array_bytes(m.content)  # as it travelled, packed or not
-                exchange.replies.append(unpacked(m, sent_by_id.get(m.metadata.reply_to_message_id)))
+                    self.forecast.observe(node, sent.metadata.message_type, earliest, seen, reported_seconds(m))
+                exchange.replies.append(unpacked(m, sent))
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
             if waiting:
-                time.sleep(min(POLL_S, max(POLL_MIN_S, POLL_FRACTION * (time.monotonic() - start))))
+                due = (self.forecast.due(sent_by_id[mid].metadata.dst_node_id, sent_by_id[mid].metadata.message_type)
+                       for mid in waiting)
+                time.sleep(next_poll_wait(time.monotonic() - start, due))
         exchange.seconds = time.monotonic() - start
         self.last = exchange
         if self.audit is not None:
             self.audit(describe_exchange(messages, exchange.replies, exchange.sent))
         return exchange.replies
+
+
+def reported_seconds(reply: Message) -> float | None:
+    """The seconds of work a site reports in its reply's metrics (None when there are none, or not a number)."""
+    metrics = reply.content.metric_records.get(METRICS) if reply.has_content() else None
+    value = None if metrics is None else metrics.get(SECONDS)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def retry_busy(read: Callable[[], Any], what: str) -> Any:

@@ -223,11 +223,38 @@ def test_supernode_waits_the_launcher_shortens(monkeypatch):
     assert source.count(f"time.sleep({FLOWER_REPLY_WAIT_S})") == 2  # waiting for the reply and its objects
     assert internal.time is time or isinstance(internal.time, _ShorterWaits)
     assert "obj_contents = pull_objects(" in source  # the message's objects, timed in the SuperNode's log
+    assert "            _push_messages(\n" in source  # the reply's send, looked up in the module when called
+    assert list(inspect.signature(internal._push_messages).parameters) == ["state", "object_store", "send",
+                                                                            "push_object"]
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     waits = _ShorterWaits(1.0)
     waits.sleep(FLOWER_PULL_S), waits.sleep(FLOWER_REPLY_WAIT_S), waits.sleep(2)
     assert slept == [1.0, REPLY_WAIT_S, 2] and waits.monotonic is time.monotonic
+
+
+def test_supernode_looks_often_right_after_a_reply_and_rarely_when_idle(monkeypatch):
+    """After a reply the next message is near: looks every 0.1 s, spacing out to the configured interval."""
+    import time
+
+    from client.supernode import FAST_LOOK_S, FLOWER_PULL_S, _noting_replies, _ShorterWaits, look_wait
+
+    assert look_wait(None, 1.0) == 1.0  # nothing answered yet: the configured interval
+    assert look_wait(0.2, 1.0) == FAST_LOOK_S
+    assert look_wait(4.0, 1.0) == pytest.approx(0.4)
+    assert look_wait(60.0, 1.0) == 1.0
+    waits = _ShorterWaits(1.0)
+    calls = []
+    push = _noting_replies(lambda **kw: calls.append(kw), waits)
+    push(state=None, object_store=None, send=None, push_object=None)
+    assert len(calls) == 1 and waits.last_reply is not None
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    waits.sleep(FLOWER_PULL_S)
+    assert slept == [FAST_LOOK_S]
+    waits.last_reply -= 100.0
+    waits.sleep(FLOWER_PULL_S)
+    assert slept[-1] == 1.0
 
 
 def test_guarded_install_checks_before_installing_and_lets_the_fabs_modules_win(tmp_path, monkeypatch):

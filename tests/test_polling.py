@@ -1,0 +1,148 @@
+"""The centre polls for replies when they are due (server/polling.py), on a fake clock: scripted sites answer after
+known seconds, and the test counts how late each reply was noticed and how many polls it took."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.polling import POLL_FAST_S, POLL_MIN_S, POLL_S, ReplyForecast, next_poll_wait
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds > 0
+        self.now += seconds
+
+
+class TimedGrid(Grid):
+    """Each node answers ``work[node]`` seconds of work plus ``transfer`` seconds after the push."""
+
+    def __init__(self, clock: Clock, work: dict[int, float], transfer: float = 0.3):
+        self.clock, self.work, self.transfer = clock, work, transfer
+        self.pending: dict[str, tuple[float, Message]] = {}
+
+    def set_run(self, run): pass
+
+    @property
+    def run(self): return None
+
+    def create_message(self, *a, **k): raise NotImplementedError
+
+    def get_node_ids(self): return list(self.work)
+
+    def get_nodes(self): return []
+
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            ready = self.clock.now + self.work[m.metadata.dst_node_id] + self.transfer
+            self.pending[m.object_id] = (ready, m)
+        return [m.object_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in list(message_ids):
+            ready, msg = self.pending[mid]
+            if ready > self.clock.now:
+                continue
+            del self.pending[mid]
+            node = msg.metadata.dst_node_id
+            reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1,
+                                                                  "seconds": self.work[node]})}), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            out.append((ready, reply))
+        return [r for _, r in out]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+def exchange(recording, grid, clock, kind="train"):
+    """One send-and-receive: how long after the last reply was ready the centre noticed it, and the polls."""
+    messages = [Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=n, message_type=kind)
+                for n in grid.work]
+    start = clock.now
+    replies = list(recording.send_and_receive(messages))
+    assert len(replies) == len(grid.work) and not any(r.has_error() for r in replies)
+    last_ready = start + max(grid.work.values()) + grid.transfer
+    return clock.now - last_ready, recording.last.polls
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's Message constructor reads the process's task identity (set by flwr-serverapp in real runs)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import server.transport
+
+    clock = Clock()
+    monkeypatch.setattr(server.transport, "time", clock)
+    return clock
+
+
+def test_the_second_round_notices_each_reply_when_it_is_due(clock):
+    from server.transport import RecordingGrid
+
+    grid = TimedGrid(clock, {1: 7.3, 2: 11.1, 3: 23.7})
+    recording = RecordingGrid(grid, pack=False)
+    first_late, first_polls = exchange(recording, grid, clock)
+    assert first_late > 1.0  # without a forecast: the growing rule's polls (2.4 s apart by then)
+    second_late, second_polls = exchange(recording, grid, clock)
+    assert second_late <= POLL_FAST_S + 1e-9, second_late
+    assert second_polls <= first_polls + 3 * len(grid.work)  # a few polls at each due time, no flat fast polling
+    evaluate_late, _ = exchange(recording, grid, clock, kind="evaluate")  # another kind: no forecast yet
+    assert evaluate_late > POLL_FAST_S
+
+
+def test_a_site_slower_than_forecast_is_polled_by_the_growing_rule(clock):
+    from server.transport import RecordingGrid
+
+    grid = TimedGrid(clock, {1: 5.0})
+    recording = RecordingGrid(grid, pack=False)
+    exchange(recording, grid, clock)
+    grid.work[1] = 15.0  # three times slower this round
+    late, polls = exchange(recording, grid, clock)
+    assert late <= 0.1 * 15.3 + 1e-9  # noticed within a tenth of the wait, as without a forecast
+    _, growing_polls = exchange(RecordingGrid(grid, pack=False), grid, clock)  # no forecast
+    assert polls <= growing_polls + 6, (polls, growing_polls)  # the due time's polls, then the growing rule
+    grid.work[1] = 1.0  # faster than forecast: the growing rule's polls still happen
+    late, _ = exchange(recording, grid, clock)
+    assert late <= POLL_MIN_S + 1e-9
+
+
+def test_next_poll_wait_only_ever_brings_a_poll_forward():
+    assert next_poll_wait(0.0, []) == POLL_MIN_S
+    assert next_poll_wait(100.0, [None]) == POLL_S
+    assert next_poll_wait(10.0, [10.4]) == pytest.approx(0.4)
+    assert next_poll_wait(10.0, [50.0]) == pytest.approx(1.0)  # far off: the growing rule's own wait
+    assert next_poll_wait(10.0, [10.0]) == POLL_FAST_S
+    assert next_poll_wait(10.4, [10.0]) == POLL_FAST_S  # just due
+    assert next_poll_wait(30.0, [10.0]) == POLL_S  # 20 s overdue: late, the growing rule
+    assert next_poll_wait(30.0, [10.0, 30.5]) == pytest.approx(0.5)
+
+
+def test_the_forecast_is_the_last_work_plus_the_rest_of_the_round_trip_taken_early():
+    forecast = ReplyForecast()
+    assert forecast.due(1, "train") is None
+    forecast.observe(1, "train", earliest_s=11.0, seen_s=12.0, work_s=10.0)
+    assert forecast.due(1, "train") == pytest.approx(11.0)  # arrived after 11 s at the earliest
+    forecast.observe(1, "train", earliest_s=8.0, seen_s=9.0, work_s=8.5)  # the window opened before the work ended
+    assert forecast.due(1, "train") == pytest.approx(8.5)
+    forecast.observe(2, "train", earliest_s=3.0, seen_s=4.0, work_s=None)  # no reported seconds
+    forecast.observe(3, "train", earliest_s=3.0, seen_s=4.0, work_s=1e9)  # a figure that cannot be: ignored likewise
+    assert forecast.due(2, "train") == forecast.due(3, "train") == pytest.approx(3.0)

@@ -25,6 +25,10 @@ from bench.common import Context, median, table, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
+SPLIT_HEADING = "Loopback deployment: where a round's time goes (medians over the rounds after the first)"
+SPLIT_HEAD = ["run", "round s", "train phase s", "slowest site's train s", "evaluate phase s",
+              "slowest site's evaluate s", "train phase - work s", "evaluate phase - work s",
+              "the centre between phases s"]
 COSTS_HEADING = "Loopback deployment: a message's fixed cost at a site (means over the run's messages)"
 COSTS_HEAD = ["run", "site", "messages", "ClientApp process s", "pull s", "install s", "load s", "push s",
               "the app's call s", "fixed cost s (install + load)", "slowest site's own work per round s"]
@@ -77,12 +81,12 @@ def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: l
                     fed.kill_site(site, signal.SIGTERM)
             for local_epochs in epochs:
                 key = f"{local_epochs}" + ("-one-site" if sites == 1 else "")
-                ctx.say(f"federation: loopback deployment, {sites} site(s), {settings['rounds']} rounds of "
+                ctx.say(f"federation: loopback deployment, {sites} site(s), {settings['deployment_rounds']} rounds of "
                         f"{local_epochs} local epoch(s)")
                 logs = {site: len(proc.text()) for site, proc in fed.sites.items()}
                 t0 = time.perf_counter()
                 try:
-                    run_id = submit_app(fed, app, **{"num-server-rounds": settings["rounds"],
+                    run_id = submit_app(fed, app, **{"num-server-rounds": settings["deployment_rounds"],
                                                      "train.local-epochs": local_epochs, "min-available-nodes": sites,
                                                      "min-train-nodes": sites, "min-evaluate-nodes": sites})
                     status = fed.wait_finished(run_id, 1800)
@@ -118,6 +122,32 @@ def per_message_cost(site_logs: dict[str, str]) -> dict:
         out[site] = {"messages": n, "process_s": sum(float(t) for t, _ in lines) / n,
                      **{f"{k}_s": v for k, v in mean.items()}, "fixed_s": mean["install"] + mean["load"]}
     return out
+
+
+def _round_split(deployments: dict) -> list[list]:
+    """Per run, medians over the rounds after the first: each phase's wall time against its slowest site's own work
+    (the rest is the messages' way: the SuperNodes' looks, transfers, the centre's polls), and the centre's own time
+    between the phases (aggregation, screening, checkpoints, metrics, MLflow)."""
+    rows = []
+    for key, d in deployments.items():
+        later = d.get("rounds", [])[1:] or d.get("rounds", [])
+        if not later or d.get("error"):
+            continue
+
+        def med(f):
+            return median([v for v in (f(r) for r in later) if v is not None])
+
+        centre = med(lambda r: r["wall_s"] - (r["train_s"] or 0.0) - (r["evaluate_s"] or 0.0)
+                     if r.get("wall_s") is not None else None)
+        rows.append([key, med(lambda r: r.get("wall_s")), med(lambda r: r.get("train_s")),
+                     med(lambda r: r.get("slowest_train_s")), med(lambda r: r.get("evaluate_s")),
+                     med(lambda r: r.get("slowest_evaluate_s")),
+                     med(lambda r: r["train_s"] - r["slowest_train_s"] if r.get("slowest_train_s") is not None
+                         and r.get("train_s") is not None else None),
+                     med(lambda r: r["evaluate_s"] - r["slowest_evaluate_s"]
+                         if r.get("slowest_evaluate_s") is not None and r.get("evaluate_s") is not None else None),
+                     centre])
+    return rows
 
 
 def _deployment_aims(deployments: dict) -> dict:
@@ -173,19 +203,20 @@ def _deployment_rows(deployments: dict) -> tuple[list, list]:
 
 def write_deployment_result(ctx: Context, s: dict, loop: dict, notes: tuple[str, ...] = ()) -> dict:
     """``federation-deployment.{json,md}`` from the deployment's runs."""
-    doc = {"rounds": s["rounds"], "data": s["data"], "phantom_scale": s["phantom"],
+    doc = {"rounds": s["deployment_rounds"], "data": s["data"], "phantom_scale": s["phantom"],
            "parallel_slots": ctx.machine.get("cpus_usable") or 1, "deployments": loop,
            "aims": _deployment_aims(loop)}
     rows, costs = _deployment_rows(loop)
     head = ["run", "sites", "data", "local epochs", "run wall s", "rounds wall s", "round-1 overhead",
             "overhead (median)", "overhead vs cores", "down bytes/site/round", "down+up / 2× model",
             "down+up / 2× model, whole run"]
-    sections = [("Runs", table(head, rows, digits=4)), (COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)),
+    sections = [("Runs", table(head, rows, digits=4)), (SPLIT_HEADING, table(SPLIT_HEAD, _round_split(loop), digits=3)),
+                (COSTS_HEADING, table(COSTS_HEAD, costs, digits=3)),
                 ("Aims", table(["figure", "aim", "measured", "met"],
                                [[k, v["aim"], v["value"], v["met"]] for k, v in doc["aims"].items()], digits=4))]
     return write_result(ctx, "federation-deployment",
                         "Federation cost: the loopback deployment (TLS, node authentication)", doc, sections,
-                        [f"{s['rounds']} rounds; data {s['data']} (the test size); SYNTHETIC phantom at scale "
+                        [f"{s['deployment_rounds']} rounds; data {s['data']} (the test size); SYNTHETIC phantom at scale "
                          f"{s['phantom']}. Overhead medians leave out round 1.", *_deployment_notes(doc), *notes])
 
 

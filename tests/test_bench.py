@@ -196,6 +196,20 @@ def test_federation_deployment_runs_each_get_their_aims_and_row_and_a_failed_one
     assert "1 local epoch(s): run ended as finished:failed" in notes and "10 local epoch(s)" not in notes
 
 
+def test_deployment_round_split_separates_the_phases_the_work_and_the_centre():
+    from bench.federation_deployment import _round_split
+
+    def rnd(wall, train, work_t, evaluate, work_e):
+        return {"wall_s": wall, "train_s": train, "slowest_train_s": work_t, "evaluate_s": evaluate,
+                "slowest_evaluate_s": work_e}
+
+    ok = {"rounds": [rnd(99.0, 50.0, 1.0, 40.0, 1.0), rnd(12.0, 7.0, 5.0, 3.0, 2.5), rnd(14.0, 8.0, 6.0, 4.0, 3.5)]}
+    [row] = _round_split({"1": ok, "40": {"error": "failed", "rounds": []}})
+    assert row[0] == "1" and row[1] == pytest.approx(13.0)  # round 1 (the cold start) left out
+    assert row[6] == pytest.approx(2.0) and row[7] == pytest.approx(0.5)  # each phase beyond its slowest site
+    assert row[8] == pytest.approx(2.0)  # the centre between the phases: wall - train - evaluate
+
+
 def test_resnet_baselines_have_he_et_al_stem_and_give_logits_for_every_slice():
     from bench.models import classifier_baselines
 

@@ -15,7 +15,9 @@ from braintumnet.errors import BrainTumNetError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulation", description=__doc__)
     parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES))
-    parser.add_argument("--out", type=Path, help="run folder (default runs/study-<profile>-<time>)")
+    parser.add_argument("--out", type=Path, help="run folder (default runs/study-<profile>-<time>); run the same "
+                        "study into the same folder again to continue it: the repetitions (seeds, folds) it finished "
+                        "are reused, the others trained")
     parser.add_argument("--phantom", type=Path, help="reuse a phantom cohort folder")
     parser.add_argument("--data", type=Path, help="a pooled dataset (dataset.json + cases.csv with a hospital "
                         "column) to split by hospital instead of the synthetic phantom")

@@ -221,6 +221,7 @@ def _intro(doc: dict) -> list[str]:
              + ", ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}/{doc['folds']}" if r.get('fold') is not None
                                                 else "") for r in reps)
              + "); cells show the mean" + (" ± sd" if len(reps) > 1 else "") + " over them.",
+             *([_reused_line(doc["reused"])] if doc.get("reused") else []),
              *(["Differential privacy (DP-SGD, docs/privacy.md) is on in the federated arm only: it protects what "
                 "leaves a site; the centralized and local-only arms never send anything."]
                if doc.get("config", {}).get("privacy.enabled") else []),
@@ -234,6 +235,13 @@ def _intro(doc: dict) -> list[str]:
              "Rows marked 'paper' are the values the paper's text quotes for BrainTumNet on its patients, for "
              "reference only; they are not results of this study."]
     return lines
+
+
+def _reused_line(reused: list[dict]) -> str:
+    return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "
+            + "; ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}" if r.get("fold") is not None else "")
+                        + f", finished {r.get('finished')} at commit {r.get('commit')}" for r in reused)
+            + ". Their wall times are those of that run.")
 
 
 def _md_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> list[str]:

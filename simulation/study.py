@@ -7,7 +7,9 @@ every arm.
 
 Repetitions: every seed, and with ``folds`` ≥ 2 every fold of a per-site stratified k-fold split of the training
 cases (each site holds out its own fold k; the federated sites compute the same folds themselves from the run
-config, so no case id ever crosses the network). Each repetition trains every arm; tables show mean ± sd.
+config, so no case id ever crosses the network). Each repetition trains every arm; tables show mean ± sd. A
+finished repetition is kept in the run folder (``simulation/saved.py``): the same study run again into the same
+folder trains only the repetitions not finished yet.
 
 The federated arm runs the external site as a deployment does: a simulated evaluate-only site (an extra partition,
 ``sites = "...,external:evaluate-only"``) that scores the global model every round on its own cases, never trains,
@@ -42,6 +44,7 @@ from braintumnet.report import SYNTHETIC_NOTE
 from braintumnet.report.provenance import provenance as run_provenance
 from braintumnet.tracking import tracking_uri
 from simulation.figures import study_figures
+from simulation import saved
 from simulation.flower_run import run_federated
 from simulation.pooled import StudySites, phantom_sites, split_pooled
 from simulation.report import GATE_ARM, write_report
@@ -104,7 +107,8 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
     study.prepare(_cohort(study.out, profile_name, phantom, data, site_column, external, scale, seeds[0]),
                   gate_regions)
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
-    repetitions = [study.repetition(seed, fold, folds, first=i == 0) for i, (seed, fold) in enumerate(plan)]
+    repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
+                   for i, (seed, fold) in enumerate(plan)]
     document = study.document(repetitions, seeds, folds)
     say("report: figures and tables")
     document["figures"] = study_figures(study.out, document, study.cases_of, study.fed_rounds, study.overlay_model,
@@ -156,6 +160,8 @@ class Study:
     cases_of: dict = field(default_factory=dict)
     fed_rounds: list = field(default_factory=list)
     overlay_model: torch.nn.Module | None = None
+    overlay_path: Path | None = None  # its checkpoint, kept with the first repetition
+    reused: list[dict] = field(default_factory=list)  # repetitions taken from an earlier run into this folder
 
     @classmethod
     def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
@@ -175,6 +181,13 @@ class Study:
     @property
     def classes(self) -> tuple[str, ...]:
         return task_classes(self.base.data.task)
+
+    @property
+    def settings(self) -> dict:
+        """What a saved repetition must share with this study to be reused (``simulation/saved.py``)."""
+        return saved.settings_of(to_dict(self.base), self.budgets, self.skip_federated, self.extra_regions,
+                                 {"internal": list(self.layout.internal), "external": self.layout.external},
+                                 {s.site: int(s.slices["case_id"].nunique()) for s in self.sites.values()})
 
     @property
     def internal(self) -> list:
@@ -199,6 +212,7 @@ class Study:
         held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
             else {}
         rep = Repetition(seed, fold, folds, profile, held, first)
+        spent_before = dict(self.timings)
         say(f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, {self.epochs} epochs")
         self.train_arm(rep, "centralized", self.internal)
         for region in self.extra_regions:
@@ -212,8 +226,34 @@ class Study:
             for budget in self.budgets:
                 self.federated_arm(rep, budget)
         if first and self.overlay_model is None:
-            self.overlay_model = load_model(self.model_path("centralized", rep))[0]
-        return {"seed": seed, "fold": fold, **rep.scores}
+            self.overlay_path = self.model_path("centralized", rep)
+            self.overlay_model = load_model(self.overlay_path)[0]
+        result = {"seed": seed, "fold": fold, **rep.scores}
+        timings = {arm: seconds - spent_before.get(arm, 0.0) for arm, seconds in self.timings.items()}
+        kept = {"cases_of": self.cases_of, "fed_rounds": self.fed_rounds,
+                "overlay_model": str(self.overlay_path.relative_to(self.out)) if self.overlay_path else None}
+        saved.save(self.out, self.settings, result, timings=timings, provenance=self.provenance,
+                   first=kept if first else None)
+        return result
+
+    def reuse(self, seed: int, fold: int | None, *, first: bool) -> dict | None:
+        """A repetition an earlier run into this folder finished with the same settings, or None."""
+        record = saved.load(self.out, seed, fold, self.settings, first=first)
+        if record is None:
+            return None
+        for arm, seconds in record["timings"].items():
+            self._spent(arm, seconds)
+        if first:
+            kept = record["first"]
+            self.cases_of, self.fed_rounds = kept["cases_of"], kept["fed_rounds"]
+            if kept["overlay_model"]:
+                self.overlay_path = self.out / kept["overlay_model"]
+                self.overlay_model = load_model(self.overlay_path)[0]
+        entry = {"seed": seed, "fold": fold, "commit": record.get("commit"), "finished": record.get("finished")}
+        self.reused.append(entry)
+        say(f"reusing seed {seed}" + (f", fold {fold + 1}" if fold is not None else "")
+            + f": finished {entry['finished']} at commit {entry['commit']} ({saved.path_of(self.out, seed, fold)})")
+        return record["result"]
 
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
         """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
@@ -245,7 +285,7 @@ class Study:
         model, _ = load_model(run_dir / "final.pt")
         if rep.first and budget == self.budgets[0]:
             self.fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
-            self.overlay_model = model
+            self.overlay_model, self.overlay_path = model, run_dir / "final.pt"
         self.score_arm(rep, name, model, rep.profile)
 
     def federated_run_config(self, rep: Repetition, local_epochs: int) -> dict:
@@ -306,6 +346,8 @@ class Study:
             "repetitions": repetitions,
             "provenance": self.provenance,
         }
+        if self.reused:
+            document["reused"] = self.reused
         if self.extra_regions:  # region -> the arm whose classifier saw it (the centralized arm sees the profile's)
             document["gate_regions"] = {self.base.model.gate_region: "centralized",
                                         **{r: f"{GATE_ARM}{r}" for r in self.extra_regions}}

@@ -167,6 +167,36 @@ def test_folds_repeat_every_arm_and_report_mean_and_sd(phantom_root, tiny_run_co
     assert "±" in report and "Cross-validation" in report and "fold 2/2" in report
 
 
+def test_a_study_run_again_into_its_folder_trains_only_the_repetitions_not_finished(phantom_root, tiny_run_config,
+                                                                                      tmp_path, monkeypatch):
+    from simulation import saved
+
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    overrides.update({"num-server-rounds": 1, "train.local-epochs": 1})
+    first = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", skip_federated=True,
+                            overrides=overrides)
+    assert saved.path_of(tmp_path, 0, None).is_file() and "reused" not in first
+    trained = []
+    real_train = study.train_model
+    monkeypatch.setattr(study, "train_model", lambda model, sites, *a, **k: (trained.append(1),
+                                                                             real_train(model, sites, *a, **k)))
+    doc = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", skip_federated=True,
+                          seeds=(0, 1), overrides=overrides)
+    assert len(trained) == 1 + len(SITES)  # seed 1's centralized and local arms only
+    same = json.dumps(doc["repetitions"][0], sort_keys=True) == json.dumps(first["repetitions"][0], sort_keys=True)
+    assert same and doc["repetitions"][1]["seed"] == 1  # (compared as text: an undefined metric is NaN)
+    assert [r["seed"] for r in doc["reused"]] == [0] and doc["reused"][0]["commit"]
+    assert doc["wall_s"]["centralized"] > first["wall_s"]["centralized"]  # both seeds' training time
+    assert "Reused from an earlier run into this folder" in (tmp_path / "report.md").read_text()
+    assert any(f["path"].endswith("overlays.png") for f in doc["figures"])  # the first repetition's model, reloaded
+    # Other settings (here a learning rate): nothing is reused.
+    settings = json.loads(saved.path_of(tmp_path, 0, None).read_text())["settings"]
+    assert saved.load(tmp_path, 0, None, settings, first=True) is not None
+    other = {**settings, "config": {**settings["config"], "train.learning_rate": 0.5}}
+    assert saved.load(tmp_path, 0, None, other, first=True) is None
+    assert saved.load(tmp_path, 1, None, settings, first=True) is None  # saved as a later repetition: no figures
+
+
 def test_a_ratio_against_a_model_that_learned_nothing_is_not_a_pass():
     """Measured on the standard study: federated Dice 0.007 external over 0.000 internal read "28.1, aim met"."""
     from simulation.report import _questions

@@ -34,6 +34,12 @@ from server.polling import ReplyForecast, next_poll_wait
 
 log = logging.getLogger("braintumnet.server")
 
+# Flower's network grid pulls a reply's objects with Flower's own retry, after 1 s and doubling: a reply seen while
+# its site is still uploading (likely, now that replies are polled for when due) waited a whole second. On the Flower
+# version whose source was read, the grid's pull retries after 0.05 s, doubling to 1 s, for as long as Flower would
+# wait in all (its time limit, not its 500 tries); elsewhere it is left as it is, with a warning.
+OBJECT_RETRY = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None}
+OBJECT_RETRY_FLOWER = "1.42."
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
 
@@ -64,6 +70,8 @@ class RecordingGrid(Grid):
         self.audit = audit
         self.pack = isinstance(grid, HttpGrid) if pack is None else pack
         self.forecast = ReplyForecast()
+        if isinstance(grid, HttpGrid):
+            retry_objects_sooner()
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -120,6 +128,29 @@ class RecordingGrid(Grid):
         if self.audit is not None:
             self.audit(describe_exchange(messages, exchange.replies, exchange.sent))
         return exchange.replies
+
+
+def retry_objects_sooner() -> bool:
+    """Make Flower's network grid retry a reply's missing objects sooner (:data:`OBJECT_RETRY`); False (and nothing
+    changed) on a Flower version other than the one whose grid was read."""
+    from importlib.metadata import version
+
+    from flwr.superlink.grid import http_grid
+
+    if not version("flwr").startswith(OBJECT_RETRY_FLOWER):
+        log.warning("Flower %s: replies' objects are pulled with Flower's own retry (sooner on %sx only)",
+                    version("flwr"), OBJECT_RETRY_FLOWER)
+        return False
+    if getattr(http_grid.pull_objects, "retries_sooner", False):
+        return True
+    flower_pull = http_grid.pull_objects
+
+    def pull_objects(*args, **kwargs):
+        return flower_pull(*args, **{**OBJECT_RETRY, **kwargs})
+
+    pull_objects.retries_sooner = True
+    http_grid.pull_objects = pull_objects
+    return True
 
 
 def reported_seconds(reply: Message) -> float | None:

@@ -146,3 +146,22 @@ def test_the_forecast_is_the_last_work_plus_the_rest_of_the_round_trip_taken_ear
     forecast.observe(2, "train", earliest_s=3.0, seen_s=4.0, work_s=None)  # no reported seconds
     forecast.observe(3, "train", earliest_s=3.0, seen_s=4.0, work_s=1e9)  # a figure that cannot be: ignored likewise
     assert forecast.due(2, "train") == forecast.due(3, "train") == pytest.approx(3.0)
+
+
+def test_the_grid_retries_a_replys_missing_objects_sooner_on_the_flower_it_was_read_from(monkeypatch):
+    """server/transport.py wraps the ``pull_objects`` Flower 1.42's HttpGrid calls for a reply's objects."""
+    import inspect
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable import inflatable_utils
+
+    from server.transport import OBJECT_RETRY, retry_objects_sooner
+
+    source = inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert "all_object_contents = pull_objects(" in source and "initial_backoff" not in source
+    assert set(OBJECT_RETRY) <= set(inspect.signature(inflatable_utils.pull_objects).parameters)
+    calls = []
+    monkeypatch.setattr(http_grid, "pull_objects", lambda *a, **k: calls.append(k) or {})
+    assert retry_objects_sooner() and retry_objects_sooner()  # once wrapped, not wrapped again
+    http_grid.pull_objects(object_ids=["a"], pull_object_fn=None)
+    assert calls == [{"object_ids": ["a"], "pull_object_fn": None, **OBJECT_RETRY}]

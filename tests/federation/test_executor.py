@@ -223,6 +223,14 @@ def test_supernode_waits_the_launcher_shortens(monkeypatch):
     assert source.count(f"time.sleep({FLOWER_REPLY_WAIT_S})") == 2  # waiting for the reply and its objects
     assert internal.time is time or isinstance(internal.time, _ShorterWaits)
     assert "obj_contents = pull_objects(" in source  # the message's objects, timed in the SuperNode's log
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    from client.supernode import OBJECT_RETRY, _timed_pull
+
+    assert set(OBJECT_RETRY) <= set(inspect.signature(pull_objects).parameters)
+    calls = []
+    _timed_pull(lambda ids, **kw: calls.append(kw) or {})(["a"], pull_object_fn=None)
+    assert calls == [{"pull_object_fn": None, **OBJECT_RETRY}]  # a missing object asked for again sooner
     assert "            _push_messages(\n" in source  # the reply's send, looked up in the module when called
     assert list(inspect.signature(internal._push_messages).parameters) == ["state", "object_store", "send",
                                                                             "push_object"]

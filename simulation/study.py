@@ -55,6 +55,7 @@ log = logging.getLogger("simulation")
 # Phantom scale per profile: quick fits 15 minutes on 2 cores; paper is the paper's 485 + 51 cases.
 PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
 EXPERIMENT = "braintumnet-study"
+FEDERATED_TIMEOUT_FACTOR = 4.0
 
 
 def say(message: str) -> None:
@@ -132,6 +133,7 @@ class Repetition:
     held: dict[str, list[str]]
     first: bool
     scores: dict = field(default_factory=dict)
+    centralized_s: float = 0.0  # the centralized arm's training time: what a federated arm may take is a multiple
 
     @property
     def tag(self) -> str:
@@ -263,6 +265,8 @@ class Study:
         ids = _training_cases(train_sites, self.classes, rep.held)
         train_model(model, train_sites, profile, self.dev, epochs=self.epochs, case_ids=ids, progress=False)
         self._spent(name, time.perf_counter() - t0)
+        if name == "centralized":
+            rep.centralized_s = time.perf_counter() - t0
         save_checkpoint(self.model_path(name, rep), model.state_dict(), profile, self.classes,
                         {"arm": name, "synthetic": self.layout.synthetic, "epochs": self.epochs, "seed": rep.seed,
                          "fold": rep.fold})
@@ -278,9 +282,15 @@ class Study:
             + (f" and the evaluate-only external site {self.layout.external}" if self.layout.external else ""))
         t0 = time.perf_counter()
         num_sites = len(self.internal) + len(self.external)
+        # A federated arm does up to (local epochs / the profile's) times the centralized arm's work, on sites that
+        # share the machine: it may take several times as long (the standard profile's wall-time arm on 2 cores, near
+        # an hour); an hour at the least, or FEDERATED_TIMEOUT_FACTOR times the centralized arm of this repetition.
+        ratio = max(1.0, local_epochs / max(1, fed.local_epochs))
+        timeout = max(3600.0, FEDERATED_TIMEOUT_FACTOR * ratio * rep.centralized_s)
         run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=num_sites,
                                 cpus_per_site=self.cluster.cpus_per_site, gpus_per_site=self.cluster.gpus_per_site,
-                                ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out), log=say)
+                                ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out),
+                                timeout_s=timeout, log=say)
         self._spent(name, time.perf_counter() - t0)
         model, _ = load_model(run_dir / "final.pt")
         if rep.first and budget == self.budgets[0]:

@@ -39,9 +39,10 @@ REPLY_WAIT_S = 0.05
 DEFAULT_PULL_S = 1.0
 # The SuperNode sees a message as soon as its header is at the SuperLink, often while the centre is still uploading
 # its objects; Flower then retries each missing object after 1 s, doubling to 10 s (a whole second lost on most
-# messages once the SuperNode looks often). Retry after 0.05 s instead, doubling to 1 s, for as long as Flower would
-# wait in all (its 2-hour limit, not its 500 tries, which at 1 s would be 8 minutes).
-OBJECT_RETRY = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None}
+# messages once the SuperNode looks often). Retry after 0.05 s instead, doubling to 1 s, for at most 30 min (Flower:
+# 500 tries, about 80 min; 500 tries at 1 s would give up after 8 min, too soon for a slow link's upload of the
+# paper-size model).
+OBJECT_RETRY = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None, "max_time": 1800.0}
 FAST_LOOK_S = 0.1  # the shortest wait between looks, right after a reply
 LOOK_FRACTION = 0.1  # the wait between looks, as a share of the time since the last reply
 

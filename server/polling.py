@@ -9,9 +9,13 @@ waits a flat 3 s, which costs up to 3 s per phase whatever the sites do. The rul
   ``POLL_S``.
 - **With a forecast** (:class:`ReplyForecast`): a site's reply to a kind of message (train, evaluate) is expected
   after the seconds of work it reported for the same kind last time plus the rest of that round trip (the
-  SuperNode's look, the transfers, the process). The centre polls when the next reply is
-  due, and while one is overdue every tenth of its lateness (at least ``POLL_FAST_S``). A forecast only ever brings
-  a poll forward: the growing rule's polls still happen, so a site faster than forecast is not waited for longer.
+  SuperNode's look, the transfers, the process), the rest taken at the earliest the last reply can have arrived.
+  Once the polls are close to the replies that is about the last round trip; the reported work counts where the
+  window in which the last reply arrived opened before the site's work can have ended (a site's first reply, seen
+  by the growing rule's sparse polls). The centre polls when the next reply is due, then every ``POLL_FAST_S`` for
+  ``DUE_WINDOW_S`` (or ``DUE_WINDOW_FRACTION`` of the due time); a reply not there by then is late, and the growing
+  rule applies. A forecast only ever brings a poll forward: the growing rule's polls still happen, so a site faster
+  than forecast is not waited for longer.
 
 In a round of three sites this adds a handful of polls around the due times, where the growing rule alone left the
 last reply unnoticed for up to 10 % of the phase (0.5-3 s).
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 
 POLL_S = 3.0  # the longest wait between polls (a 1 s ceiling saw "database is locked" on a saturated box)
 POLL_MIN_S = 0.5  # the shortest wait of the growing rule
-POLL_FRACTION = 0.1  # the growing rule's wait, and an overdue reply's, as a share of the time waited
+POLL_FRACTION = 0.1  # the growing rule's wait as a share of the time waited
 POLL_FAST_S = 0.1  # the wait while a forecast reply is just due
 DUE_WINDOW_S = 0.5  # how long after its due time a reply is polled for every POLL_FAST_S: at least this long,
 DUE_WINDOW_FRACTION = 0.05  # or this share of the due time; after that it is late and the growing rule applies
@@ -34,11 +38,12 @@ DUE_WINDOW_FRACTION = 0.05  # or this share of the due time; after that it is la
 class ReplyForecast:
     """Per (node id, message type): the seconds of work the site last reported, and the rest of its last round trip.
 
-    ``observe`` after each reply, with the window in which it arrived: after the poll before (``earliest_s``, seconds
-    after sending; 0 for the first poll) and by the poll that saw it (``seen_s``). The rest of the round trip is
-    taken at the window's start: the forecast is then early rather than late, and an early poll costs one write, the
-    overdue polls that follow a tenth of the lateness each. As polls close in on the due time the window narrows, so
-    the forecast sharpens round by round. ``work_s`` is what the site reported (None when the reply carries no
+    ``observe`` after each reply, with the window in which it arrived: after the poll before asked (``earliest_s``,
+    seconds after sending; 0 for the first poll) and before the poll that saw it asked (``seen_s``). The rest of the round trip is
+    taken at the window's start: the forecast is then early rather than late; an early poll costs one write, and
+    the polls that follow come every ``POLL_FAST_S`` while the reply is just due. As polls close in on the due time
+    the window narrows, so the forecast sharpens round by round. ``due`` is then ``max(work, earliest_s)`` of the
+    last reply. ``work_s`` is what the site reported (None when the reply carries no
     figure, or one that cannot be: then the whole round trip counts as work).
     """
 

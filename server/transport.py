@@ -34,11 +34,13 @@ from server.polling import ReplyForecast, next_poll_wait
 
 log = logging.getLogger("braintumnet.server")
 
-# Flower's network grid pulls a reply's objects with Flower's own retry, after 1 s and doubling: a reply seen while
-# its site is still uploading (likely, now that replies are polled for when due) waited a whole second. On the Flower
-# version whose source was read, the grid's pull retries after 0.05 s, doubling to 1 s, for as long as Flower would
-# wait in all (its time limit, not its 500 tries); elsewhere it is left as it is, with a warning.
-OBJECT_RETRY = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None}
+# Flower's network grid pulls a reply's objects with Flower's own retry, after 1 s and doubling to 10 s: a reply seen
+# while its site is still uploading (likely, now that replies are polled for when due) waited a whole second. On the
+# Flower version whose source was read, the grid's pull retries after 0.05 s, doubling to 1 s, for at most 30 min
+# (Flower: 500 tries, about 80 min, during which the pull blocks the round); a slow hospital link uploading the
+# paper-size model (one 42 MB object packed) at 1 Mbit/s needs about 6 min. Elsewhere it is left as it is, with a
+# warning.
+OBJECT_RETRY = {"initial_backoff": 0.05, "backoff_cap": 1.0, "max_tries_per_object": None, "max_time": 1800.0}
 OBJECT_RETRY_FLOWER = "1.42."
 BUSY_RETRIES = 6  # a SuperLink under load answers 500 ("database is locked") now and then: retry reads
 
@@ -106,11 +108,14 @@ class RecordingGrid(Grid):
         sent_by_id = {mid: m for mid, m in zip(ids, wire) if mid}
         waiting = set(exchange.sent)
         deadline = None if timeout is None else start + timeout
-        seen = 0.0
+        asked_before = 0.0
         while waiting and (deadline is None or time.monotonic() < deadline):
+            # A reply this poll returns reached the SuperLink after the poll before asked and before this one did
+            # (not before this one returned: the pull includes downloading the replies' objects).
+            asked = time.monotonic() - start
             got = retry_busy(lambda: list(self._grid.pull_messages(list(waiting))), "pull replies")
             exchange.polls += 1
-            earliest, seen = seen, time.monotonic() - start  # each reply arrived in this window
+            earliest, seen, asked_before = asked_before, asked, asked
             for m in got:
                 sent = sent_by_id.get(m.metadata.reply_to_message_id)
                 node = exchange.sent.get(m.metadata.reply_to_message_id)

@@ -241,7 +241,8 @@ def _reused_line(reused: list[dict]) -> str:
     return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "
             + "; ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}" if r.get("fold") is not None else "")
                         + f", finished {r.get('finished')} at commit {r.get('commit')}" for r in reused)
-            + ". Their wall times are those of that run.")
+            + ". Their arms' wall times are those of that run and count in the arms' figures; the total is this "
+            "run's alone.")
 
 
 def _md_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> list[str]:

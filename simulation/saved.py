@@ -6,15 +6,18 @@ same study into the same folder again (``python -m simulation ... --out FOLDER``
 and trains only the others. The report then lists which repetitions were reused and from which commit.
 
 A saved repetition is reused only when the study's settings are the same (:func:`settings_of`: the resolved profile
-with its overrides, the federated budgets, the gate regions, the sites and their case counts); otherwise it is
-trained again and the file replaced. The first repetition also keeps what the report's figures take from it (the
+with its overrides, the federated budgets, the gate regions, the number of folds, the sites and a digest of each
+site's case ids); otherwise it is trained again and the file replaced (removed first, so that a run stopped while
+retraining leaves no record beside the new models). A file that cannot be read is trained again too. The first repetition also keeps what the report's figures take from it (the
 per-case tables, the first federated run's rounds, the model drawn in the overlays): a repetition saved as a later
 one is trained again when it becomes the first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,12 +28,23 @@ import pandas as pd
 from braintumnet.io import atomic_write_json
 
 FOLDER = "repetitions"
+log = logging.getLogger("simulation")
 
 
-def settings_of(config: dict, budgets, skip_federated: bool, regions, sites: dict, cases: dict) -> dict:
-    """What must be equal for a saved repetition to count: the same study, whatever machine or commit ran it."""
+def settings_of(config: dict, budgets, skip_federated: bool, regions, folds: int, sites: dict,
+                case_ids: dict[str, list[str]]) -> dict:
+    """What must be equal for a saved repetition to count: the same study, whatever machine or commit ran it.
+    ``case_ids``: site -> its case ids (recorded as a count and a digest: another cohort with the same sites and
+    sizes is another study)."""
     return {"config": config, "budgets": list(budgets), "skip_federated": bool(skip_federated),
-            "gate_regions": list(regions), "sites": sites, "cases": cases}
+            "gate_regions": list(regions), "folds": int(folds) if folds >= 2 else 0, "sites": sites,
+            "cases": {site: {"n": len(ids), "digest": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]}
+                      for site, ids in case_ids.items()}}
+
+
+def forget(out: Path, seed: int, fold: int | None) -> None:
+    """Remove a saved repetition about to be trained again."""
+    path_of(out, seed, fold).unlink(missing_ok=True)
 
 
 def path_of(out: Path, seed: int, fold: int | None) -> Path:
@@ -60,21 +74,24 @@ def load(out: Path, seed: int, fold: int | None, settings: dict, *, first: bool)
     """A saved repetition to reuse, or None (none saved, other settings, unreadable, or saved as a later repetition
     where the first is needed). Returns the record, with ``first.cases_of`` as DataFrames again."""
     path = path_of(out, seed, fold)
+    if not path.is_file():
+        return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("settings") != json.loads(json.dumps(settings)):
-        return None
-    if first:
-        saved = record.get("first")
-        if not saved:
+        if record.get("settings") != json.loads(json.dumps(settings)):
             return None
-        saved["cases_of"] = {arm: {section: pd.DataFrame(**table) for section, table in sections.items()}
-                             for arm, sections in saved["cases_of"].items()}
-        if saved.get("overlay_model") and not (Path(out) / saved["overlay_model"]).is_file():
-            return None
-    record["result"] = {k: v if k in ("seed", "fold") else _undefined_as_nan(v) for k, v in record["result"].items()}
+        if first:
+            saved = record["first"]
+            saved["cases_of"] = {arm: {section: pd.DataFrame(**table) for section, table in sections.items()}
+                                 for arm, sections in saved["cases_of"].items()}
+            if saved["overlay_model"] and not (Path(out) / saved["overlay_model"]).is_file():
+                return None
+        record["result"] = {k: v if k in ("seed", "fold") else _undefined_as_nan(v)
+                            for k, v in record["result"].items()}
+        record["timings"] = {str(arm): float(seconds) for arm, seconds in record["timings"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s could not be read (%s): that repetition is trained again", path, type(exc).__name__)
+        return None
     return record
 
 

@@ -107,6 +107,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
     started = time.perf_counter()
     study.prepare(_cohort(study.out, profile_name, phantom, data, site_column, external, scale, seeds[0]),
                   gate_regions)
+    study.folds = folds if folds >= 2 else 0
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
     repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
                    for i, (seed, fold) in enumerate(plan)]
@@ -164,6 +165,7 @@ class Study:
     overlay_model: torch.nn.Module | None = None
     overlay_path: Path | None = None  # its checkpoint, kept with the first repetition
     reused: list[dict] = field(default_factory=list)  # repetitions taken from an earlier run into this folder
+    folds: int = 0  # cross-validation folds of every seed (0: none)
 
     @classmethod
     def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
@@ -188,8 +190,8 @@ class Study:
     def settings(self) -> dict:
         """What a saved repetition must share with this study to be reused (``simulation/saved.py``)."""
         return saved.settings_of(to_dict(self.base), self.budgets, self.skip_federated, self.extra_regions,
-                                 {"internal": list(self.layout.internal), "external": self.layout.external},
-                                 {s.site: int(s.slices["case_id"].nunique()) for s in self.sites.values()})
+                                 self.folds, {"internal": list(self.layout.internal), "external": self.layout.external},
+                                 {s.site: [str(c) for c in s.slices["case_id"].unique()] for s in self.sites.values()})
 
     @property
     def internal(self) -> list:
@@ -214,6 +216,7 @@ class Study:
         held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
             else {}
         rep = Repetition(seed, fold, folds, profile, held, first)
+        saved.forget(self.out, seed, fold)
         spent_before = dict(self.timings)
         say(f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, {self.epochs} epochs")
         self.train_arm(rep, "centralized", self.internal)

@@ -26,8 +26,8 @@ class Clock:
 class TimedGrid(Grid):
     """Each node answers ``work[node]`` seconds of work plus ``transfer`` seconds after the push."""
 
-    def __init__(self, clock: Clock, work: dict[int, float], transfer: float = 0.3):
-        self.clock, self.work, self.transfer = clock, work, transfer
+    def __init__(self, clock: Clock, work: dict[int, float], transfer: float = 0.3, download: float = 0.0):
+        self.clock, self.work, self.transfer, self.download = clock, work, transfer, download
         self.pending: dict[str, tuple[float, Message]] = {}
 
     def set_run(self, run): pass
@@ -55,6 +55,7 @@ class TimedGrid(Grid):
             if ready > self.clock.now:
                 continue
             del self.pending[mid]
+            self.clock.now += self.download  # fetching the reply's objects takes time once the reply is seen
             node = msg.metadata.dst_node_id
             reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1,
                                                                   "seconds": self.work[node]})}), reply_to=msg)
@@ -107,6 +108,19 @@ def test_the_second_round_notices_each_reply_when_it_is_due(clock):
     assert second_polls <= first_polls + 3 * len(grid.work)  # a few polls at each due time, no flat fast polling
     evaluate_late, _ = exchange(recording, grid, clock, kind="evaluate")  # another kind: no forecast yet
     assert evaluate_late > POLL_FAST_S
+
+
+def test_the_forecast_is_never_later_than_the_reply_when_fetching_replies_takes_time(clock):
+    """A pull that returns replies also downloads their objects: a reply arriving meanwhile is timed from the poll's
+    request, not its return, so the forecast stays early."""
+    from server.transport import RecordingGrid
+
+    grid = TimedGrid(clock, {1: 3.0, 2: 3.05, 3: 3.1}, download=0.4)
+    recording = RecordingGrid(grid, pack=False)
+    for _ in range(3):
+        exchange(recording, grid, clock)
+        for node, work in grid.work.items():
+            assert recording.forecast.due(node, "train") <= work + grid.transfer + 1e-9, node
 
 
 def test_a_site_slower_than_forecast_is_polled_by_the_growing_rule(clock):

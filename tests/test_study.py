@@ -192,8 +192,15 @@ def test_a_study_run_again_into_its_folder_trains_only_the_repetitions_not_finis
     # Other settings (here a learning rate): nothing is reused.
     settings = json.loads(saved.path_of(tmp_path, 0, None).read_text())["settings"]
     assert saved.load(tmp_path, 0, None, settings, first=True) is not None
-    other = {**settings, "config": {**settings["config"], "train.learning_rate": 0.5}}
-    assert saved.load(tmp_path, 0, None, other, first=True) is None
+    for other in ({**settings, "config": {**settings["config"], "train.learning_rate": 0.5}},
+                  {**settings, "folds": 3},
+                  {**settings, "cases": {**settings["cases"], "plagh": {**settings["cases"]["plagh"], "digest": "0"}}}):
+        assert saved.load(tmp_path, 0, None, other, first=True) is None
+    path = saved.path_of(tmp_path, 0, None)
+    record = json.loads(path.read_text())
+    del record["timings"]
+    path.write_text(json.dumps(record))
+    assert saved.load(tmp_path, 0, None, settings, first=True) is None  # unreadable: trained again, no traceback
     assert saved.load(tmp_path, 1, None, settings, first=True) is None  # saved as a later repetition: no figures
 
 

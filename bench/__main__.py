@@ -1,7 +1,8 @@
 """Run the benchmarks and write ``<out>/<name>.json`` and ``<out>/<name>.md`` for each.
 
 ``python -m bench [--quick] [--only compute,accuracy,federation,data,gpu] [--out bench/results]
-[--device auto|cpu|cuda] [--deployment] [--sites N,...] [--arms KEY,...] [--fresh] [--workdir DIR]`` (bench/README.md).
+[--device auto|cpu|cuda] [--deployment] [--sites N,...] [--arms KEY,...] [--seeds N,...] [--profile quick|standard]
+[--fresh] [--workdir DIR]`` (bench/README.md).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "kept arms")
     parser.add_argument("--seeds", default="",
                         help="joint: comma-separated seeds, each arm trained once per seed (default 0,1,2)")
+    parser.add_argument("--profile", default="quick", choices=("quick", "standard", "paper"),
+                        help="joint: the simulation profile whose size and phantom cohort full mode trains at "
+                             "(default quick; standard is about 15-25 min per arm-seed on a CPU core)")
     parser.add_argument("--fresh", action="store_true",
                         help="accuracy: retrain the chosen arms even where a kept result with the same settings exists")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = Context(out=args.out.absolute(), workdir=workdir.absolute(), quick=args.quick, device=device,
                   deployment=True if args.deployment else None, sites=args.sites or None,
-                  arms=args.arms, fresh=args.fresh, seeds=args.seeds or None)
+                  arms=args.arms, fresh=args.fresh, seeds=args.seeds or None, profile=args.profile)
     started, failed = time.perf_counter(), []
     try:
         for name in args.only:

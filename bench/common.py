@@ -36,6 +36,7 @@ class Context:
         arms: the accuracy benchmark's arms to train (``bench.accuracy.ARM_KEYS``; None: every one not yet kept).
         fresh: retrain accuracy arms even where a kept result with the same settings exists.
         seeds: the joint-model benchmark's seeds (None: 0, 1, 2).
+        profile: the simulation profile whose size the joint-model benchmark trains at in full mode.
     """
 
     out: Path
@@ -50,6 +51,7 @@ class Context:
     arms: tuple[str, ...] | None = None
     fresh: bool = False
     seeds: tuple[int, ...] | None = None
+    profile: str = "quick"
     _phantoms: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -16,9 +16,15 @@ one decision:
 The paper claims multi-task over two-stage +2.1 points of DSC and +2.7 of accuracy; the table gives our difference
 per seed (paired: the same seed draws the same initial weights and batches in both arms) with its mean and sd.
 
-Sizes: full mode is the simulation's ``quick`` profile on its cohort (phantom scale 0.1; 30 epochs), so each arm-seed
-takes a minute or two on a CPU core; ``--quick`` is the test suite's tiny size (pipeline only). Finished arm-seeds
-are kept in ``<out>/joint-arms-<mode>/`` (like the accuracy benchmark) and reused while their settings match.
+Sizes: full mode trains at a simulation profile's size on that profile's phantom cohort: ``--profile quick`` (the
+default; phantom scale 0.1, 30 epochs, a few minutes per arm-seed on a CPU core; results ``joint.md``) or
+``--profile standard`` (scale 0.3, 40 epochs, about 15-25 min per arm-seed on a CPU core; results
+``joint-standard.md``, the size the study's quoted figures use). ``--quick`` is the test suite's tiny size (pipeline
+only). Finished arm-seeds are kept in ``<out>/joint-arms-<size>/`` (like the accuracy benchmark) and reused while their
+settings match, so a long comparison can be run a few arm-seeds at a time (``--arms``, ``--seeds``).
+
+An arm whose switches leave the default model unchanged (``detached`` while the default shares nothing) is the default
+itself: it is not trained a second time, and the tables say so.
 """
 
 from __future__ import annotations
@@ -56,9 +62,27 @@ def _settings(ctx: Context) -> dict:
     if ctx.tiny or ctx.quick:
         return {"run_config": {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3,
                                "model.feature-size": 8}, "phantom": 0.03, "epochs": 1}
-    profile = resolve({"profile": "quick"})
-    return {"run_config": {"profile": "quick"}, "phantom": 0.1,
+    from simulation.study import PHANTOM_SCALE
+
+    profile = resolve({"profile": ctx.profile})
+    return {"run_config": {"profile": ctx.profile}, "phantom": PHANTOM_SCALE[ctx.profile],
             "epochs": profile.federation.num_rounds * profile.federation.local_epochs}
+
+
+def size_name(ctx: Context) -> str:
+    """The kept arm-seeds' folder suffix: ``tiny``, ``quick`` (the ``--quick`` mode), ``full`` (full mode at the
+    quick profile, the name the kept results have always had) or the profile's name."""
+    if ctx.tiny or ctx.quick:
+        return "tiny" if ctx.tiny else "quick"
+    return "full" if ctx.profile == "quick" else ctx.profile
+
+
+def same_as_default(key: str, model_defaults: dict) -> bool:
+    """True when the arm only sets model switches to the values the default already has (it would retrain the
+    default under another name)."""
+    _, model_changes, switches = ARMS[key]
+    return key != "multitask" and not switches and bool(model_changes) and all(
+        model_defaults.get(name) == value for name, value in model_changes.items())
 
 
 def train_arm(key: str, seed: int, settings: dict, internal: list, external, dev: torch.device) -> dict:
@@ -92,10 +116,11 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     internal = [sites[n] for n in SITES]
     dev = torch.device(ctx.device)
     seeds = ctx.seeds or (0, 1, 2)
-    keys = [k for k in ARMS if ctx.arms is None or k in ctx.arms]
-    store = ctx.out / f"joint-arms-{'tiny' if ctx.tiny else 'quick' if ctx.quick else 'full'}"
-    store.mkdir(parents=True, exist_ok=True)
     model_defaults = dataclasses.asdict(profile.model)
+    duplicates = [k for k in ARMS if same_as_default(k, model_defaults)]
+    keys = [k for k in ARMS if (ctx.arms is None or k in ctx.arms) and k not in duplicates]
+    store = ctx.out / f"joint-arms-{size_name(ctx)}"
+    store.mkdir(parents=True, exist_ok=True)
     for key in keys:
         for seed in seeds:
             path = store / f"{key}-s{seed}.json"
@@ -116,8 +141,10 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     doc = {"synthetic": True, "note": SYNTHETIC, "settings": s, "seeds": list(seeds), "model_defaults": model_defaults,
            "arms": {k: _summary(v) for k, v in runs.items()}, "per_seed": runs,
            "multitask_minus_two_stage": _paired(runs.get("multitask"), runs.get("two-stage")),
-           "paper_claim_points": PAPER_CLAIM, "missing": [k for k in ARMS if k not in runs]}
-    return write_result(ctx, "joint", "Which joint model: multi-task, two-stage, detached, ablations (SYNTHETIC)", doc,
+           "paper_claim_points": PAPER_CLAIM, "same_as_default": duplicates,
+           "missing": [k for k in ARMS if k not in runs and k not in duplicates]}
+    name = "joint" if size_name(ctx) in ("tiny", "quick", "full") else f"joint-{ctx.profile}"
+    return write_result(ctx, name, "Which joint model: multi-task, two-stage, detached, ablations (SYNTHETIC)", doc,
                         _sections(doc), _notes(doc))
 
 
@@ -200,6 +227,11 @@ def _notes(doc: dict) -> list[str]:
              "segmenter, and the segmenter draws the same initial weights and batches for the same seed: an ablation "
              "of a classifier part (Inception) must then give the default's segmentation figures exactly, which "
              "checks that isolation."]
+    if doc.get("same_as_default"):
+        notes.append(f"Not trained separately, being the default model itself: "
+                     f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")
     if doc["missing"]:
-        notes.append(f"Not trained yet: {', '.join(doc['missing'])} (`python -m bench --only joint --arms ...`).")
+        size = "" if s["run_config"]["profile"] == "quick" else f" --profile {s['run_config']['profile']}"
+        notes.append(f"Not trained yet: {', '.join(doc['missing'])} "
+                     f"(`python -m bench --only joint{size} --arms ...`).")
     return notes

@@ -278,3 +278,20 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
     stamp = (ctx.out / "joint-arms-tiny" / "multitask-s0.json").stat().st_mtime_ns
     joint.run(ctx, sites=prepared_sites)  # nothing retrained: the kept arm-seeds match their settings
     assert (ctx.out / "joint-arms-tiny" / "multitask-s0.json").stat().st_mtime_ns == stamp
+
+
+def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_the_default(tmp_path):
+    from bench import joint
+
+    assert parse_args(["--only", "joint", "--profile", "standard"]).profile == "standard"
+    with pytest.raises(SystemExit):
+        parse_args(["--profile", "huge"])
+    standard = Context(out=tmp_path, workdir=tmp_path, quick=False, profile="standard")
+    assert joint._settings(standard) == {"run_config": {"profile": "standard"}, "phantom": 0.3, "epochs": 40}
+    assert joint.size_name(standard) == "standard"
+    assert joint.size_name(Context(out=tmp_path, workdir=tmp_path, quick=False)) == "full"  # the kept quick results
+    detached = {"gate_gradient": False, "shared_features": False}
+    assert joint.same_as_default("detached", detached)
+    assert not joint.same_as_default("detached", {**detached, "shared_features": True})
+    assert not joint.same_as_default("multitask", detached)
+    assert not joint.same_as_default("no-cbam", detached)  # a switch of the network, not of the defaults

@@ -53,3 +53,15 @@ def prepared_sites(phantom_root, cache_root, tiny_profile) -> dict:
     logging.getLogger("braintumnet").setLevel(logging.WARNING)
     return {site: prepare_and_load(phantom_root / site, cache_root, tiny_profile.data, progress=False)
             for site in ("yibin", "plagh", "jinling", "external")}
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message constructor reads the process's task identity, which flwr-serverapp and flwr-clientapp set in
+    real runs: run 7, node 1 (the SuperLink's own node id, as for a message the SuperLink makes itself), task 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

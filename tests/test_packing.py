@@ -14,12 +14,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from braintumnet.engine import build_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.packing import PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack
 from braintumnet.protocol import ARRAYS, PACKED_LAYOUT, PACKED_PREFIX
+
+# Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def mixed_state() -> dict[str, np.ndarray]:
@@ -127,14 +129,6 @@ def test_the_layout_survives_encoding():
 
 
 # ---- the centre's transport -----------------------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's Message constructor reads the process's task identity (set by flwr-serverapp in real runs)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class EchoGrid(Grid):

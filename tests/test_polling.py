@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.polling import POLL_FAST_S, POLL_MIN_S, POLL_S, ReplyForecast, next_poll_wait
+
+# Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Clock:
@@ -76,15 +78,6 @@ def exchange(recording, grid, clock, kind="train"):
     assert len(replies) == len(grid.work) and not any(r.has_error() for r in replies)
     last_ready = start + max(grid.work.values()) + grid.transfer
     return clock.now - last_ready, recording.last.polls
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's Message constructor reads the process's task identity (set by flwr-serverapp in real runs)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture

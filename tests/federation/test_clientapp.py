@@ -57,19 +57,6 @@ def test_no_site_module_spells_a_message_key_itself():
         protocol.REPLY_METRIC_KEYS
 
 
-
-
-@pytest.fixture
-def task_identity():
-    """Flower's Message constructor reads the process's task identity (set by flwr-clientapp in real runs)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 @pytest.mark.parametrize("phase, run_config, rule", [
     ("train", {"dp.enabled": False}, "dp-required"),
     ("train", {"dp.enabled": True, "dp.noise-multiplier": 0.3}, "min-noise-multiplier"),

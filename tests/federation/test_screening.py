@@ -19,7 +19,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 # The scripted Grid, its sites and the strategy fixture are test_strategy.py's; pytest finds the imported fixtures here.
 # ruff: noqa: F811
-from test_strategy import ScriptedGrid, gone, make_strategy, run, site, task_identity  # noqa: F401
+from test_strategy import ScriptedGrid, gone, make_strategy, run, site  # noqa: F401 (make_strategy: a fixture)
+
+# Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def groups_site(name: str, n: int, shifts: dict[str, float]):

@@ -24,7 +24,10 @@ from server.optimizers import FLOWER_CHECKED, FLOWER_INTERNALS, FLOWER_STATE, Si
 from server.settings import FederationError, ServerSettings, server_optimizer_params
 from server.strategy import SiteAwareFedAvg
 from server.tracking import Tracker
-from test_strategy import INITIAL, ScriptedGrid, run, site, task_identity  # noqa: F401 (task_identity: autouse)
+from test_strategy import INITIAL, ScriptedGrid, run, site
+
+# Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 

@@ -16,7 +16,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from braintumnet.checkpoint import load_checkpoint
 from braintumnet.config import resolve
@@ -28,16 +27,10 @@ from server.settings import FederationError, ServerSettings
 from server.strategy import SiteAwareFedAvg
 from server.tracking import Tracker
 
+# Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 SUPERLINK = 1  # Flower's node id for messages the SuperLink makes itself (e.g. "node unavailable")
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's Message constructor reads the process's task identity (set by flwr-serverapp in real runs)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SUPERLINK, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class ScriptedGrid(Grid):

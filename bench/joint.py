@@ -192,6 +192,12 @@ def _pm(cell: dict) -> str:
     return fmt(cell["mean"]) + (f" ± {fmt(cell['sd'])}" if cell["sd"] is not None else "")
 
 
+def _points(cell: dict) -> str:
+    """A paired difference in points: mean ± sd (the sd only from two seeds on), then each seed's value."""
+    sd = f" ± {cell['sd']:.1f}" if cell["sd"] is not None else " (one seed: no sd)"
+    return f"{cell['mean']:+.1f}{sd} ({', '.join(f'{d:+.1f}' for d in cell['per_seed'])})"
+
+
 def _sections(doc: dict) -> list[tuple[str, list[str]]]:
     sections = []
     for section, title in (("internal_test", "Pooled internal test set, mean ± sd over seeds"),
@@ -200,8 +206,7 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
         sections.append((title, table(["arm", *METRICS], rows)))
     claim = doc["multitask_minus_two_stage"]
     if claim:
-        rows = [[f"ours, {section}", *(f"{c['mean']:+.1f} ± {c['sd'] or 0:.1f} ({', '.join(f'{d:+.1f}' for d in c['per_seed'])})"
-                                       for c in (claim[section]["dice_tumor"], claim[section]["acc"]))]
+        rows = [[f"ours, {section}", *(_points(c) for c in (claim[section]["dice_tumor"], claim[section]["acc"]))]
                 for section in ("internal_test", "external")]
         rows.append(["the paper's claim", f"+{PAPER_CLAIM['dice_tumor']}", f"+{PAPER_CLAIM['acc']}"])
         sections.append(("Multi-task minus two-stage, points (mean ± sd, per seed)",

@@ -295,3 +295,10 @@ def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_
     assert not joint.same_as_default("detached", {**detached, "shared_features": True})
     assert not joint.same_as_default("multitask", detached)
     assert not joint.same_as_default("no-cbam", detached)  # a switch of the network, not of the defaults
+
+
+def test_a_paired_difference_of_one_seed_shows_no_sd():
+    from bench.joint import _points
+
+    assert _points({"mean": 4.9, "sd": None, "per_seed": [4.9]}) == "+4.9 (one seed: no sd) (+4.9)"
+    assert _points({"mean": 2.0, "sd": 1.5, "per_seed": [1.0, 3.0]}) == "+2.0 ± 1.5 (+1.0, +3.0)"

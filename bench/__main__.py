@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from braintumnet.config import PROFILES
+
 BENCHMARKS = {"compute": "bench.compute", "accuracy": "bench.accuracy", "federation": "bench.federation",
               "data": "bench.data_pipeline", "gpu": "bench.gpu", "joint": "bench.joint",
               "evaluation": "bench.evaluation", "transfer": "bench.transfer"}
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "kept arms")
     parser.add_argument("--seeds", default="",
                         help="joint: comma-separated seeds, each arm trained once per seed (default 0,1,2)")
-    parser.add_argument("--profile", default="quick", choices=("quick", "standard", "paper"),
+    parser.add_argument("--profile", default="quick", choices=list(PROFILES),
                         help="joint: the simulation profile whose size and phantom cohort full mode trains at "
                              "(default quick; standard is about 15-25 min per arm-seed on a CPU core)")
     parser.add_argument("--fresh", action="store_true",

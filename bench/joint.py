@@ -81,7 +81,7 @@ def same_as_default(key: str, model_defaults: dict) -> bool:
     """True when the arm only sets model switches to the values the default already has (it would retrain the
     default under another name)."""
     _, model_changes, switches = ARMS[key]
-    return key != "multitask" and not switches and bool(model_changes) and all(
+    return not switches and bool(model_changes) and all(
         model_defaults.get(name) == value for name, value in model_changes.items())
 
 

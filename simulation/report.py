@@ -238,11 +238,19 @@ def _intro(doc: dict) -> list[str]:
 
 
 def _reused_line(reused: list[dict]) -> str:
+    """Whole repetitions, then single arms (grouped by repetition and commit) taken from an earlier run."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in reused:
+        groups.setdefault((r["seed"], r.get("fold"), r.get("commit"), "arm" in r), []).append(r)
+    parts = []
+    for (seed, fold, commit, single), entries in groups.items():
+        arms = f" ({', '.join(e['arm'] for e in entries)})" if single else ""
+        finished = max(str(e.get("finished")) for e in entries)
+        parts.append(f"seed {seed}" + (f" fold {fold + 1}" if fold is not None else "") + arms
+                     + f", finished {finished} at commit {commit}")
     return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "
-            + "; ".join(f"seed {r['seed']}" + (f" fold {r['fold'] + 1}" if r.get("fold") is not None else "")
-                        + f", finished {r.get('finished')} at commit {r.get('commit')}" for r in reused)
-            + ". Their arms' wall times are those of that run and count in the arms' figures; the total is this "
-            "run's alone.")
+            + "; ".join(parts) + ". Their arms' wall times are those of that run and count in the arms' figures; "
+            "the total is this run's alone.")
 
 
 def _md_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> list[str]:

@@ -11,6 +11,12 @@ site's case ids); otherwise it is trained again and the file replaced (removed f
 retraining leaves no record beside the new models). A file that cannot be read is trained again too. The first repetition also keeps what the report's figures take from it (the
 per-case tables, the first federated run's rounds, the model drawn in the overlays): a repetition saved as a later
 one is trained again when it becomes the first.
+
+Each arm is also kept on its own as soon as it is scored (``<out>/repetitions/<seed[-fold]>/<arm>.json``), so that a
+study stopped in the middle of a repetition loses at most the arm it was training, and so that a study which only
+adds arms (another ``--budget``, ``--gate-regions``, federating after ``--skip-federated``) trains only those: which
+arms a study trains does not change how any one of them trains (:func:`arm_settings`). A repetition saved before arms
+were kept one by one is split into its arms (:func:`split_repetition`) when its settings differ only in that choice.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import pandas as pd
 from braintumnet.io import atomic_write_json
 
 FOLDER = "repetitions"
+# Settings that choose which arms a study trains, not how an arm trains: a saved arm is reused whatever they are.
+ARM_CHOICE_KEYS = ("budgets", "skip_federated", "gate_regions")
 log = logging.getLogger("simulation")
 
 
@@ -100,3 +108,92 @@ def _undefined_as_nan(scores):
     if isinstance(scores, dict):
         return {k: _undefined_as_nan(v) for k, v in scores.items()}
     return math.nan if scores is None else scores
+
+
+def arm_settings(settings: dict) -> dict:
+    """What a saved arm must share with the study to be reused: its settings less the choice of arms."""
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in ARM_CHOICE_KEYS}))
+
+
+def arm_path(out: Path, seed: int, fold: int | None, arm: str) -> Path:
+    return path_of(out, seed, fold).with_suffix("") / f"{arm.replace(':', '-')}.json"
+
+
+def save_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, scores: dict, seconds: float, *,
+             provenance: dict, per_case: dict | None = None, fed_rounds: list | None = None,
+             model: str | None = None) -> Path:
+    """Write one trained and scored arm. ``per_case`` (the first repetition only): test set -> per-case DataFrame;
+    ``fed_rounds``: the rounds of the federated run the report's figures draw; ``model``: its checkpoint, relative
+    to ``out`` (the overlay figure's model, when this arm provides it)."""
+    record: dict[str, Any] = {"settings": arm_settings(settings), "arm": arm, "scores": scores,
+                              "seconds": float(seconds), "model": model, "commit": provenance.get("commit"),
+                              "machine": provenance.get("machine"),
+                              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if per_case is not None:
+        record["per_case"] = {section: json.loads(table.to_json(orient="split", index=False))
+                              for section, table in per_case.items()}
+    if fed_rounds is not None:
+        record["fed_rounds"] = fed_rounds
+    path = arm_path(out, seed, fold, arm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    return path
+
+
+def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *, first: bool) -> dict | None:
+    """A saved arm to reuse, or None (none saved, other settings, unreadable, or without the per-case tables and the
+    model file that the first repetition needs). ``per_case`` comes back as DataFrames."""
+    path = arm_path(out, seed, fold, arm)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("settings") != arm_settings(settings):
+            return None
+        if first:
+            if "per_case" not in record:
+                return None
+            record["per_case"] = {section: pd.DataFrame(**table) for section, table in record["per_case"].items()}
+            if record.get("model") and not (Path(out) / record["model"]).is_file():
+                return None
+        record["scores"] = _undefined_as_nan(record["scores"])
+        record["seconds"] = float(record["seconds"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s could not be read (%s): that arm is trained again", path, type(exc).__name__)
+        return None
+    return record
+
+
+def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> list[str]:
+    """Keep each arm of the saved repetition ``seed`` (``fold``) as a saved arm, when its settings differ from
+    ``settings`` at most in the choice of arms; arms already kept on their own are left as they are. Returns the
+    arms written."""
+    path = path_of(out, seed, fold)
+    try:
+        record = json.loads(path.read_text())
+        if arm_settings(record["settings"]) != arm_settings(settings):
+            return []
+        first = record.get("first") or {}
+        # The overlay model is the first budget's federated model when the study federated, else the centralized one.
+        budgets = record["settings"].get("budgets") or ["epochs"]
+        federated = "federated" if budgets[0] == "epochs" else f"federated:{budgets[0]}"
+        written = []
+        for arm, scores in record["result"].items():
+            if arm in ("seed", "fold") or arm_path(out, seed, fold, arm).is_file():
+                continue
+            overlay = first.get("overlay_model") or ""
+            centralized_overlay = overlay.startswith("models/")
+            model = overlay if overlay and (arm == federated and not centralized_overlay
+                                            or arm == "centralized" and centralized_overlay) else None
+            target = arm_path(out, seed, fold, arm)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(target, {
+                "settings": arm_settings(settings), "arm": arm, "scores": scores,
+                "seconds": float(record["timings"].get(arm, 0.0)), "model": model, "commit": record.get("commit"),
+                "machine": record.get("machine"), "finished": record.get("finished"),
+                **({"per_case": first["cases_of"][arm]} if arm in first.get("cases_of", {}) else {}),
+                **({"fed_rounds": first.get("fed_rounds", [])} if arm == federated and "fed_rounds" in first else {})})
+            written.append(arm)
+        return written
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []  # nothing to split (none saved, or unreadable: its arms are trained again)

@@ -8,8 +8,8 @@ every arm.
 Repetitions: every seed, and with ``folds`` ≥ 2 every fold of a per-site stratified k-fold split of the training
 cases (each site holds out its own fold k; the federated sites compute the same folds themselves from the run
 config, so no case id ever crosses the network). Each repetition trains every arm; tables show mean ± sd. A
-finished repetition is kept in the run folder (``simulation/saved.py``): the same study run again into the same
-folder trains only the repetitions not finished yet.
+finished repetition, and each scored arm, is kept in the run folder (``simulation/saved.py``): the same study run
+again into the same folder trains only the repetitions and arms not finished yet.
 
 The federated arm runs the external site as a deployment does: a simulated evaluate-only site (an extra partition,
 ``sites = "...,external:evaluate-only"``) that scores the global model every round on its own cases, never trains,
@@ -30,12 +30,10 @@ import torch
 from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.config import GATE_REGIONS, Profile, resolve, to_dict
 from braintumnet.data.contract import class_names as task_classes
-from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
 from braintumnet.data.phantom import complete_cohort, generate_cohort
 from braintumnet.engine import build_model, pick_device, train_model
-from braintumnet.scoring import evaluate_cases, evaluate_model, evaluate_sites
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_tree
@@ -45,6 +43,8 @@ from braintumnet.report.provenance import provenance as run_provenance
 from braintumnet.tracking import tracking_uri
 from simulation.figures import study_figures
 from simulation import saved
+from simulation.arms import (BUDGETS, federated_arm_name, federated_local_epochs, optimizer_steps, score_model,
+                             strategy_words, training_cases)
 from simulation.flower_run import run_federated
 from simulation.pooled import StudySites, phantom_sites, split_pooled
 from simulation.report import GATE_ARM, write_report
@@ -134,6 +134,7 @@ class Repetition:
     held: dict[str, list[str]]
     first: bool
     scores: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)  # arm -> its checkpoint
     centralized_s: float = 0.0  # the centralized arm's training time: what a federated arm may take is a multiple
 
     @property
@@ -164,7 +165,7 @@ class Study:
     fed_rounds: list = field(default_factory=list)
     overlay_model: torch.nn.Module | None = None
     overlay_path: Path | None = None  # its checkpoint, kept with the first repetition
-    reused: list[dict] = field(default_factory=list)  # repetitions taken from an earlier run into this folder
+    reused: list[dict] = field(default_factory=list)  # repetitions and arms taken from an earlier run
     folds: int = 0  # cross-validation folds of every seed (0: none)
 
     @classmethod
@@ -216,20 +217,21 @@ class Study:
         held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
             else {}
         rep = Repetition(seed, fold, folds, profile, held, first)
+        saved.split_repetition(self.out, seed, fold, self.settings)
         saved.forget(self.out, seed, fold)
         spent_before = dict(self.timings)
         say(f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, {self.epochs} epochs")
-        self.train_arm(rep, "centralized", self.internal)
+        self.arm(rep, "centralized", self.train_arm, self.internal)
         for region in self.extra_regions:
             say(f"  Table 2 ({rep.tag}): centralized, the classifier sees the {region} region")
-            self.train_arm(rep, f"{GATE_ARM}{region}", self.internal, dataclasses.replace(
+            self.arm(rep, f"{GATE_ARM}{region}", self.train_arm, self.internal, dataclasses.replace(
                 profile, model=dataclasses.replace(profile.model, gate_region=region)))
         say(f"phase 4/5 local-only ({rep.tag}): each site alone, {self.epochs} epochs")
         for site in self.internal:
-            self.train_arm(rep, f"local:{site.site}", [site])
+            self.arm(rep, f"local:{site.site}", self.train_arm, [site])
         if not self.skip_federated:
             for budget in self.budgets:
-                self.federated_arm(rep, budget)
+                self.arm(rep, federated_arm_name(budget), self.federated_arm, budget)
         if first and self.overlay_model is None:
             self.overlay_path = self.model_path("centralized", rep)
             self.overlay_model = load_model(self.overlay_path)[0]
@@ -260,27 +262,73 @@ class Study:
             + f": finished {entry['finished']} at commit {entry['commit']} ({saved.path_of(self.out, seed, fold)})")
         return record["result"]
 
+    def arm(self, rep: Repetition, name: str, train, *args) -> None:
+        """One arm of ``rep``: taken from a saved arm of an earlier run into this folder, or trained and scored by
+        ``train(rep, name, *args)`` and saved at once (``simulation/saved.py``)."""
+        if self.reuse_arm(rep, name):
+            return
+        before = self.timings.get(name, 0.0)
+        train(rep, name, *args)
+        model = rep.models.get(name)
+        saved.save_arm(self.out, self.settings, rep.seed, rep.fold, name, rep.scores[name],
+                       self.timings.get(name, 0.0) - before, provenance=self.provenance,
+                       per_case=self.cases_of.get(name) if rep.first else None,
+                       fed_rounds=self.fed_rounds if rep.first and name == self.rounds_arm else None,
+                       model=str(model.relative_to(self.out)) if model else None)
+
+    @property
+    def rounds_arm(self) -> str | None:
+        """The arm whose rounds the report's figures draw, and whose model the overlays show: the first federated
+        budget's (None without a federated arm: the overlays then show the centralized model)."""
+        return None if self.skip_federated else federated_arm_name(self.budgets[0])
+
+    def reuse_arm(self, rep: Repetition, name: str) -> bool:
+        """Take ``name`` of ``rep`` from a saved arm, if one with the same settings is there (and has what the first
+        repetition keeps for the figures)."""
+        record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=rep.first)
+        draws_rounds = rep.first and name == self.rounds_arm
+        if record is None or draws_rounds and ("fed_rounds" not in record or not record.get("model")):
+            return False
+        rep.scores[name] = record["scores"]
+        self._spent(name, record["seconds"])
+        if name == "centralized":
+            rep.centralized_s = record["seconds"]
+        if record.get("model"):
+            rep.models[name] = self.out / record["model"]
+        if rep.first:
+            self.cases_of[name] = record["per_case"]
+        if draws_rounds:
+            self.fed_rounds = record["fed_rounds"]
+            self.overlay_path = rep.models[name]
+            self.overlay_model = load_model(self.overlay_path)[0]
+        entry = {"seed": rep.seed, "fold": rep.fold, "arm": name, "commit": record.get("commit"),
+                 "finished": record.get("finished")}
+        self.reused.append(entry)
+        say(f"  {name} ({rep.tag}): reused, finished {entry['finished']} at commit {entry['commit']}")
+        return True
+
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
         """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
         profile = profile or rep.profile
         t0 = time.perf_counter()
         model = build_model(profile, len(self.classes))
-        ids = _training_cases(train_sites, self.classes, rep.held)
+        ids = training_cases(train_sites, self.classes, rep.held)
         train_model(model, train_sites, profile, self.dev, epochs=self.epochs, case_ids=ids, progress=False)
         self._spent(name, time.perf_counter() - t0)
         if name == "centralized":
             rep.centralized_s = time.perf_counter() - t0
-        save_checkpoint(self.model_path(name, rep), model.state_dict(), profile, self.classes,
+        rep.models[name] = self.model_path(name, rep)
+        save_checkpoint(rep.models[name], model.state_dict(), profile, self.classes,
                         {"arm": name, "synthetic": self.layout.synthetic, "epochs": self.epochs, "seed": rep.seed,
                          "fold": rep.fold})
         self.score_arm(rep, name, model, profile)
 
-    def federated_arm(self, rep: Repetition, budget: str) -> None:
-        """The federated arm under ``budget`` on Flower's Simulation Engine; its final global model is scored."""
+    def federated_arm(self, rep: Repetition, name: str, budget: str) -> None:
+        """The federated arm ``name`` under ``budget`` on Flower's Simulation Engine; its final global model is
+        scored."""
         fed = self.base.federation
-        local_epochs = _federated_local_epochs(budget, fed.local_epochs, self.internal, self.classes, rep.held)
-        name = "federated" if budget == "epochs" else f"federated:{budget}"
-        say(f"phase 5/5 {name} ({rep.tag}): {_strategy_words(rep.profile)} on Flower's Simulation Engine, "
+        local_epochs = federated_local_epochs(budget, fed.local_epochs, self.internal, self.classes, rep.held)
+        say(f"phase 5/5 {name} ({rep.tag}): {strategy_words(rep.profile)} on Flower's Simulation Engine, "
             f"{fed.num_rounds} rounds x {local_epochs} local epochs, {len(self.internal)} simulated sites"
             + (f" and the evaluate-only external site {self.layout.external}" if self.layout.external else ""))
         t0 = time.perf_counter()
@@ -295,8 +343,9 @@ class Study:
                                 ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out),
                                 timeout_s=timeout, log=say)
         self._spent(name, time.perf_counter() - t0)
-        model, _ = load_model(run_dir / "final.pt")
-        if rep.first and budget == self.budgets[0]:
+        rep.models[name] = run_dir / "final.pt"
+        model, _ = load_model(rep.models[name])
+        if rep.first and name == self.rounds_arm:
             self.fed_rounds = json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
             self.overlay_model, self.overlay_path = model, run_dir / "final.pt"
         self.score_arm(rep, name, model, rep.profile)
@@ -318,7 +367,7 @@ class Study:
 
     def score_arm(self, rep: Repetition, name: str, model, profile: Profile) -> None:
         """Score a trained arm on every test set, log it to MLflow and keep its scores in ``rep``."""
-        scores, per_case = _score(model, self.internal, self.external, profile, self.dev, rep.held)
+        scores, per_case = score_model(model, self.internal, self.external, profile, self.dev, rep.held)
         self._spent(name, scores.pop("wall_s", 0.0))
         rep.scores[name] = scores
         if rep.first:
@@ -346,9 +395,9 @@ class Study:
             "sites": {"internal": list(self.layout.internal), "external": self.layout.external},
             "budget": {"centralized_epochs": self.epochs, "local_epochs_per_site": self.epochs,
                        "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
-                       "federated_budgets": {b: _federated_local_epochs(b, fed.local_epochs, internal, self.classes,
+                       "federated_budgets": {b: federated_local_epochs(b, fed.local_epochs, internal, self.classes,
                                                                         {}) for b in self.budgets},
-                       **_optimizer_steps(internal, self.classes, self.base.train.batch_size, self.epochs, fed)},
+                       **optimizer_steps(internal, self.classes, self.base.train.batch_size, self.epochs, fed)},
             "cases": {s.site: int(s.slices["case_id"].nunique()) for s in self.sites.values()},
             "n_repetitions": len(repetitions),
             "folds": folds if folds >= 2 else None,
@@ -386,74 +435,5 @@ def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, 
     return phantom_sites(phantom)
 
 
-BUDGETS = ("epochs", "wall-time")
-
-
-def _federated_local_epochs(budget: str, local_epochs: int, internal, classes, held: dict) -> int:
-    """Local epochs per round of the federated arm under ``budget`` (``BUDGETS``).
-
-    ``wall-time``: the sites train in parallel, so in the wall time the centralized model takes for E epochs over
-    the pooled slices, the largest site can pass over its own slices E x pooled / largest times.
-    """
-    if budget == "epochs":
-        return local_epochs
-    sizes = [len(select_slices([s], "train", classes, _training_cases([s], classes, held))) for s in internal]
-    return max(local_epochs, round(local_epochs * sum(sizes) / max(max(sizes), 1)))
-
-
-def _strategy_words(profile: Profile) -> str:
-    server = profile.server.optimizer
-    return "FedAvg" if server == "none" else f"FedAvg with server optimizer {server}"
-
-
-def _training_cases(train_sites, classes, held: dict) -> list[str] | None:
-    """The training cases left after each site's held-out fold (None = all of them)."""
-    if not held:
-        return None
-    table = select_slices(train_sites, "train", classes)
-    return sorted(set(table["case_id"]) - {c for s in train_sites for c in held.get(s.site, [])})
-
-
-def _score(model, internal, ext, profile: Profile, dev, held: dict) -> tuple[dict, dict]:
-    t0 = time.perf_counter()
-    metrics, per_case = {}, {}
-    metrics["internal_test"], per_case["internal_test"], per_site = evaluate_sites(model, internal, "test", profile,
-                                                                                   dev, progress=False)
-    if ext:
-        metrics["external"], per_case["external"] = evaluate_cases(model, ext, None, profile, dev, progress=False)
-    scores = {k: _numbers(v) for k, v in metrics.items()}
-    scores.setdefault("external", {})
-    scores["per_site"] = {site: _numbers(m) for site, m in per_site.items()}
-    if held:
-        ids = sorted(c for v in held.values() for c in v)
-        scores["validation"] = _numbers(evaluate_model(model, internal, "train", profile, dev, case_ids=ids,
-                                                       progress=False))
-    scores["wall_s"] = time.perf_counter() - t0
-    return scores, per_case
-
-
-def _numbers(metrics: dict) -> dict:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
-
-
 def _fold_tag(fold) -> str:
     return "" if fold is None else f"-f{fold + 1}"
-
-
-def _optimizer_steps(internal: list, classes, batch_size: int, epochs: int, fed) -> dict:
-    """Adam steps each arm's model takes (no cross-validation), to put beside the equal-epochs budget.
-
-    Equal epochs are not equal progress: centralized takes one step per pooled batch, while FedAvg's global model
-    moves each round by an average of the sites' steps, not their sum, so along its trajectory it takes about
-    rounds x local epochs x one site's batches per epoch. A local arm takes the same steps as one federated site.
-    """
-    def steps(n_slices: int) -> int:  # engine.train_model drops the last partial batch when there is more than one
-        return n_slices // batch_size if n_slices > batch_size else 1
-
-    per_site = {s.site: len(select_slices([s], "train", classes)) for s in internal}
-    per_round = {site: fed.local_epochs * steps(n) for site, n in per_site.items()}
-    return {"train_slices": per_site,
-            "centralized_steps": epochs * steps(sum(per_site.values())),
-            "local_steps": {site: epochs * steps(n) for site, n in per_site.items()},
-            "federated_steps_per_site": {site: fed.num_rounds * n for site, n in per_round.items()}}
-

@@ -4,6 +4,7 @@ every output file and metric key; and the pooled-dataset split.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -311,3 +312,70 @@ def test_study_figures_label_axes_in_words_show_sd_and_the_synthetic_mark(tmp_pa
     assert list(errorbars[0].lines[2][0].get_segments()[0][:, 1]) == pytest.approx([0.4, 0.6])  # site a: 0.5 ± 0.1
     assert not any(isinstance(c, ErrorbarContainer) for c in without_sd.axes[0].containers)
     assert len(curves.axes[0].patches) == 1  # the centralized final's ±1 sd band
+
+
+def test_each_arm_is_kept_when_scored_so_a_stopped_or_widened_study_trains_only_the_missing_arms(
+        phantom_root, tiny_run_config, tmp_path, monkeypatch):
+    """A study stopped in its third arm keeps the first two; run again with more arms (Table 2's regions) it trains
+    only the others; a repetition saved whole is split into its arms for a study that only chooses other arms.
+    Training itself is skipped (the bookkeeping is under test)."""
+    from simulation import saved
+
+    trained = []
+
+    def train(model, sites, profile, *a, **k):
+        trained.append((profile.model.gate_region, tuple(sorted(s.site for s in sites))))
+        if stop_at and len(trained) == stop_at:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(study, "train_model", train)
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    run = dict(phantom=phantom_root, device="cpu", skip_federated=True, overrides=overrides)
+    stop_at = 3  # centralized, local:yibin, then stopped in local:plagh
+    with pytest.raises(RuntimeError):
+        study.run_study(tmp_path, "quick", **run)
+    assert not saved.path_of(tmp_path, 0, None).exists()
+    kept = sorted(p.name for p in saved.path_of(tmp_path, 0, None).with_suffix("").iterdir())
+    assert kept == ["centralized.json", f"local-{SITES[0]}.json"]
+
+    stop_at, trained[:] = 0, []
+    doc = study.run_study(tmp_path, "quick", gate_regions=True, **run)
+    assert sorted(trained) == sorted([("edema", tuple(sorted(SITES))), ("whole", tuple(sorted(SITES))),
+                                      *(("tumor", (s,)) for s in SITES[1:])])
+    assert [r["arm"] for r in doc["reused"]] == ["centralized", f"local:{SITES[0]}"]
+    assert f"seed 0 (centralized, local:{SITES[0]})" in (tmp_path / "report.md").read_text()
+    arm_file = json.loads(saved.arm_path(tmp_path, 0, None, "centralized").read_text())
+    assert json.dumps(doc["centralized"]["internal_test"]) == json.dumps(arm_file["scores"]["internal_test"])
+
+    # Saved whole (as before arms were kept one by one), then run without the regions: split, nothing trained.
+    shutil.rmtree(saved.path_of(tmp_path, 0, None).with_suffix(""))
+    trained[:] = []
+    again = study.run_study(tmp_path, "quick", **run)
+    assert trained == [] and "gate:edema" not in again
+    assert json.dumps(again["repetitions"][0], sort_keys=True) == json.dumps(
+        {k: v for k, v in doc["repetitions"][0].items() if not k.startswith("gate:")}, sort_keys=True)
+    settings = json.loads(saved.path_of(tmp_path, 0, None).read_text())["settings"]
+    other = {**settings, "config": {**settings["config"], "train.learning_rate": 0.5}}
+    assert saved.load_arm(tmp_path, other, 0, None, "centralized", first=True) is None
+
+
+def test_a_split_repetition_gives_its_federated_arm_the_rounds_and_the_overlay_model(tmp_path):
+    from simulation import saved
+
+    settings = {"config": {"a": 1}, "budgets": ["epochs"], "skip_federated": False, "gate_regions": [], "folds": 0,
+                "sites": {}, "cases": {}}
+    table = pd.DataFrame({"case_id": ["c1"], "dice_tumor": [0.5]})
+    first = {"cases_of": {"centralized": {"internal_test": table}, "federated": {"internal_test": table}},
+             "fed_rounds": [{"round": 1}], "overlay_model": "federated/run-1/final.pt"}
+    saved.save(tmp_path, settings, {"seed": 0, "fold": None, "centralized": {"x": 1.0}, "federated": {"x": None}},
+               timings={"centralized": 3.0, "federated": 5.0}, provenance={"commit": "abc"}, first=first)
+    wider = {**settings, "budgets": ["epochs", "wall-time"]}
+    assert saved.split_repetition(tmp_path, 0, None, wider) == ["centralized", "federated"]
+    (tmp_path / "federated" / "run-1").mkdir(parents=True)
+    (tmp_path / "federated" / "run-1" / "final.pt").write_bytes(b"")
+    fed = saved.load_arm(tmp_path, wider, 0, None, "federated", first=True)
+    assert fed["model"] == "federated/run-1/final.pt" and fed["fed_rounds"] == [{"round": 1}]
+    assert fed["seconds"] == 5.0 and fed["commit"] == "abc" and math.isnan(fed["scores"]["x"])
+    assert list(fed["per_case"]["internal_test"]["case_id"]) == ["c1"]
+    assert saved.load_arm(tmp_path, wider, 0, None, "centralized", first=True)["model"] is None
+    assert saved.split_repetition(tmp_path, 0, None, {**settings, "folds": 3}) == []  # another study: not split

@@ -8,9 +8,9 @@ and trains only the others. The report then lists which repetitions were reused 
 A saved repetition is reused only when the study's settings are the same (:func:`settings_of`: the resolved profile
 with its overrides, the federated budgets, the gate regions, the number of folds, the sites and a digest of each
 site's case ids); otherwise it is trained again and the file replaced (removed first, so that a run stopped while
-retraining leaves no record beside the new models). A file that cannot be read is trained again too. The first repetition also keeps what the report's figures take from it (the
-per-case tables, the first federated run's rounds, the model drawn in the overlays): a repetition saved as a later
-one is trained again when it becomes the first.
+retraining leaves no record beside the new models). A file that cannot be read is trained again too. The first
+repetition also keeps what the report's figures take from it (the per-case tables, the first federated run's rounds,
+the model drawn in the overlays): a repetition saved as a later one is trained again when it becomes the first.
 
 Each arm is also kept on its own as soon as it is scored (``<out>/repetitions/<seed[-fold]>/<arm>.json``), so that a
 study stopped in the middle of a repetition loses at most the arm it was training, and so that a study which only

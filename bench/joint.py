@@ -141,6 +141,10 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     doc = {"synthetic": True, "note": SYNTHETIC, "settings": s, "seeds": list(seeds), "model_defaults": model_defaults,
            "arms": {k: _summary(v) for k, v in runs.items()}, "per_seed": runs,
            "multitask_minus_two_stage": _paired(runs.get("multitask"), runs.get("two-stage")),
+           # Each other arm against the default on the seeds both ran: arms trained on different seed sets are
+           # compared only pairwise, since one seed's figures move by several points with the seed alone.
+           "minus_default": {k: _paired(v, runs.get("multitask")) for k, v in runs.items() if k != "multitask"
+                             and runs.get("multitask")},
            "paper_claim_points": PAPER_CLAIM, "same_as_default": duplicates,
            "missing": [k for k in ARMS if k not in runs and k not in duplicates]}
     name = "joint" if size_name(ctx) in ("tiny", "quick", "full") else f"joint-{ctx.profile}"
@@ -161,6 +165,7 @@ def _summary(per_seed: dict) -> dict:
     out = {section: {m: _cell(r[section].get(m) for r in per_seed.values()) for m in METRICS}
            for section in ("internal_test", "external")}
     out["train_s"] = mean_sd(r["train_s"] for r in per_seed.values())[0]
+    out["seeds"] = sorted(per_seed)
     return out
 
 
@@ -172,11 +177,14 @@ def _cell(values) -> dict:
 
 
 def _paired(multi: dict | None, two: dict | None) -> dict | None:
-    """Multi-task minus two-stage, in points (x100), per seed both arms ran, with mean and sd."""
+    """``multi`` minus ``two`` (multi-task minus two-stage, or an arm minus the default), in points (x100), per seed
+    both arms ran, with mean and sd; None where they share no seed."""
     if not multi or not two:
         return None
     seeds = sorted(set(multi) & set(two))
-    out = {}
+    if not seeds:
+        return None
+    out = {"seeds": seeds}
     for section in ("internal_test", "external"):
         out[section] = {}
         for m in ("dice_tumor", "acc"):
@@ -202,8 +210,9 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
     sections = []
     for section, title in (("internal_test", "Pooled internal test set, mean ± sd over seeds"),
                            ("external", "External site (never trained on), mean ± sd over seeds")):
-        rows = [[ARMS[k][0], *(_pm(a[section][m]) for m in METRICS)] for k, a in doc["arms"].items()]
-        sections.append((title, table(["arm", *METRICS], rows)))
+        rows = [[ARMS[k][0], ", ".join(map(str, a.get("seeds", []))), *(_pm(a[section][m]) for m in METRICS)]
+                for k, a in doc["arms"].items()]
+        sections.append((title, table(["arm", "seeds", *METRICS], rows)))
     claim = doc["multitask_minus_two_stage"]
     if claim:
         rows = [[f"ours, {section}", *(_points(c) for c in (claim[section]["dice_tumor"], claim[section]["acc"]))]
@@ -211,6 +220,14 @@ def _sections(doc: dict) -> list[tuple[str, list[str]]]:
         rows.append(["the paper's claim", f"+{PAPER_CLAIM['dice_tumor']}", f"+{PAPER_CLAIM['acc']}"])
         sections.append(("Multi-task minus two-stage, points (mean ± sd, per seed)",
                          table(["", "dice_tumor", "acc"], rows)))
+    versus = [(k, d) for k, d in doc.get("minus_default", {}).items() if d]
+    if versus:
+        rows = [[ARMS[k][0], ", ".join(map(str, d["seeds"])),
+                 *(_points(d[section][m]) for section in ("internal_test", "external") for m in ("dice_tumor", "acc"))]
+                for k, d in versus]
+        sections.append(("Each arm minus the default, points (mean ± sd, per seed; on the seeds both ran)",
+                         table(["arm", "seeds", "internal dice_tumor", "internal acc", "external dice_tumor",
+                                "external acc"], rows)))
     sections.append(("Train time per arm-seed (s)", table(["arm", "mean s"], [[ARMS[k][0], a["train_s"]]
                                                                             for k, a in doc["arms"].items()])))
     return sections

@@ -273,6 +273,11 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
                        - per_seed["two-stage"][s]["internal_test"]["dice_tumor"]) for s in (0, 1)]
     assert claim["per_seed"] == pytest.approx(expected)
     assert "the paper's claim" in (ctx.out / "joint.md").read_text()
+    versus = first["minus_default"]["two-stage"]["internal_test"]["acc"]  # the same pairs, the other way round
+    assert versus["per_seed"] == pytest.approx([-d for d in first["multitask_minus_two_stage"]["internal_test"]["acc"]
+                                                ["per_seed"]])
+    assert first["arms"]["two-stage"]["seeds"] == [0, 1] and "Each arm minus the default" in (ctx.out / "joint.md"
+                                                                                             ).read_text()
     kept = sorted(p.name for p in (ctx.out / "joint-arms-tiny").iterdir())
     assert kept == ["multitask-s0.json", "multitask-s1.json", "two-stage-s0.json", "two-stage-s1.json"]
     stamp = (ctx.out / "joint-arms-tiny" / "multitask-s0.json").stat().st_mtime_ns

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from braintumnet.io import atomic_write_json
+from simulation.arms import federated_arm_name
 
 FOLDER = "repetitions"
 # Settings that choose which arms a study trains, not how an arm trains: a saved arm is reused whatever they are.
@@ -121,16 +122,18 @@ def arm_path(out: Path, seed: int, fold: int | None, arm: str) -> Path:
 
 def save_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, scores: dict, seconds: float, *,
              provenance: dict, per_case: dict | None = None, fed_rounds: list | None = None,
-             model: str | None = None) -> Path:
-    """Write one trained and scored arm. ``per_case`` (the first repetition only): test set -> per-case DataFrame;
-    ``fed_rounds``: the rounds of the federated run the report's figures draw; ``model``: its checkpoint, relative
-    to ``out`` (the overlay figure's model, when this arm provides it)."""
+             model: str | None = None, finished: str | None = None) -> Path:
+    """Write one trained and scored arm. ``per_case`` (the first repetition only): test set -> per-case DataFrame
+    (or its JSON ``split`` form); ``fed_rounds``: the rounds of the federated run the report's figures draw;
+    ``model``: its checkpoint, relative to ``out`` (the overlay figure's model, when this arm provides it);
+    ``finished``: when it was trained (default now)."""
     record: dict[str, Any] = {"settings": arm_settings(settings), "arm": arm, "scores": scores,
                               "seconds": float(seconds), "model": model, "commit": provenance.get("commit"),
                               "machine": provenance.get("machine"),
-                              "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                              "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if per_case is not None:
-        record["per_case"] = {section: json.loads(table.to_json(orient="split", index=False))
+        record["per_case"] = {section: table if isinstance(table, dict)
+                              else json.loads(table.to_json(orient="split", index=False))
                               for section, table in per_case.items()}
     if fed_rounds is not None:
         record["fed_rounds"] = fed_rounds
@@ -175,24 +178,17 @@ def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> 
             return []
         first = record.get("first") or {}
         # The overlay model is the first budget's federated model when the study federated, else the centralized one.
-        budgets = record["settings"].get("budgets") or ["epochs"]
-        federated = "federated" if budgets[0] == "epochs" else f"federated:{budgets[0]}"
+        federated = federated_arm_name((record["settings"].get("budgets") or ["epochs"])[0])
+        overlay = first.get("overlay_model")
+        overlay_arm = "centralized" if overlay and overlay.startswith("models/") else federated
         written = []
         for arm, scores in record["result"].items():
             if arm in ("seed", "fold") or arm_path(out, seed, fold, arm).is_file():
                 continue
-            overlay = first.get("overlay_model") or ""
-            centralized_overlay = overlay.startswith("models/")
-            model = overlay if overlay and (arm == federated and not centralized_overlay
-                                            or arm == "centralized" and centralized_overlay) else None
-            target = arm_path(out, seed, fold, arm)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(target, {
-                "settings": arm_settings(settings), "arm": arm, "scores": scores,
-                "seconds": float(record["timings"].get(arm, 0.0)), "model": model, "commit": record.get("commit"),
-                "machine": record.get("machine"), "finished": record.get("finished"),
-                **({"per_case": first["cases_of"][arm]} if arm in first.get("cases_of", {}) else {}),
-                **({"fed_rounds": first.get("fed_rounds", [])} if arm == federated and "fed_rounds" in first else {})})
+            save_arm(out, settings, seed, fold, arm, scores, record["timings"].get(arm, 0.0), provenance=record,
+                     per_case=first.get("cases_of", {}).get(arm),
+                     fed_rounds=first.get("fed_rounds") if arm == federated else None,
+                     model=overlay if arm == overlay_arm else None, finished=record.get("finished"))
             written.append(arm)
         return written
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -167,6 +167,19 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
     return record
 
 
+def _before_digests(saved: dict, settings: dict, path: Path) -> dict:
+    """A repetition saved before the number of folds and each site's case-id digest were recorded (it has only each
+    site's case count, and no folds: it ran without cross-validation) compared as it would be saved today, when its
+    counts equal the study's. The digest cannot be checked then: the warning says so."""
+    if "folds" in saved or not all(isinstance(n, int) for n in saved.get("cases", {}).values()):
+        return saved
+    now = settings.get("cases", {})
+    if {site: n for site, n in saved["cases"].items()} != {site: c.get("n") for site, c in now.items()}:
+        return saved
+    log.warning("%s was saved before case ids were recorded: reused on equal case counts per site", path)
+    return {**saved, "folds": 0, "cases": now}
+
+
 def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> list[str]:
     """Keep each arm of the saved repetition ``seed`` (``fold``) as a saved arm, when its settings differ from
     ``settings`` at most in the choice of arms; arms already kept on their own are left as they are. Returns the
@@ -174,7 +187,7 @@ def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> 
     path = path_of(out, seed, fold)
     try:
         record = json.loads(path.read_text())
-        if arm_settings(record["settings"]) != arm_settings(settings):
+        if arm_settings(_before_digests(record["settings"], settings, path)) != arm_settings(settings):
             return []
         first = record.get("first") or {}
         # The overlay model is the first budget's federated model when the study federated, else the centralized one.

@@ -379,3 +379,16 @@ def test_a_split_repetition_gives_its_federated_arm_the_rounds_and_the_overlay_m
     assert list(fed["per_case"]["internal_test"]["case_id"]) == ["c1"]
     assert saved.load_arm(tmp_path, wider, 0, None, "centralized", first=True)["model"] is None
     assert saved.split_repetition(tmp_path, 0, None, {**settings, "folds": 3}) == []  # another study: not split
+
+
+def test_a_repetition_saved_before_case_digests_is_split_on_equal_case_counts_only(tmp_path):
+    from simulation import saved
+
+    now = {"config": {"a": 1}, "budgets": ["epochs"], "skip_federated": False, "gate_regions": [], "folds": 0,
+           "sites": {}, "cases": {"yibin": {"n": 2, "digest": "d1"}}}
+    older = {k: v for k, v in now.items() if k != "folds"} | {"cases": {"yibin": 2}}
+    saved.save(tmp_path, older, {"seed": 0, "fold": None, "centralized": {"x": 1.0}},
+               timings={"centralized": 3.0}, provenance={}, first=None)
+    assert saved.split_repetition(tmp_path, 0, None, {**now, "cases": {"yibin": {"n": 3, "digest": "d1"}}}) == []
+    assert saved.split_repetition(tmp_path, 0, None, {**now, "budgets": ["wall-time"]}) == ["centralized"]
+    assert saved.load_arm(tmp_path, now, 0, None, "centralized", first=False)["scores"] == {"x": 1.0}

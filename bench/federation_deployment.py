@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from bench.common import Context, median, table, write_result
+from bench.federation_runs import analyse, model_bytes, settings as run_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,6 @@ COSTS_HEAD = ["run", "site", "messages", "ClientApp process s", "pull s", "insta
 def run_deployment(ctx: Context, s: dict, phantom: Path) -> dict:
     """The loopback deployment's runs: 1 local epoch per round (the simulation's reference configuration) and the
     heavier local work, which shows what is left of the fixed costs (polling, ServerApp, TLS) against real work."""
-    from bench.federation import model_bytes
-
     epochs = [1] + ([s["deployment_heavy_epochs"]] if s["deployment_heavy_epochs"] else [])
     try:
         return deployment(ctx, s, phantom, model_bytes({"profile": "quick", "data.img-size": 32,
@@ -53,8 +52,6 @@ def deployment(ctx: Context, settings: dict, phantom: Path, size: int, epochs: l
     test suite's harness: one run per entry of ``epochs`` (local epochs per round) with the three sites training at
     once, then the same with one site (the others stopped), so its round has the machine to itself. Keyed
     ``"<epochs>"`` (three sites) and ``"<epochs>-one-site"``."""
-    from bench.federation import analyse
-
     sys.path.insert(0, str(REPO / "tests" / "federation"))
     from harness import SITES as LOOP_SITES  # noqa: E402  (the test suite's loopback harness, read-only reuse)
     from harness import Federation  # noqa: E402
@@ -236,10 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="braintumnet-bench-"))).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    from bench.federation import _settings
-
     ctx = Context(out=args.out.absolute(), workdir=workdir, quick=True, device="cpu", deployment=True)
-    s = _settings(ctx)
+    s = run_settings(ctx)
     if args.test_size_only:
         s["deployment_heavy_epochs"] = 0
     write_deployment_result(ctx, s, run_deployment(ctx, s, ctx.phantom(s["phantom"]).out))

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import accuracy, compute, data_pipeline, evaluation, federation
+from bench import accuracy, compute, data_pipeline, evaluation, federation, federation_runs
 from bench.__main__ import main, parse_args
 from bench.common import Context, interleaved, ratio
 
@@ -150,12 +150,12 @@ def test_federation_partition_and_analysis(ctx, prepared_sites, tiny_profile, tm
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.json").write_text(json.dumps({"rounds": rounds}))
-    found = federation.analyse(run_dir, size, parallel_slots=2)
+    found = federation_runs.analyse(run_dir, size, parallel_slots=2)
     assert found["exchanged_vs_2x_model"] == 1.0 and found["exchanged_vs_2x_model_run"] == 1.25
     assert found["up_vs_1x_model"] == 1.0
     assert found["overhead_median"] == 1.1
     assert found["overhead_vs_cores_median"] == pytest.approx(3.3 / 4.5)  # 3 sites × 3 s on 2 cores
-    assert federation.model_bytes({"profile": "quick", "model.feature-size": 8}) > 0
+    assert federation_runs.model_bytes({"profile": "quick", "model.feature-size": 8}) > 0
 
 
 def test_federation_one_site_at_a_time_runs_give_their_own_overhead_and_data_scaling():
@@ -254,7 +254,7 @@ def test_gpu_without_a_gpu_says_so_and_the_cli_writes_it(tmp_path):
 
 def test_federation_sites_option_sets_the_scaling_runs_and_grows_the_phantom(tmp_path):
     assert parse_args(["--sites", "24,12,6"]).sites == (24, 12, 6)
-    settings = federation._settings(Context(out=tmp_path, workdir=tmp_path, quick=True, sites=(24, 12, 6)))
+    settings = federation_runs.settings(Context(out=tmp_path, workdir=tmp_path, quick=True, sites=(24, 12, 6)))
     assert settings["sites"] == [3, 6, 12, 24]  # 3 sites is the reference of every ratio
     assert settings["phantom"] == 0.24  # about 38 internal test cases: one for each of 24 dealt sites
     with pytest.raises(SystemExit):

@@ -90,6 +90,8 @@ def load(out: Path, seed: int, fold: int | None, settings: dict, *, first: bool)
         if record.get("settings") != json.loads(json.dumps(settings)):
             return None
         if first:
+            if "first" not in record:
+                return None  # kept as a later repetition: its arms are reused (simulation/study.py) without it
             saved = record["first"]
             saved["cases_of"] = {arm: {section: pd.DataFrame(**table) for section, table in sections.items()}
                                  for arm, sections in saved["cases_of"].items()}

@@ -287,16 +287,33 @@ class Study:
         repetition keeps for the figures)."""
         record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=rep.first)
         draws_rounds = rep.first and name == self.rounds_arm
+        checkpoint = None
+        if record is None and rep.first and not draws_rounds:
+            # Kept by a run where this repetition came later, so without the per-case tables the first one's
+            # figures need: score its model again rather than train it again, when the model is still here.
+            record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False)
+            checkpoint = self.out / record["model"] if record and record.get("model") else self.model_path(name, rep)
+            if record is None or not checkpoint.is_file():
+                return False
         if record is None or draws_rounds and ("fed_rounds" not in record or not record.get("model")):
             return False
-        rep.scores[name] = record["scores"]
+        if checkpoint is not None:
+            before = self.timings.get(name, 0.0)
+            model, kept = load_model(checkpoint, self.dev)
+            self.score_arm(rep, name, model, kept.profile)  # its scores and per-case tables, as when it was trained
+            self.timings[name] = before
+            saved.save_arm(self.out, self.settings, rep.seed, rep.fold, name, rep.scores[name], record["seconds"],
+                           provenance=record, per_case=self.cases_of[name], model=record.get("model"),
+                           finished=record.get("finished"))
+        else:
+            rep.scores[name] = record["scores"]
+            if rep.first:
+                self.cases_of[name] = record["per_case"]
         self._spent(name, record["seconds"])
         if name == "centralized":
             rep.centralized_s = record["seconds"]
         if record.get("model"):
             rep.models[name] = self.out / record["model"]
-        if rep.first:
-            self.cases_of[name] = record["per_case"]
         if draws_rounds:
             self.fed_rounds = record["fed_rounds"]
             self.overlay_path = rep.models[name]
@@ -304,7 +321,8 @@ class Study:
         entry = {"seed": rep.seed, "fold": rep.fold, "arm": name, "commit": record.get("commit"),
                  "finished": record.get("finished")}
         self.reused.append(entry)
-        say(f"  {name} ({rep.tag}): reused, finished {entry['finished']} at commit {entry['commit']}")
+        say(f"  {name} ({rep.tag}): reused, finished {entry['finished']} at commit {entry['commit']}"
+            + (" (scored again from its model for the per-case tables)" if checkpoint is not None else ""))
         return True
 
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:

@@ -392,3 +392,24 @@ def test_a_repetition_saved_before_case_digests_is_split_on_equal_case_counts_on
     assert saved.split_repetition(tmp_path, 0, None, {**now, "cases": {"yibin": {"n": 3, "digest": "d1"}}}) == []
     assert saved.split_repetition(tmp_path, 0, None, {**now, "budgets": ["wall-time"]}) == ["centralized"]
     assert saved.load_arm(tmp_path, now, 0, None, "centralized", first=False)["scores"] == {"x": 1.0}
+
+
+def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_repetition_comes_first(
+        phantom_root, tiny_run_config, tmp_path, monkeypatch):
+    """Seed 1 kept by a study of seeds 0 and 1 has no per-case tables (only the first repetition keeps them for the
+    figures); a study of seed 1 alone scores its kept models again, and trains one only when its model is gone."""
+    from simulation import saved
+
+    trained = []
+    monkeypatch.setattr(study, "train_model", lambda model, sites, *a, **k: trained.append(len(sites)))
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    run = dict(phantom=phantom_root, device="cpu", skip_federated=True, overrides=overrides)
+    both = study.run_study(tmp_path, "quick", seeds=(0, 1), **run)
+    assert "per_case" not in json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())
+    (tmp_path / "models" / f"local-{SITES[0]}-s1.pt").unlink()
+
+    trained[:] = []
+    alone = study.run_study(tmp_path, "quick", seeds=(1,), **run)
+    assert trained == [1]  # only local:yibin, whose model was removed
+    assert json.dumps(alone["repetitions"][0]["centralized"]) == json.dumps(both["repetitions"][1]["centralized"])
+    assert "per_case" in json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())

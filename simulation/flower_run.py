@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from braintumnet.data.cache import sigterm_as_exit
 from braintumnet.errors import BrainTumNetError
 
 # The Flower app's project folder (pyproject.toml's [tool.flwr.app]): `flwr run` builds the app from it.
@@ -84,35 +85,38 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
         except ValueError:
             raise BrainTumNetError(f"flwr {args[0]} gave no answer: {(res.stderr or res.stdout)[-400:]}") from None
 
-    try:
-        started = flwr("run", ".", "local", "--run-config", spec, "--federation-config", federation)
-        if not started.get("success"):
-            raise BrainTumNetError(f"flwr run refused the federated arm: {started}")
-        run_id = started["run-id"]
-        run_dir = Path(run_config["checkpoint-dir"]) / f"run-{run_id}"
-        deadline, shown = time.monotonic() + timeout_s, 0
-        while True:
-            status = flwr("ls", "local", "--run-id", str(run_id))["runs"][0]["status"]
-            rounds = _rounds_done(run_dir)
-            if rounds > shown:
-                shown = rounds
-                log(f"  federated: round {rounds}/{run_config['num-server-rounds']} aggregated")
-            if status.startswith("finished"):
-                break
-            if time.monotonic() > deadline:
-                raise BrainTumNetError(f"federated run {run_id} did not finish in {timeout_s:.0f} s")
-            time.sleep(3)
-        if status != "finished:completed":
-            raise BrainTumNetError(f"federated run {run_id} ended as {status}; see {home}/local-superlink/")
-        return run_dir
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in processes_carrying(f"FLWR_HOME={home}"):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
+    # SIGTERM (`kill`, `timeout`, a batch scheduler) raises SystemExit here, so the finally clause still stops the
+    # SuperLink, Ray and the ClientApps instead of leaving them running without the study.
+    with sigterm_as_exit():
+        try:
+            started = flwr("run", ".", "local", "--run-config", spec, "--federation-config", federation)
+            if not started.get("success"):
+                raise BrainTumNetError(f"flwr run refused the federated arm: {started}")
+            run_id = started["run-id"]
+            run_dir = Path(run_config["checkpoint-dir"]) / f"run-{run_id}"
+            deadline, shown = time.monotonic() + timeout_s, 0
+            while True:
+                status = flwr("ls", "local", "--run-id", str(run_id))["runs"][0]["status"]
+                rounds = _rounds_done(run_dir)
+                if rounds > shown:
+                    shown = rounds
+                    log(f"  federated: round {rounds}/{run_config['num-server-rounds']} aggregated")
+                if status.startswith("finished"):
+                    break
+                if time.monotonic() > deadline:
+                    raise BrainTumNetError(f"federated run {run_id} did not finish in {timeout_s:.0f} s")
+                time.sleep(3)
+            if status != "finished:completed":
+                raise BrainTumNetError(f"federated run {run_id} ended as {status}; see {home}/local-superlink/")
+            return run_dir
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in processes_carrying(f"FLWR_HOME={home}"):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(2)
 
 
 def _rounds_done(run_dir: Path) -> int:

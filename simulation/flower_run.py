@@ -65,7 +65,8 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(LOCAL_CONNECTION)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": str(threads_per_site or cpus_per_site),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": str(threads_per_site or cpus_per_site),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)

@@ -1,7 +1,6 @@
 """The federated arm's processes do not outlive a study that is stopped with SIGTERM (``kill``, ``timeout``, a batch
 scheduler), not only one stopped with Ctrl-C."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -176,7 +176,7 @@ def _before_digests(saved: dict, settings: dict, path: Path) -> dict:
     if "folds" in saved or not all(isinstance(n, int) for n in saved.get("cases", {}).values()):
         return saved
     now = settings.get("cases", {})
-    if {site: n for site, n in saved["cases"].items()} != {site: c.get("n") for site, c in now.items()}:
+    if saved["cases"] != {site: c.get("n") for site, c in now.items()}:
         return saved
     log.warning("%s was saved before case ids were recorded: reused on equal case counts per site", path)
     return {**saved, "folds": 0, "cases": now}

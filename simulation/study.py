@@ -292,10 +292,12 @@ class Study:
             # Kept by a run where this repetition came later, so without the per-case tables the first one's
             # figures need: score its model again rather than train it again, when the model is still here.
             record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False)
-            checkpoint = self.out / record["model"] if record and record.get("model") else self.model_path(name, rep)
-            if record is None or not checkpoint.is_file():
+            if record is None:
                 return False
-        if record is None or draws_rounds and ("fed_rounds" not in record or not record.get("model")):
+            checkpoint = self.out / record["model"] if record.get("model") else self.model_path(name, rep)
+            if not checkpoint.is_file():
+                return False
+        elif record is None or draws_rounds and ("fed_rounds" not in record or not record.get("model")):
             return False
         if checkpoint is not None:
             before = self.timings.get(name, 0.0)

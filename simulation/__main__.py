@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-regions", action="store_true",
                         help="Table 2, classification by region: also train a centralized model for each other "
                         "model.gate-region (the region the classifier sees: tumor, edema, whole), two more trainings")
+    parser.add_argument("--arms", default="", help="train only these arms of every seed (comma-separated, names as "
+                        "in metrics.json: centralized, local:<site>, federated, federated:wall-time, gate:edema, "
+                        "gate:whole) and keep them in --out without a report; gather the repetitions/ folders of "
+                        "several machines into one run folder and run the study there without --arms to report them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Per-site test splits of a small cohort often lack a class; the report shows the NaN AUC instead.
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         # Here, before the study's heavy imports and before its run folder exists, so a misspelt key costs nothing
         # and leaves nothing behind.
         check_keys(overrides)
-        _require_extras(phantom=args.data is None, federated=not args.skip_federated)
+        arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+        federated = any(a.startswith("federated") for a in arms) if arms else not args.skip_federated
+        _require_extras(phantom=args.data is None, federated=federated)
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                   external=args.external, scale=args.scale, seeds=seeds or (0,), folds=args.folds,
                   device=args.device, skip_federated=args.skip_federated, gate_regions=args.gate_regions,
                   budgets=("epochs", "wall-time") if args.budget == "both" else (args.budget,),
-                  overrides=overrides,
+                  overrides=overrides, arms=arms,
                   cluster=Cluster(args.ray_address, args.cpus_per_site, args.gpus_per_site))
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)

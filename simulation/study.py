@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from dataclasses import field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
               site_column: str = "hospital", external: str = "external", scale: float | None = None,
               seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
               overrides: dict | None = None, cluster: Cluster = Cluster(), gate_regions: bool = False,
-              budgets: tuple[str, ...] = ("epochs",)) -> dict:
+              budgets: tuple[str, ...] = ("epochs",), arms: tuple[str, ...] = ()) -> dict:
     """Run every arm and write ``metrics.json``, ``report.md``, ``report.html``, ``figures/`` and an MLflow run per
     arm into ``out``.
 
@@ -99,16 +100,28 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
             multiplied by pooled / largest site's training slices; arm ``federated:wall-time``).
         gate_regions: also train one centralized model per other ``model.gate-region`` (the region the classifier
             sees: tumor, edema, whole), arms ``gate:<region>``, for the report's Table 2 (accuracy by region).
+        arms: train only these arms of every repetition (names as in ``metrics.json``: ``centralized``,
+            ``local:<site>``, ``federated``, ``federated:wall-time``, ``gate:<region>``; a ``gate:`` or
+            ``federated:`` arm needs no other flag), keep them in ``out`` and write no report: arms of one study can
+            then be trained on several machines at once, their ``repetitions/`` folders gathered into one run folder,
+            and the study run there without ``arms`` reports them all.
     """
     unknown = [b for b in budgets if b not in BUDGETS]
     if unknown or not budgets:
         raise BrainTumNetError(f"budgets {list(budgets)}: use one or more of {BUDGETS}")
+    if arms:  # an arm asked for by name is in the plan whatever the flags that would otherwise choose it say
+        # The first federated arm named keeps the rounds the report draws, as the first budget's does in a study.
+        budgets = tuple(b for b in BUDGETS if federated_arm_name(b) in arms) or budgets
+        gate_regions = gate_regions or any(a.startswith(GATE_ARM) for a in arms)
+        skip_federated = skip_federated and not any(a.startswith("federated") for a in arms)
     study = Study.open(out, profile_name, dict(overrides or {}), device, cluster, budgets, skip_federated)
     started = time.perf_counter()
     study.prepare(_cohort(study.out, profile_name, phantom, data, site_column, external, scale, seeds[0]),
                   gate_regions)
     study.folds = folds if folds >= 2 else 0
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
+    if arms:
+        return study.train_only(tuple(arms), plan, folds)
     repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
                    for i, (seed, fold) in enumerate(plan)]
     document = study.document(repetitions, seeds, folds)
@@ -212,26 +225,14 @@ class Study:
 
     def repetition(self, seed: int, fold: int | None, folds: int, *, first: bool) -> dict:
         """Phases 3 to 5 for one seed (and fold): every arm trained and scored; ``{"seed", "fold", <arm>: ...}``."""
-        profile = resolve({"profile": self.profile_name, **self.overrides, "train.seed": seed})
-        profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=self.epochs))
-        held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
-            else {}
-        rep = Repetition(seed, fold, folds, profile, held, first)
+        rep = self.new_repetition(seed, fold, folds, first=first)
         saved.split_repetition(self.out, seed, fold, self.settings)
         saved.forget(self.out, seed, fold)
         spent_before = dict(self.timings)
-        say(f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, {self.epochs} epochs")
-        self.arm(rep, "centralized", self.train_arm, self.internal)
-        for region in self.extra_regions:
-            say(f"  Table 2 ({rep.tag}): centralized, the classifier sees the {region} region")
-            self.arm(rep, f"{GATE_ARM}{region}", self.train_arm, self.internal, dataclasses.replace(
-                profile, model=dataclasses.replace(profile.model, gate_region=region)))
-        say(f"phase 4/5 local-only ({rep.tag}): each site alone, {self.epochs} epochs")
-        for site in self.internal:
-            self.arm(rep, f"local:{site.site}", self.train_arm, [site])
-        if not self.skip_federated:
-            for budget in self.budgets:
-                self.arm(rep, federated_arm_name(budget), self.federated_arm, budget)
+        for name, header, train, args in self.arm_plan(rep):
+            if header:
+                say(header)
+            self.arm(rep, name, train, *args)
         if first and self.overlay_model is None:
             self.overlay_path = self.model_path("centralized", rep)
             self.overlay_model = load_model(self.overlay_path)[0]
@@ -242,6 +243,49 @@ class Study:
         saved.save(self.out, self.settings, result, timings=timings, provenance=self.provenance,
                    first=kept if first else None)
         return result
+
+    def new_repetition(self, seed: int, fold: int | None, folds: int, *, first: bool) -> Repetition:
+        """One seed (and fold): the profile with the seed and the study's epochs, each site's held-out fold."""
+        profile = resolve({"profile": self.profile_name, **self.overrides, "train.seed": seed})
+        profile = dataclasses.replace(profile, train=dataclasses.replace(profile.train, epochs=self.epochs))
+        held = {s.site: site_folds(s, self.classes, folds, seed)[fold] for s in self.internal} if fold is not None \
+            else {}
+        return Repetition(seed, fold, folds, profile, held, first)
+
+    def arm_plan(self, rep: Repetition) -> list[tuple[str, str | None, Callable, tuple]]:
+        """Every arm of ``rep`` in training order: (name, the progress line that opens its phase or None, the trainer,
+        its arguments)."""
+        plan: list[tuple[str, str | None, Callable, tuple]] = [
+            ("centralized", f"phase 3/5 centralized ({rep.tag}): pooled {', '.join(self.layout.internal)}, "
+             f"{self.epochs} epochs", self.train_arm, (self.internal,))]
+        for region in self.extra_regions:
+            plan.append((f"{GATE_ARM}{region}", f"  Table 2 ({rep.tag}): centralized, the classifier sees the {region} "
+                         "region", self.train_arm, (self.internal, dataclasses.replace(
+                             rep.profile, model=dataclasses.replace(rep.profile.model, gate_region=region)))))
+        for i, site in enumerate(self.internal):
+            header = f"phase 4/5 local-only ({rep.tag}): each site alone, {self.epochs} epochs" if i == 0 else None
+            plan.append((f"local:{site.site}", header, self.train_arm, ([site],)))
+        if not self.skip_federated:
+            plan += [(federated_arm_name(b), None, self.federated_arm, (b,)) for b in self.budgets]
+        return plan
+
+    def train_only(self, arms: tuple[str, ...], plan: list[tuple[int, int | None]], folds: int) -> dict:
+        """Train and keep only ``arms`` of every repetition in ``plan``, with no report: each is kept whole (its
+        per-case tables, model and rounds), so that the study run into this folder later reuses it for any
+        repetition, the first included. Unknown arm names are refused before any training."""
+        reps = [self.new_repetition(seed, fold, folds, first=True) for seed, fold in plan]
+        known = [name for name, *_ in self.arm_plan(reps[0])]
+        unknown = [a for a in arms if a not in known]
+        if unknown:
+            raise BrainTumNetError(f"--arms {','.join(unknown)}: this study's arms are {', '.join(known)}")
+        for rep in reps:
+            for name, _, train, args in self.arm_plan(rep):
+                if name in arms:
+                    say(f"{name} ({rep.tag})")
+                    self.arm(rep, name, train, *args)
+        say(f"kept {', '.join(arms)} in {self.out / saved.FOLDER}: run the study into {self.out} without --arms to "
+            "report (every kept arm reused)")
+        return {"arms": {rep.tag: rep.scores for rep in reps}, "wall_s": dict(self.timings)}
 
     def reuse(self, seed: int, fold: int | None, *, first: bool) -> dict | None:
         """A repetition an earlier run into this folder finished with the same settings, or None."""
@@ -355,9 +399,10 @@ class Study:
         num_sites = len(self.internal) + len(self.external)
         # A federated arm does up to (local epochs / the profile's) times the centralized arm's work, on sites that
         # share the machine: it may take several times as long (the standard profile's wall-time arm on 2 cores, near
-        # an hour); an hour at the least, or FEDERATED_TIMEOUT_FACTOR times the centralized arm of this repetition.
+        # an hour); an hour times that ratio at the least (the centralized arm's time is unknown when only some arms
+        # are trained), or FEDERATED_TIMEOUT_FACTOR x ratio x the centralized arm of this repetition.
         ratio = max(1.0, local_epochs / max(1, fed.local_epochs))
-        timeout = max(3600.0, FEDERATED_TIMEOUT_FACTOR * ratio * rep.centralized_s)
+        timeout = max(3600.0 * ratio, FEDERATED_TIMEOUT_FACTOR * ratio * rep.centralized_s)
         run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=num_sites,
                                 cpus_per_site=self.cluster.cpus_per_site, gpus_per_site=self.cluster.gpus_per_site,
                                 ray_address=self.cluster.ray_address, mlflow_uri=tracking_uri(self.out),

@@ -413,3 +413,43 @@ def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_
     assert trained == [1]  # only local:yibin, whose model was removed
     assert json.dumps(alone["repetitions"][0]["centralized"]) == json.dumps(both["repetitions"][1]["centralized"])
     assert "per_case" in json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())
+
+
+def test_arms_trains_only_the_named_arms_kept_whole_for_a_later_study(phantom_root, tiny_run_config, tmp_path,
+                                                                      monkeypatch, capsys):
+    """``--arms`` (several machines, one study): only the named arms are trained, each kept with what the first
+    repetition needs, so the study run into the folder later reuses it; no report is written; an unknown name is
+    refused before any training. Training itself is skipped (the bookkeeping is under test)."""
+    from simulation import saved
+
+    trained = []
+    monkeypatch.setattr(study, "train_model", lambda model, sites, profile, *a, **k: trained.append(
+        (profile.model.gate_region, tuple(sorted(s.site for s in sites)))))
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    run = dict(phantom=phantom_root, device="cpu", overrides=overrides)
+
+    with pytest.raises(BrainTumNetError, match=r"--arms local:nowhere: this study's arms are centralized, .*local:"):
+        study.run_study(tmp_path, "quick", arms=("local:nowhere",), **run)
+    assert trained == []
+
+    done = study.run_study(tmp_path, "quick", seeds=(1,), arms=("gate:whole", f"local:{SITES[0]}"), **run)
+    assert trained == [("whole", tuple(sorted(SITES))), ("tumor", (SITES[0],))]
+    assert set(done["arms"]["seed 1"]) == {"gate:whole", f"local:{SITES[0]}"}
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "report.md").exists()
+    kept = sorted(p.name for p in saved.path_of(tmp_path, 1, None).with_suffix("").iterdir())
+    assert kept == ["gate-whole.json", f"local-{SITES[0]}.json"]
+    assert "run the study into" in capsys.readouterr().out
+
+    # Seed 1 as the first (and only) repetition of the full study: the kept arms are reused, the others trained.
+    trained[:] = []
+    doc = study.run_study(tmp_path, "quick", seeds=(1,), skip_federated=True, gate_regions=True, **run)
+    assert ("whole", tuple(sorted(SITES))) not in trained and ("tumor", (SITES[0],)) not in trained
+    assert len(trained) == 2 + len(SITES) - 1  # centralized, gate:edema, the other local arms
+    assert sorted(r["arm"] for r in doc["reused"]) == ["gate:whole", f"local:{SITES[0]}"]
+
+
+def test_arms_on_the_command_line_need_no_other_flag(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "run_study", lambda *args, **kwargs: calls.append(kwargs))
+    assert simulation_main(["--out", str(tmp_path), "--arms", "federated:wall-time, gate:whole"]) == 0
+    assert calls[0]["arms"] == ("federated:wall-time", "gate:whole")

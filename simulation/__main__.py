@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from simulation.study import Cluster, run_study
+    from simulation.flower_run import Cluster
+    from simulation.study import run_study
 
     try:
         run_study(out, args.profile, phantom=args.phantom, data=args.data, site_column=args.site_column,

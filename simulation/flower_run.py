@@ -8,6 +8,7 @@ every process that carries our FLWR_HOME, so nothing outlives the study. The pri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +26,21 @@ APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # $FLWR_HOME/config.toml: Flower's managed local simulation SuperLink, the only connection the study uses.
 LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where the federated arm's simulated sites run (Flower's Ray backend).
+
+    Args:
+        ray_address: join this running Ray cluster (``ray start --head`` prints it) instead of starting a private
+            one; None = a private Ray instance on this machine.
+        cpus_per_site, gpus_per_site: Ray resources each simulated site reserves (``client-resources-num-*``).
+    """
+
+    ray_address: str | None = None
+    cpus_per_site: int = 1
+    gpus_per_site: float = 0.0
 
 
 def free_port() -> int:

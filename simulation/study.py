@@ -33,7 +33,6 @@ from braintumnet.config import GATE_REGIONS, Profile, resolve, to_dict
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
-from braintumnet.data.phantom import complete_cohort, generate_cohort
 from braintumnet.engine import build_model, pick_device, train_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
@@ -46,15 +45,14 @@ from simulation.figures import study_figures
 from simulation import saved
 from simulation.arms import (BUDGETS, federated_arm_name, federated_local_epochs, optimizer_steps, score_model,
                              strategy_words, training_cases)
-from simulation.flower_run import run_federated
-from simulation.pooled import StudySites, phantom_sites, split_pooled
+from simulation.flower_run import Cluster, run_federated
+from simulation.cohort import study_cohort
+from simulation.pooled import StudySites
 from simulation.report import GATE_ARM, write_report
 from simulation.tracking import log_arm
 
 log = logging.getLogger("simulation")
 
-# Phantom scale per profile: quick fits 15 minutes on 2 cores; paper is the paper's 485 + 51 cases.
-PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
 EXPERIMENT = "braintumnet-study"
 FEDERATED_TIMEOUT_FACTOR = 4.0
 
@@ -62,21 +60,6 @@ FEDERATED_TIMEOUT_FACTOR = 4.0
 def say(message: str) -> None:
     """One progress line per phase and round (the study's whole console output)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    """Where the federated arm's simulated sites run (Flower's Ray backend).
-
-    Args:
-        ray_address: join this running Ray cluster (``ray start --head`` prints it) instead of starting a private
-            one; None = a private Ray instance on this machine.
-        cpus_per_site, gpus_per_site: Ray resources each simulated site reserves (``client-resources-num-*``).
-    """
-
-    ray_address: str | None = None
-    cpus_per_site: int = 1
-    gpus_per_site: float = 0.0
 
 
 def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, data: Path | None = None,
@@ -116,8 +99,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         skip_federated = skip_federated and not any(a.startswith("federated") for a in arms)
     study = Study.open(out, profile_name, dict(overrides or {}), device, cluster, budgets, skip_federated)
     started = time.perf_counter()
-    study.prepare(_cohort(study.out, profile_name, phantom, data, site_column, external, scale, seeds[0]),
-                  gate_regions)
+    study.prepare(study_cohort(study.out, profile_name, phantom, data, site_column, external, scale, say), gate_regions)
     study.folds = folds if folds >= 2 else 0
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
     if arms:
@@ -482,22 +464,6 @@ class Study:
 
     def _spent(self, arm: str, seconds: float) -> None:
         self.timings[arm] = self.timings.get(arm, 0.0) + seconds
-
-
-def _cohort(out: Path, profile_name: str, phantom, data, site_column, external, scale, seed) -> StudySites:
-    if data is not None:
-        say(f"phase 1/5 cohort: splitting {data} by its {site_column!r} column into {out / 'sites'}")
-        layout = split_pooled(Path(data), site_column, out / "sites", external)
-        say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
-        return layout
-    phantom = Path(phantom).absolute() if phantom else out / "phantom"
-    if complete_cohort(phantom) is None:
-        scale = scale or PHANTOM_SCALE.get(profile_name, 0.1)
-        say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}) to {phantom}")
-        say("  " + generate_cohort(phantom, scale=scale, seed=seed, progress=False).summary().replace("\n", "\n  "))
-    else:
-        say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
-    return phantom_sites(phantom)
 
 
 def _fold_tag(fold) -> str:

@@ -453,3 +453,23 @@ def test_arms_on_the_command_line_need_no_other_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "run_study", lambda *args, **kwargs: calls.append(kwargs))
     assert simulation_main(["--out", str(tmp_path), "--arms", "federated:wall-time, gate:whole"]) == 0
     assert calls[0]["arms"] == ("federated:wall-time", "gate:whole")
+
+
+def test_the_phantom_is_the_same_whatever_seeds_repeat_the_study(tmp_path, monkeypatch):
+    """Arms trained with other --seeds (another machine, a later run) must have seen the same cohort."""
+    import simulation.cohort as cohort
+
+    class Written(Exception):
+        pass
+
+    seen = []
+
+    def generate(out, *, scale, seed, progress):
+        seen.append(seed)
+        raise Written
+
+    monkeypatch.setattr(cohort, "generate_cohort", generate)
+    for seeds in ((2,), (1, 0)):
+        with pytest.raises(Written):
+            study.run_study(tmp_path / str(seeds[0]), "quick", seeds=seeds, device="cpu", skip_federated=True)
+    assert seen == [cohort.PHANTOM_SEED, cohort.PHANTOM_SEED]

@@ -1,0 +1,35 @@
+"""The study's cohort (its phase 1): the SYNTHETIC phantom cohort at the profile's scale, or a user's pooled dataset
+split by hospital (simulation/pooled.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from braintumnet.data.phantom import complete_cohort, generate_cohort
+from simulation.pooled import StudySites, phantom_sites, split_pooled
+
+# Phantom scale per profile: quick fits 15 minutes on 2 cores; paper is the paper's 485 + 51 cases.
+PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
+# The phantom is the study's data, not part of a repetition: the same cohort whatever seeds repeat the training, so
+# that arms trained for other seeds (on another machine, or in a later run) were trained and scored on the same cases.
+PHANTOM_SEED = 0
+
+
+def study_cohort(out: Path, profile_name: str, phantom, data, site_column, external, scale, say) -> StudySites:
+    """Phase 1: the sites' folders: ``data`` (a pooled dataset) split by ``site_column`` into ``out/sites``, else the
+    phantom cohort in ``phantom`` (written there, or to ``out/phantom``, unless a finished one is there; always
+    :data:`PHANTOM_SEED`). ``say``: the study's progress line."""
+    if data is not None:
+        say(f"phase 1/5 cohort: splitting {data} by its {site_column!r} column into {out / 'sites'}")
+        layout = split_pooled(Path(data), site_column, out / "sites", external)
+        say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
+        return layout
+    phantom = Path(phantom).absolute() if phantom else out / "phantom"
+    if complete_cohort(phantom) is None:
+        scale = scale or PHANTOM_SCALE.get(profile_name, 0.1)
+        say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}) to {phantom}")
+        summary = generate_cohort(phantom, scale=scale, seed=PHANTOM_SEED, progress=False).summary()
+        say("  " + summary.replace("\n", "\n  "))
+    else:
+        say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
+    return phantom_sites(phantom)

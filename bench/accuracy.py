@@ -71,7 +71,7 @@ def _settings(ctx: Context) -> dict:
     if ctx.quick:
         return {"run_config": {"profile": "quick", "data.slices-per-case": 4},
                 "phantom": 0.1, "epochs": 3, "subset": False}
-    from simulation.study import PHANTOM_SCALE
+    from simulation.cohort import PHANTOM_SCALE
 
     profile = resolve({"profile": "standard"})
     return {"run_config": {"profile": "standard"}, "phantom": PHANTOM_SCALE["standard"],

@@ -62,7 +62,7 @@ def _settings(ctx: Context) -> dict:
     if ctx.tiny or ctx.quick:
         return {"run_config": {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3,
                                "model.feature-size": 8}, "phantom": 0.03, "epochs": 1}
-    from simulation.study import PHANTOM_SCALE
+    from simulation.cohort import PHANTOM_SCALE
 
     profile = resolve({"profile": ctx.profile})
     return {"run_config": {"profile": ctx.profile}, "phantom": PHANTOM_SCALE[ctx.profile],

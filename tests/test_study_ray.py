@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from simulation.flower_run import free_port
-from simulation.study import Cluster, run_study
+from simulation.flower_run import Cluster
+from simulation.study import run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

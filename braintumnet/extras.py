@@ -10,6 +10,8 @@ every package a site carries without using it costs each message its import time
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 from types import ModuleType
 
 from braintumnet.errors import BrainTumNetError
@@ -27,14 +29,29 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
         extra: the extra to name (default: the package's own, :data:`EXTRA_OF`).
 
     Raises:
-        BrainTumNetError: the package is not installed.
+        BrainTumNetError: the package is not installed, or is installed with one of its own modules missing.
     """
     top = module.partition(".")[0]
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name is None or err.name.partition(".")[0] != top:
+        missing = err.name or ""
+        if missing.partition(".")[0] != top:
             raise  # the package is there but something it imports is broken: show the real error
+        if missing != top and importlib.util.find_spec(top) is not None:
+            # The package imports but one of its own modules is gone: a broken or half-finished install (pip
+            # interrupted, or running beside this process), not a missing extra. Reinstall that one package only.
+            raise BrainTumNetError(
+                f"{purpose}: {top} is installed but its module {missing} cannot be found, so that install is broken "
+                f"or unfinished; reinstall it with: pip install --force-reinstall --no-deps '{_pinned(top)}'") from None
         raise BrainTumNetError(
             f"{purpose}: {top} is not installed (a site's install carries only what a site runs); install it in the "
             f"BrainTumNet-FL folder with: pip install '.[{extra or EXTRA_OF[top]}]'") from None
+
+
+def _pinned(distribution: str) -> str:
+    """``name==version`` of the installed ``distribution``, or its bare name when its metadata are gone too."""
+    try:
+        return f"{distribution}=={importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return distribution

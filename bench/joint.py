@@ -135,9 +135,9 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
             r = result["internal_test"]
             ctx.say(f"joint: {key} seed {seed}: {result['train_s']:.0f} s; internal dice_tumor "
                     f"{fmt(r['dice_tumor'])} acc {fmt(r['acc'])}")
-    runs = {k: {seed: kept["result"] for seed in seeds
-                if (kept := _load(store / f"{k}-s{seed}.json", s, model_defaults)) is not None} for k in ARMS}
-    runs = {k: v for k, v in runs.items() if v}
+    kept_docs = {k: {seed: kept for seed in seeds
+                     if (kept := _load(store / f"{k}-s{seed}.json", s, model_defaults)) is not None} for k in ARMS}
+    runs = {k: {seed: kept["result"] for seed, kept in v.items()} for k, v in kept_docs.items() if v}
     doc = {"synthetic": True, "note": SYNTHETIC, "settings": s, "seeds": list(seeds), "model_defaults": model_defaults,
            "arms": {k: _summary(v) for k, v in runs.items()}, "per_seed": runs,
            "multitask_minus_two_stage": _paired(runs.get("multitask"), runs.get("two-stage")),
@@ -146,10 +146,17 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
            "minus_default": {k: _paired(v, runs.get("multitask")) for k, v in runs.items() if k != "multitask"
                              and runs.get("multitask")},
            "paper_claim_points": PAPER_CLAIM, "same_as_default": duplicates,
+           "processors": _processors(kept_docs),
            "missing": [k for k in ARMS if k not in runs and k not in duplicates]}
     name = "joint" if size_name(ctx) in ("tiny", "quick", "full") else f"joint-{ctx.profile}"
     return write_result(ctx, name, "Which joint model: multi-task, two-stage, detached, ablations (SYNTHETIC)", doc,
                         _sections(doc), _notes(doc))
+
+
+def _processors(kept_docs: dict) -> dict:
+    """The processor each kept arm-seed trained on (the start of its machine line), by arm and seed."""
+    return {k: {seed: str(kept.get("machine", "unknown")).split(",")[0] for seed, kept in v.items()}
+            for k, v in kept_docs.items() if v}
 
 
 def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
@@ -249,6 +256,15 @@ def _notes(doc: dict) -> list[str]:
              "segmenter, and the segmenter draws the same initial weights and batches for the same seed: an ablation "
              "of a classifier part (Inception) must then give the default's segmentation figures exactly, which "
              "checks that isolation."]
+    processors = doc.get("processors", {})
+    if len({p for by_seed in processors.values() for p in by_seed.values()}) > 1:
+        # Kept arm-seeds may come from several machines (a long comparison is trained a few at a time). The order
+        # of floating-point sums differs between processors, which moves one seed by several points: say so.
+        where = "; ".join(f"{ARMS[k][0]}: " + ", ".join(f"seed {seed} {p}" for seed, p in sorted(by_seed.items()))
+                          for k, by_seed in processors.items())
+        notes.append("The arm-seeds did not all train on one processor, and the order of floating-point sums "
+                     f"differs between processors, so a pair of arms on different processors differs by more than "
+                     f"the arms themselves: {where}.")
     if doc.get("same_as_default"):
         notes.append(f"Not trained separately, being the default model itself: "
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")

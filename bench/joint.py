@@ -260,11 +260,16 @@ def _notes(doc: dict) -> list[str]:
     if len({p for by_seed in processors.values() for p in by_seed.values()}) > 1:
         # Kept arm-seeds may come from several machines (a long comparison is trained a few at a time). The order
         # of floating-point sums differs between processors, which moves one seed by several points: say so.
-        where = "; ".join(f"{ARMS[k][0]}: " + ", ".join(f"seed {seed} {p}" for seed, p in sorted(by_seed.items()))
-                          for k, by_seed in processors.items())
-        notes.append("The arm-seeds did not all train on one processor, and the order of floating-point sums "
-                     f"differs between processors, so a pair of arms on different processors differs by more than "
-                     f"the arms themselves: {where}.")
+        by_processor: dict[str, dict[str, list]] = {}
+        for k, by_seed in processors.items():
+            for seed, processor in by_seed.items():
+                by_processor.setdefault(processor, {}).setdefault(k, []).append(seed)
+        where = "; ".join(f"{processor}: " + ", ".join(
+            f"{ARMS[k][0]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+            for k, seeds in arms.items()) for processor, arms in by_processor.items())
+        notes.append("The arm-seeds did not all train on one processor. The order of floating-point sums differs "
+                     "between processors, which alone moves a seed by several points, so arms compared across "
+                     f"processors differ by that as well as by the arms: {where}.")
     if doc.get("same_as_default"):
         notes.append(f"Not trained separately, being the default model itself: "
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -154,8 +155,13 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
 
 
 def _processors(kept_docs: dict) -> dict:
-    """The processor each kept arm-seed trained on (the start of its machine line), by arm and seed."""
-    return {k: {seed: str(kept.get("machine", "unknown")).split(",")[0] for seed, kept in v.items()}
+    """The processor each kept arm-seed trained on, with its torch thread count (both change the order of
+    floating-point sums), by arm and seed: from the start of its machine line."""
+    def processor(machine: str) -> str:
+        threads = re.search(r"\((\d+) thread", machine)
+        return machine.split(",")[0] + (f", {threads[1]} torch thread(s)" if threads else "")
+
+    return {k: {seed: processor(str(kept.get("machine", "unknown"))) for seed, kept in v.items()}
             for k, v in kept_docs.items() if v}
 
 
@@ -265,11 +271,11 @@ def _notes(doc: dict) -> list[str]:
             for seed, processor in by_seed.items():
                 by_processor.setdefault(processor, {}).setdefault(k, []).append(seed)
         where = "; ".join(f"{processor}: " + ", ".join(
-            f"{ARMS[k][0]} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+            f"{ARMS[k][0]} [seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}]"
             for k, seeds in arms.items()) for processor, arms in by_processor.items())
-        notes.append("The arm-seeds did not all train on one processor. The order of floating-point sums differs "
-                     "between processors, which alone moves a seed by several points, so arms compared across "
-                     f"processors differ by that as well as by the arms: {where}.")
+        notes.append("The arm-seeds did not all train on one processor with one thread count. The order of "
+                     "floating-point sums differs between them, which alone moves a seed by several points, so arms "
+                     f"compared across them differ by that as well as by the arms: {where}.")
     if doc.get("same_as_default"):
         notes.append(f"Not trained separately, being the default model itself: "
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")

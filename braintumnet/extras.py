@@ -38,7 +38,7 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
         missing = err.name or ""
         if missing.partition(".")[0] != top:
             raise  # the package is there but something it imports is broken: show the real error
-        if missing != top and importlib.util.find_spec(top) is not None:
+        if missing != top and _importable(top):
             # The package imports but one of its own modules is gone: a broken or half-finished install (pip
             # interrupted, or running beside this process), not a missing extra. Reinstall that one package only.
             raise BrainTumNetError(
@@ -49,8 +49,17 @@ def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
             f"BrainTumNet-FL folder with: pip install '.[{extra or EXTRA_OF[top]}]'") from None
 
 
+def _importable(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a parent that failed to import, or a module without a spec
+        return False
+
+
 def _pinned(distribution: str) -> str:
-    """``name==version`` of the installed ``distribution``, or its bare name when its metadata are gone too."""
+    """``name==version`` of the installed ``distribution``, or its bare name when its metadata are gone too.
+
+    The import name stands for the distribution's name, as it does for every package of :data:`EXTRA_OF`."""
     try:
         return f"{distribution}=={importlib.metadata.version(distribution)}"
     except importlib.metadata.PackageNotFoundError:

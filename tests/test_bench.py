@@ -288,8 +288,8 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
     record.write_text(json.dumps({**json.loads(record.read_text()), "machine": "Other CPU, 2 usable core(s) of 2"}))
     assert joint.run(ctx, sites=prepared_sites)["processors"]["two-stage"][1] == "Other CPU"
     report = (ctx.out / "joint.md").read_text()
-    assert "did not all train on one processor" in report and "two-stage (seed 0)" in report
-    assert "Other CPU: two-stage (seed 1)" in report
+    assert "did not all train on one processor" in report and "two-stage [seed 0]" in report
+    assert "Other CPU: two-stage [seed 1]" in report
 
 
 def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_the_default(tmp_path):

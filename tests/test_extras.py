@@ -11,7 +11,11 @@ from braintumnet.extras import require
 
 
 def test_a_missing_extra_names_the_extra_that_installs_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails as if it were not installed
+    # Other tests' imports (MONAI) may have loaded matplotlib already: forget it, then make its import fail as if it
+    # were not installed (monkeypatch puts every entry back afterwards).
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     expected = r"the figures: matplotlib is not installed.*pip install '\.\[figures\]'"
     with pytest.raises(BrainTumNetError, match=expected):
         require("matplotlib.figure", "the figures")
@@ -29,6 +33,7 @@ def test_a_package_missing_one_of_its_own_modules_is_called_broken_not_absent(tm
 
 
 def test_an_installed_package_names_its_version_in_the_reinstall_command():
+    pytest.importorskip("matplotlib")
     from importlib.metadata import version
 
     with pytest.raises(BrainTumNetError, match=f"'matplotlib=={version('matplotlib')}'"):

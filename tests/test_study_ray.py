@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from simulation.flower_run import free_port
-from simulation.flower_run import Cluster
+from simulation.flower_run import Cluster, free_port
 from simulation.study import run_study
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

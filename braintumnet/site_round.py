@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from braintumnet.checkpoint import model_with_weights
-from braintumnet.config import Profile
+from braintumnet.config import Profile, at_site
 from braintumnet.data.contract import class_names
 from braintumnet.data.folds import training_cases_without_fold
 from braintumnet.data.loading import SiteRuntime, open_site
@@ -54,7 +54,8 @@ StateDict = Mapping[str, torch.Tensor]
 def train_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *, server_round: int,
                 total_rounds: int, federation_id: str, policy: SitePolicy, state_dir: Path, run_id: str = "",
                 evaluate_received: bool = False) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """Train the received global model on the site's training cases for ``federation.local-epochs`` epochs.
+    """Train the received global model on the site's training cases for ``federation.local-epochs`` epochs, in
+    batches of ``train.site-batch-size``.
 
     Args:
         global_state: the global model's state dict, as received.
@@ -98,7 +99,7 @@ def train_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *,
                  epochs, device, profile.train.fedprox_mu,
                  f", DP-SGD, epsilon so far {dp.epsilon:.3f} per slice" if dp else "")
         try:
-            stats = train_model(model, [prepared], profile, device, epochs=epochs,
+            stats = train_model(model, [prepared], at_site(profile), device, epochs=epochs,
                                 epoch_offset=(server_round - 1) * epochs, total_epochs=total_rounds * epochs,
                                 proximal_to=anchor, case_ids=case_ids, progress=False, privacy=dp,
                                 optimizer=optimizer)

@@ -64,20 +64,21 @@ def _numbers(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples"}
 
 
-def optimizer_steps(internal: list, classes, batch_size: int, epochs: int, fed) -> dict:
+def optimizer_steps(internal: list, classes, train, epochs: int, fed) -> dict:
     """Adam steps each arm's model takes (no cross-validation), to put beside the equal-epochs budget.
 
-    Equal epochs are not equal progress: centralized takes one step per pooled batch, while FedAvg's global model
-    moves each round by an average of the sites' steps, not their sum, so along its trajectory it takes about
-    rounds x local epochs x one site's batches per epoch. A local arm takes the same steps as one federated site.
+    Equal epochs are not equal progress: centralized takes one step per pooled batch (``train.batch_size``), while
+    FedAvg's global model moves each round by an average of the sites' steps, not their sum, so along its trajectory
+    it takes about rounds x local epochs x one site's batches per epoch (``train.site_batch_size``, smaller than the
+    pooled batch so that the two counts are near). A local arm takes the same steps as one federated site.
     """
-    def steps(n_slices: int) -> int:  # engine.train_model drops the last partial batch when there is more than one
+    def steps(n_slices: int, batch_size: int) -> int:  # train_model drops a last partial batch when there are more
         return n_slices // batch_size if n_slices > batch_size else 1
 
     per_site = {s.site: len(select_slices([s], "train", classes)) for s in internal}
-    per_round = {site: fed.local_epochs * steps(n) for site, n in per_site.items()}
-    return {"train_slices": per_site,
-            "centralized_steps": epochs * steps(sum(per_site.values())),
-            "local_steps": {site: epochs * steps(n) for site, n in per_site.items()},
+    per_round = {site: fed.local_epochs * steps(n, train.site_batch_size) for site, n in per_site.items()}
+    return {"train_slices": per_site, "batch_size": train.batch_size, "site_batch_size": train.site_batch_size,
+            "centralized_steps": epochs * steps(sum(per_site.values()), train.batch_size),
+            "local_steps": {site: epochs * steps(n, train.site_batch_size) for site, n in per_site.items()},
             "federated_steps_per_site": {site: fed.num_rounds * n for site, n in per_round.items()}}
 

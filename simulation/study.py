@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from braintumnet.checkpoint import load_model, save_checkpoint
-from braintumnet.config import GATE_REGIONS, Profile, resolve, to_dict
+from braintumnet.config import GATE_REGIONS, Profile, at_site, resolve, to_dict
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
@@ -356,6 +356,8 @@ class Study:
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
         """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
         profile = profile or rep.profile
+        if name.startswith("local:"):  # a hospital alone trains as it does in the federation: its site's batch
+            profile = at_site(profile)
         t0 = time.perf_counter()
         model = build_model(profile, len(self.classes))
         ids = training_cases(train_sites, self.classes, rep.held)
@@ -444,7 +446,7 @@ class Study:
                        "federated_rounds": fed.num_rounds, "federated_local_epochs": fed.local_epochs,
                        "federated_budgets": {b: federated_local_epochs(b, fed.local_epochs, internal, self.classes,
                                                                         {}) for b in self.budgets},
-                       **optimizer_steps(internal, self.classes, self.base.train.batch_size, self.epochs, fed)},
+                       **optimizer_steps(internal, self.classes, self.base.train, self.epochs, fed)},
             "cases": {s.site: int(s.slices["case_id"].nunique()) for s in self.sites.values()},
             "n_repetitions": len(repetitions),
             "folds": folds if folds >= 2 else None,

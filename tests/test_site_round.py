@@ -63,6 +63,24 @@ def test_a_round_scores_the_received_model_first_and_sends_only_protocol_keys(si
     assert {k: metrics[RECEIVED_PREFIX + k] for k in scored} == pytest.approx(scored, nan_ok=True)
 
 
+def test_a_site_trains_in_batches_of_the_site_batch_size_not_the_pooled_one(site, tiny_run_config, monkeypatch):
+    """Three sites' batches of train.site-batch-size make one pooled batch (docs/federation.md); a site must not fall
+    back to train.batch-size, the centralized arm's."""
+    runtime, state_dir = site
+    profile = one_epoch(tiny_run_config, **{"train.batch-size": 8, "train.site-batch-size": 3})
+    batches = []
+    real = braintumnet.site_round.train_model
+
+    def recording(model, sites, trained_profile, *args, **kwargs):
+        batches.append(trained_profile.train.batch_size)
+        return real(model, sites, trained_profile, *args, **kwargs)
+
+    monkeypatch.setattr(braintumnet.site_round, "train_model", recording)
+    train_round(build_model(profile).state_dict(), profile, runtime, server_round=1, total_rounds=1,
+                federation_id="federation-1", policy=SIMULATION_POLICY, state_dir=state_dir)
+    assert batches == [3]
+
+
 def test_under_dp_the_losses_stay_at_the_site_and_a_spent_budget_trains_nothing(site, tiny_run_config):
     runtime, state_dir = site
     profile = one_epoch(tiny_run_config, **DP, **{"dp.max-epsilon": 1000.0})

@@ -27,13 +27,16 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
     trained_on = []
     real_train = study.train_model
 
-    def recording_train(model, sites, *args, **kwargs):  # the real training, with a note of who trained
+    batches = {}
+
+    def recording_train(model, sites, profile, *args, **kwargs):  # the real training, with a note of who trained
         trained_on.append({s.site for s in sites})
-        return real_train(model, sites, *args, **kwargs)
+        batches[len(sites)] = profile.train.batch_size
+        return real_train(model, sites, profile, *args, **kwargs)
 
     monkeypatch.setattr(study, "train_model", recording_train)
     overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
-    overrides.update({"num-server-rounds": 2, "train.local-epochs": 1})
+    overrides.update({"num-server-rounds": 2, "train.local-epochs": 1, "train.site-batch-size": 4})
     pyproject = (REPO / "pyproject.toml").read_bytes()
     doc = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", overrides=overrides)
 
@@ -48,11 +51,13 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
     assert {k: budget[k] for k in ("centralized_epochs", "local_epochs_per_site", "federated_rounds",
                                    "federated_local_epochs")} == {"centralized_epochs": 2, "local_epochs_per_site": 2,
                                                                   "federated_rounds": 2, "federated_local_epochs": 1}
-    # Adam steps beside the equal-epochs budget: a site's batches per epoch x its epochs (batch 8, last one dropped).
+    # Adam steps beside the equal-epochs budget: a site's batches per epoch x its epochs (last one dropped); the
+    # pooled arm in batches of 8, a hospital alone and a federated site in batches of train.site-batch-size.
+    assert batches == {3: 8, 1: 4}
     slices = budget["train_slices"]
     assert set(slices) == set(SITES)
     assert budget["centralized_steps"] == 2 * (sum(slices.values()) // 8)
-    assert budget["federated_steps_per_site"] == budget["local_steps"] == {s: 2 * (n // 8) for s, n in slices.items()}
+    assert budget["federated_steps_per_site"] == budget["local_steps"] == {s: 2 * (n // 4) for s, n in slices.items()}
     assert "Equal epochs are not equal optimizer steps" in (tmp_path / "report.md").read_text()
     # No case is in two sites (of the data the arms read), and the external site is never trained on: not by the
     # in-process arms, not by the simulated sites.

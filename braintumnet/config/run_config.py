@@ -43,6 +43,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "model.gate-floor": ("model", "gate_floor"),
     "train.local-epochs": ("federation", "local_epochs"),
     "train.batch-size": ("train", "batch_size"),
+    "train.site-batch-size": ("train", "site_batch_size"),
     "train.learning-rate": ("train", "learning_rate"),
     "train.seed": ("train", "seed"),
     "train.fedprox-mu": ("train", "fedprox_mu"),

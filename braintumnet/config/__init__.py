@@ -16,5 +16,5 @@ from braintumnet.config.run_config import (APP_KEYS, DEFAULT_PROFILE, LITERAL_KE
 __all__ = ["AGGREGATIONS", "APP_KEYS", "DEFAULT_PROFILE", "GATE_REGIONS", "LITERAL_KEYS", "LITERAL_SECTIONS",
            "MODEL_MODES", "PROFILES", "RUN_CONFIG_KEYS", "SERVER_LEARNING_RATES", "SERVER_OPTIMIZERS", "AppConfig",
            "ConfigError", "DataConfig", "FederationConfig", "ModelConfig", "PrivacyConfig", "Profile", "RobustConfig",
-           "ServerOptimizerConfig", "TrainConfig", "app_config", "at_site", "check_keys", "defaults", "from_dict", "get_profile",
-           "known_keys", "parse_bool", "parse_overrides", "resolve", "to_dict"]
+           "ServerOptimizerConfig", "TrainConfig", "app_config", "at_site", "check_keys", "defaults", "from_dict",
+           "get_profile", "known_keys", "parse_bool", "parse_overrides", "resolve", "to_dict"]

@@ -197,13 +197,17 @@ def _questions(doc: dict) -> list[list[str]]:
 
 def _steps_line(budget: dict) -> str:
     fed = budget["federated_steps_per_site"]
+    ratio = max(fed.values()) / max(budget["centralized_steps"], 1)
+    batches = (f" (batches of {budget['batch_size']} pooled, {budget['site_batch_size']} at a site)"
+               if "site_batch_size" in budget else "")
     return (f"Equal epochs are not equal optimizer steps: the centralized model takes {budget['centralized_steps']} "
             "Adam steps; each local arm and each federated site "
-            + ", ".join(f"{site} {n}" for site, n in fed.items())
+            + ", ".join(f"{site} {n}" for site, n in fed.items()) + batches
             + ". FedAvg's global model moves each round by the sites' average step, not their sum, so it travels "
-            f"about {max(fed.values())} steps ({max(fed.values()) / max(budget['centralized_steps'], 1):.2f}x "
-            "centralized) with lower-variance gradients. Where the centralized model is still improving at the end "
-            "of its schedule, expect the federated one behind it for that reason alone.")
+            f"about {max(fed.values())} steps ({ratio:.2f}x centralized) with lower-variance gradients. "
+            + ("Where the centralized model is still improving at the end of its schedule, expect the federated one "
+               "behind it for that reason alone." if ratio < 0.8 else
+               "Each site's smaller batch (train.site-batch-size) keeps that near the pooled count."))
 
 
 def _intro(doc: dict) -> list[str]:

@@ -38,6 +38,7 @@ FOLDER = "repetitions"
 # Settings that choose which arms a study trains, not how an arm trains: a saved arm is reused whatever they are.
 ARM_CHOICE_KEYS = ("budgets", "skip_federated", "gate_regions")
 log = logging.getLogger("simulation")
+SITE_BATCH_KEY = "train.site_batch_size"  # to_dict's name of train.site-batch-size
 
 
 def settings_of(config: dict, budgets, skip_federated: bool, regions, folds: int, sites: dict,
@@ -153,7 +154,7 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
         return None
     try:
         record = json.loads(path.read_text())
-        if record.get("settings") != arm_settings(settings):
+        if _for_arm(record.get("settings"), arm) != _for_arm(arm_settings(settings), arm):
             return None
         if first:
             if "per_case" not in record:
@@ -167,6 +168,15 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
         log.warning("%s could not be read (%s): that arm is trained again", path, type(exc).__name__)
         return None
     return record
+
+
+def _for_arm(settings, arm: str):
+    """The settings that decide how ``arm`` trains: a pooled arm (centralized, a Table 2 region) never trains in a
+    site's batch, so ``train.site_batch_size`` (and its absence, in records kept before it existed) does not count."""
+    if not isinstance(settings, dict) or not (arm == "centralized" or arm.startswith("gate:")):
+        return settings
+    config = {k: v for k, v in settings.get("config", {}).items() if k != SITE_BATCH_KEY}
+    return {**settings, "config": config}
 
 
 def _before_digests(saved: dict, settings: dict, path: Path) -> dict:

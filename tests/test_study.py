@@ -478,3 +478,20 @@ def test_the_phantom_is_the_same_whatever_seeds_repeat_the_study(tmp_path, monke
         with pytest.raises(Written):
             study.run_study(tmp_path / str(seeds[0]), "quick", seeds=seeds, device="cpu", skip_federated=True)
     assert seen == [cohort.PHANTOM_SEED, cohort.PHANTOM_SEED]
+
+
+def test_a_pooled_arm_kept_before_each_sites_batch_is_reused_and_a_site_arm_is_not(tmp_path):
+    """Each site's batch (train.site-batch-size) changes how local and federated arms train, not the pooled ones: a
+    pooled arm kept by a version without the key, or with another value, is reused; a local arm is trained again."""
+    from simulation import saved
+
+    before = {"config": {"train.batch_size": 8}, "budgets": ["epochs"], "skip_federated": False, "gate_regions": [],
+              "folds": 0, "sites": {}, "cases": {}}
+    for arm in ("centralized", "gate:whole", "local:yibin"):
+        saved.save_arm(tmp_path, before, 0, None, arm, {"x": 1.0}, 3.0, provenance={})
+    now = {**before, "config": {"train.batch_size": 8, "train.site_batch_size": 3}}
+    assert saved.load_arm(tmp_path, now, 0, None, "centralized", first=False)["scores"] == {"x": 1.0}
+    assert saved.load_arm(tmp_path, now, 0, None, "gate:whole", first=False)["scores"] == {"x": 1.0}
+    assert saved.load_arm(tmp_path, now, 0, None, "local:yibin", first=False) is None
+    wider = {**now, "config": {"train.batch_size": 16, "train.site_batch_size": 3}}
+    assert saved.load_arm(tmp_path, wider, 0, None, "centralized", first=False) is None

@@ -170,10 +170,15 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
     return record
 
 
+def _pooled(arm: str) -> bool:
+    """An arm trained on the pooled data (centralized, a Table 2 region), never in a site's batch."""
+    return arm == "centralized" or arm.startswith("gate:")
+
+
 def _for_arm(settings, arm: str):
-    """The settings that decide how ``arm`` trains: a pooled arm (centralized, a Table 2 region) never trains in a
-    site's batch, so ``train.site_batch_size`` (and its absence, in records kept before it existed) does not count."""
-    if not isinstance(settings, dict) or not (arm == "centralized" or arm.startswith("gate:")):
+    """The settings that decide how ``arm`` trains: a pooled arm never trains in a site's batch, so
+    ``train.site_batch_size`` (and its absence, in records kept before it existed) does not count for it."""
+    if not isinstance(settings, dict) or not _pooled(arm):
         return settings
     config = {k: v for k, v in settings.get("config", {}).items() if k != SITE_BATCH_KEY}
     return {**settings, "config": config}
@@ -194,12 +199,15 @@ def _before_digests(saved: dict, settings: dict, path: Path) -> dict:
 
 def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> list[str]:
     """Keep each arm of the saved repetition ``seed`` (``fold``) as a saved arm, when its settings differ from
-    ``settings`` at most in the choice of arms; arms already kept on their own are left as they are. Returns the
-    arms written."""
+    ``settings`` at most in the choice of arms (or, for its pooled arms only, in each site's batch); arms already
+    kept on their own are left as they are. Returns the arms written."""
     path = path_of(out, seed, fold)
     try:
         record = json.loads(path.read_text())
-        if arm_settings(_before_digests(record["settings"], settings, path)) != arm_settings(settings):
+        kept, now = arm_settings(_before_digests(record["settings"], settings, path)), arm_settings(settings)
+        # Kept before each site's batch existed (or with another one): its pooled arms still count, its others not.
+        pooled_only = kept != now
+        if pooled_only and _for_arm(kept, "centralized") != _for_arm(now, "centralized"):
             return []
         first = record.get("first") or {}
         # The overlay model is the first budget's federated model when the study federated, else the centralized one.
@@ -208,7 +216,8 @@ def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> 
         overlay_arm = "centralized" if overlay and overlay.startswith("models/") else federated
         written = []
         for arm, scores in record["result"].items():
-            if arm in ("seed", "fold") or arm_path(out, seed, fold, arm).is_file():
+            if arm in ("seed", "fold") or arm_path(out, seed, fold, arm).is_file() or (
+                    pooled_only and not _pooled(arm)):
                 continue
             save_arm(out, settings, seed, fold, arm, scores, record["timings"].get(arm, 0.0), provenance=record,
                      per_case=first.get("cases_of", {}).get(arm),

@@ -90,6 +90,12 @@ def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
     assert from_dict(flat) == PROFILES["quick"]
 
 
+def test_a_checkpoint_from_before_each_sites_batch_says_its_sites_trained_in_the_pooled_batch():
+    flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if k != "train.site_batch_size"}
+    assert from_dict(flat).train.site_batch_size == PROFILES["quick"].train.batch_size == 8
+    assert PROFILES["quick"].train.site_batch_size == 3
+
+
 def test_the_committed_simulation_connection_runs_one_supernode_per_default_site():
     """`flwr run . local` (deploy/flwr-home/config.toml) maps partition i to site i of `sites`: as many SuperNodes
     as sites, or a site would never train (the study passes the count explicitly; a bare `flwr run` relies on this)."""

@@ -495,3 +495,10 @@ def test_a_pooled_arm_kept_before_each_sites_batch_is_reused_and_a_site_arm_is_n
     assert saved.load_arm(tmp_path, now, 0, None, "local:yibin", first=False) is None
     wider = {**now, "config": {"train.batch_size": 16, "train.site_batch_size": 3}}
     assert saved.load_arm(tmp_path, wider, 0, None, "centralized", first=False) is None
+    # Kept whole (an older version): only its pooled arms are split out under the new settings.
+    other = tmp_path / "whole"
+    saved.save(other, before, {"seed": 0, "fold": None, "centralized": {"x": 1.0}, "gate:whole": {"x": 2.0},
+                               "local:yibin": {"x": 3.0}}, timings={}, provenance={}, first=None)
+    assert saved.split_repetition(other, 0, None, now) == ["centralized", "gate:whole"]
+    assert saved.load_arm(other, now, 0, None, "gate:whole", first=False)["scores"] == {"x": 2.0}
+    assert saved.split_repetition(other, 0, None, wider) == []

@@ -328,4 +328,6 @@ def from_dict(flat: Mapping[str, Any]) -> Profile:
              "server": ServerOptimizerConfig}  # older checkpoints lack the later sections: their defaults apply
     if not sections["server"]:
         sections["server"] = {"optimizer": "none"}  # written before the server optimizer existed: plain FedAvg
+    if "batch_size" in sections["train"]:  # written before each site's batch existed: sites trained in this one
+        sections["train"].setdefault("site_batch_size", sections["train"]["batch_size"])
     return Profile(**{s: types[s](**v) for s, v in sections.items()})

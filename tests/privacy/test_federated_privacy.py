@@ -45,7 +45,7 @@ def planned_epsilons(prepared_sites, profile, rounds: int) -> dict[str, list[flo
     out = {}
     for name in SITES:
         n = len(select_slices([prepared_sites[name]], "train", class_names(profile.data.task)))
-        b = profile.train.batch_size
+        b = profile.train.site_batch_size  # a site trains in its own batch
         steps = n // b if n > b else 1
         out[name] = [epsilon([(SIGMA, 1.0 / steps, k * steps)], DELTA) for k in range(1, rounds + 1)]
     return out

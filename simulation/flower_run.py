@@ -76,6 +76,7 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
         ray_address: join this running Ray cluster (``RAY_ADDRESS``, which the Simulation Engine's ``ray.init()``
             honours) instead of starting a private Ray instance. Every Ray node must have this package installed.
         mlflow_uri: the ServerApp's MLflow store (``MLFLOW_TRACKING_URI``).
+        timeout_s: the longest wait for the next round (the first included) before the run is stopped as stalled.
     """
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -111,17 +112,21 @@ def run_federated(run_config: dict, workdir: Path, *, num_sites: int = 3, cpus_p
                 raise BrainTumNetError(f"flwr run refused the federated arm: {started}")
             run_id = started["run-id"]
             run_dir = Path(run_config["checkpoint-dir"]) / f"run-{run_id}"
+            # The deadline counts from the last round aggregated: a run that keeps finishing rounds on a slow or
+            # shared machine goes on; one that makes no progress for timeout_s is stopped.
             deadline, shown = time.monotonic() + timeout_s, 0
             while True:
                 status = flwr("ls", "local", "--run-id", str(run_id))["runs"][0]["status"]
                 rounds = _rounds_done(run_dir)
                 if rounds > shown:
-                    shown = rounds
+                    shown, deadline = rounds, time.monotonic() + timeout_s
                     log(f"  federated: round {rounds}/{run_config['num-server-rounds']} aggregated")
                 if status.startswith("finished"):
                     break
                 if time.monotonic() > deadline:
-                    raise BrainTumNetError(f"federated run {run_id} did not finish in {timeout_s:.0f} s")
+                    raise BrainTumNetError(
+                        f"federated run {run_id} aggregated no round for {timeout_s:.0f} s (rounds done: {shown} of "
+                        f"{run_config['num-server-rounds']}); see {home}/local-superlink/")
                 time.sleep(3)
             if status != "finished:completed":
                 raise BrainTumNetError(f"federated run {run_id} ended as {status}; see {home}/local-superlink/")

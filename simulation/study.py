@@ -381,10 +381,11 @@ class Study:
             + (f" and the evaluate-only external site {self.layout.external}" if self.layout.external else ""))
         t0 = time.perf_counter()
         num_sites = len(self.internal) + len(self.external)
-        # A federated arm does up to (local epochs / the profile's) times the centralized arm's work, on sites that
-        # share the machine: it may take several times as long (the standard profile's wall-time arm on 2 cores, near
-        # an hour); an hour times that ratio at the least (the centralized arm's time is unknown when only some arms
-        # are trained), or FEDERATED_TIMEOUT_FACTOR x ratio x the centralized arm of this repetition.
+        # The longest wait for the next round (run_federated stops a run that aggregates none for that long). A
+        # federated arm does up to (local epochs / the profile's) times the centralized arm's work, on sites that
+        # share the machine; an hour times that ratio at the least (the centralized arm's time is unknown when only
+        # some arms are trained), or FEDERATED_TIMEOUT_FACTOR x ratio x the centralized arm of this repetition. (A
+        # limit on the whole run stopped two standard arms at rounds 9 and 12 of 20 on a busy shared machine.)
         ratio = max(1.0, local_epochs / max(1, fed.local_epochs))
         timeout = max(3600.0 * ratio, FEDERATED_TIMEOUT_FACTOR * ratio * rep.centralized_s)
         run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=num_sites,

@@ -12,9 +12,7 @@ from braintumnet.config import resolve
 
 
 def settings(ctx: Context) -> dict:
-    # The sites at the pooled batch too, as in every committed federation figure (the cost per message, not accuracy).
-    tiny_data = {"data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8, "train.batch-size": 8,
-                 "train.site-batch-size": 8}
+    tiny_data = {"data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8, "train.batch-size": 8}
     if ctx.quick or ctx.tiny:
         s = {"data": tiny_data, "phantom": 0.1, "rounds": 2, "sites": [3, 6], "fractions": [0.5, 1.0],
              "heavy_local_epochs": 10, "deployment": False, "repeat": False}

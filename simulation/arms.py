@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from braintumnet.config import Profile
+from braintumnet.config import Profile, site_batch
 from braintumnet.data.dataset import select_slices
 from braintumnet.scoring import evaluate_cases, evaluate_model, evaluate_sites
 
@@ -69,16 +69,17 @@ def optimizer_steps(internal: list, classes, train, epochs: int, fed) -> dict:
 
     Equal epochs are not equal progress: centralized takes one step per pooled batch (``train.batch_size``), while
     FedAvg's global model moves each round by an average of the sites' steps, not their sum, so along its trajectory
-    it takes about rounds x local epochs x one site's batches per epoch (``train.site_batch_size``, smaller than the
-    pooled batch so that the two counts are near). A local arm takes the same steps as one federated site.
+    it takes about rounds x local epochs x one site's batches per epoch (``train.site_batch_size``; a smaller batch
+    than the pooled one brings the two counts nearer). A local arm takes the same steps as one federated site.
     """
     def steps(n_slices: int, batch_size: int) -> int:  # train_model drops a last partial batch when there are more
         return n_slices // batch_size if n_slices > batch_size else 1
 
     per_site = {s.site: len(select_slices([s], "train", classes)) for s in internal}
-    per_round = {site: fed.local_epochs * steps(n, train.site_batch_size) for site, n in per_site.items()}
-    return {"train_slices": per_site, "batch_size": train.batch_size, "site_batch_size": train.site_batch_size,
+    site = site_batch(train)
+    per_round = {name: fed.local_epochs * steps(n, site) for name, n in per_site.items()}
+    return {"train_slices": per_site, "batch_size": train.batch_size, "site_batch_size": site,
             "centralized_steps": epochs * steps(sum(per_site.values()), train.batch_size),
-            "local_steps": {site: epochs * steps(n, train.site_batch_size) for site, n in per_site.items()},
-            "federated_steps_per_site": {site: fed.num_rounds * n for site, n in per_round.items()}}
+            "local_steps": {name: epochs * steps(n, site) for name, n in per_site.items()},
+            "federated_steps_per_site": {name: fed.num_rounds * n for name, n in per_round.items()}}
 

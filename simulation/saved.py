@@ -176,11 +176,14 @@ def _pooled(arm: str) -> bool:
 
 
 def _for_arm(settings, arm: str):
-    """The settings that decide how ``arm`` trains: a pooled arm never trains in a site's batch, so
-    ``train.site_batch_size`` (and its absence, in records kept before it existed) does not count for it."""
-    if not isinstance(settings, dict) or not _pooled(arm):
+    """The settings that decide how ``arm`` trains. A pooled arm never trains in a site's batch, so
+    ``train.site_batch_size`` does not count for it; for the others it counts as the batch a site used (0, or no key
+    in records kept before it existed: the pooled batch)."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
         return settings
-    config = {k: v for k, v in settings.get("config", {}).items() if k != SITE_BATCH_KEY}
+    config = {k: v for k, v in settings["config"].items() if k != SITE_BATCH_KEY}
+    if not _pooled(arm):
+        config[SITE_BATCH_KEY] = settings["config"].get(SITE_BATCH_KEY) or settings["config"].get("train.batch_size")
     return {**settings, "config": config}
 
 
@@ -205,9 +208,8 @@ def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> 
     try:
         record = json.loads(path.read_text())
         kept, now = arm_settings(_before_digests(record["settings"], settings, path)), arm_settings(settings)
-        # Kept before each site's batch existed (or with another one): its pooled arms still count, its others not.
-        pooled_only = kept != now
-        if pooled_only and _for_arm(kept, "centralized") != _for_arm(now, "centralized"):
+        # Kept with another site batch: its pooled arms still count, its others not.
+        if _for_arm(kept, "centralized") != _for_arm(now, "centralized"):
             return []
         first = record.get("first") or {}
         # The overlay model is the first budget's federated model when the study federated, else the centralized one.
@@ -217,7 +219,7 @@ def split_repetition(out: Path, seed: int, fold: int | None, settings: dict) -> 
         written = []
         for arm, scores in record["result"].items():
             if arm in ("seed", "fold") or arm_path(out, seed, fold, arm).is_file() or (
-                    pooled_only and not _pooled(arm)):
+                    _for_arm(kept, arm) != _for_arm(now, arm)):
                 continue
             save_arm(out, settings, seed, fold, arm, scores, record["timings"].get(arm, 0.0), provenance=record,
                      per_case=first.get("cases_of", {}).get(arm),

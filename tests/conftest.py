@@ -17,10 +17,8 @@ from braintumnet.config import resolve
 # cores slow down many-fold when each spreads over both.
 torch.set_num_threads(1)
 
-# The sites train in batches of 8 like the pooled arm (the profiles' smaller site batch takes more steps): the tests
-# that use these settings check mechanics, not accuracy.
 TINY_RUN_CONFIG = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
-                   "train.batch-size": 8, "train.site-batch-size": 8}
+                   "train.batch-size": 8}
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from braintumnet.config import (PROFILES, AppConfig, ConfigError, app_config, defaults, from_dict, parse_bool,
-                                parse_overrides, resolve, to_dict)
+from braintumnet.config import (PROFILES, AppConfig, ConfigError, app_config, at_site, defaults, from_dict, parse_bool,
+                                parse_overrides, resolve, site_batch, to_dict)
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -90,10 +90,13 @@ def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
     assert from_dict(flat) == PROFILES["quick"]
 
 
-def test_a_checkpoint_from_before_each_sites_batch_says_its_sites_trained_in_the_pooled_batch():
+def test_a_site_trains_in_the_pooled_batch_unless_told_and_an_older_checkpoint_says_so():
     flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if k != "train.site_batch_size"}
-    assert from_dict(flat).train.site_batch_size == PROFILES["quick"].train.batch_size == 8
-    assert PROFILES["quick"].train.site_batch_size == 3
+    assert site_batch(from_dict(flat).train) == site_batch(PROFILES["quick"].train) == 8
+    assert at_site(resolve({"train.site-batch-size": 3})).train.batch_size == 3
+    assert at_site(resolve({})).train.batch_size == resolve({}).train.batch_size
+    with pytest.raises(ConfigError, match="train.site-batch-size=-1"):
+        resolve({"train.site-batch-size": -1})
 
 
 def test_the_committed_simulation_connection_runs_one_supernode_per_default_site():

@@ -480,9 +480,10 @@ def test_the_phantom_is_the_same_whatever_seeds_repeat_the_study(tmp_path, monke
     assert seen == [cohort.PHANTOM_SEED, cohort.PHANTOM_SEED]
 
 
-def test_a_pooled_arm_kept_before_each_sites_batch_is_reused_and_a_site_arm_is_not(tmp_path):
+def test_a_pooled_arm_kept_with_another_site_batch_is_reused_and_a_site_arm_is_not(tmp_path):
     """Each site's batch (train.site-batch-size) changes how local and federated arms train, not the pooled ones: a
-    pooled arm kept by a version without the key, or with another value, is reused; a local arm is trained again."""
+    pooled arm kept by a version without the key, or with another value, is reused; a local arm only when its sites
+    trained in the same batch."""
     from simulation import saved
 
     before = {"config": {"train.batch_size": 8}, "budgets": ["epochs"], "skip_federated": False, "gate_regions": [],
@@ -495,6 +496,10 @@ def test_a_pooled_arm_kept_before_each_sites_batch_is_reused_and_a_site_arm_is_n
     assert saved.load_arm(tmp_path, now, 0, None, "local:yibin", first=False) is None
     wider = {**now, "config": {"train.batch_size": 16, "train.site_batch_size": 3}}
     assert saved.load_arm(tmp_path, wider, 0, None, "centralized", first=False) is None
+    # A site batch of 0 (the default) or 8 is the pooled batch the record's sites trained in: every arm counts.
+    for same in (0, 8):
+        unchanged = {**before, "config": {"train.batch_size": 8, "train.site_batch_size": same}}
+        assert saved.load_arm(tmp_path, unchanged, 0, None, "local:yibin", first=False)["scores"] == {"x": 1.0}
     # Kept whole (an older version): only its pooled arms are split out under the new settings.
     other = tmp_path / "whole"
     saved.save(other, before, {"seed": 0, "fold": None, "centralized": {"x": 1.0}, "gate:whole": {"x": 2.0},

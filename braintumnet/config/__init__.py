@@ -8,7 +8,7 @@ one boolean and override parser.
 from braintumnet.config.profiles import (AGGREGATIONS, GATE_REGIONS, MODEL_MODES, PROFILES, SERVER_LEARNING_RATES,
                                          SERVER_OPTIMIZERS, ConfigError, DataConfig, FederationConfig, ModelConfig,
                                          PrivacyConfig, Profile, RobustConfig, ServerOptimizerConfig, TrainConfig,
-                                         at_site, from_dict, get_profile, to_dict)
+                                         at_site, from_dict, get_profile, site_batch, to_dict)
 from braintumnet.config.run_config import (APP_KEYS, DEFAULT_PROFILE, LITERAL_KEYS, LITERAL_SECTIONS, RUN_CONFIG_KEYS,
                                            AppConfig, app_config, check_keys, defaults, known_keys, parse_bool,
                                            parse_overrides, resolve)
@@ -17,4 +17,4 @@ __all__ = ["AGGREGATIONS", "APP_KEYS", "DEFAULT_PROFILE", "GATE_REGIONS", "LITER
            "MODEL_MODES", "PROFILES", "RUN_CONFIG_KEYS", "SERVER_LEARNING_RATES", "SERVER_OPTIMIZERS", "AppConfig",
            "ConfigError", "DataConfig", "FederationConfig", "ModelConfig", "PrivacyConfig", "Profile", "RobustConfig",
            "ServerOptimizerConfig", "TrainConfig", "app_config", "at_site", "check_keys", "defaults", "from_dict",
-           "get_profile", "known_keys", "parse_bool", "parse_overrides", "resolve", "to_dict"]
+           "get_profile", "known_keys", "parse_bool", "parse_overrides", "resolve", "site_batch", "to_dict"]

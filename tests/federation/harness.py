@@ -32,7 +32,7 @@ ROGUE = "rogue"  # has a key pair made by the same command, never registered
 # Small enough for a 2-core CI machine: the data settings of tests/conftest.py's TINY_RUN_CONFIG (so the session's
 # prepared caches are reused), the narrowest network, one local epoch.
 TINY = {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3, "model.feature-size": 8,
-        "train.batch-size": 8, "train.site-batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 240.0}
+        "train.batch-size": 8, "train.local-epochs": 1, "round-timeout-s": 240.0}
 
 
 def _children(pid: int) -> list[int]:

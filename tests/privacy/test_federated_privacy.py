@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from braintumnet.checkpoint import load_checkpoint
+from braintumnet.config import site_batch
 from braintumnet.data.contract import class_names
 from braintumnet.data.dataset import select_slices
 from braintumnet.engine import build_model
@@ -45,7 +46,7 @@ def planned_epsilons(prepared_sites, profile, rounds: int) -> dict[str, list[flo
     out = {}
     for name in SITES:
         n = len(select_slices([prepared_sites[name]], "train", class_names(profile.data.task)))
-        b = profile.train.site_batch_size  # a site trains in its own batch
+        b = site_batch(profile.train)  # a site trains in its own batch
         steps = n // b if n > b else 1
         out[name] = [epsilon([(SIGMA, 1.0 / steps, k * steps)], DELTA) for k in range(1, rounds + 1)]
     return out

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         "in metrics.json: centralized, local:<site>, federated, federated:wall-time, gate:edema, "
                         "gate:whole) and keep them in --out without a report; gather the repetitions/ folders of "
                         "several machines into one run folder and run the study there without --arms to report them")
+    parser.add_argument("--jobs", type=int, default=0, help="worker processes that train the centralized, Table 2 "
+                        "and local-only arms while the federated arm runs, each keeping its arms in --out as --arms "
+                        "does (default 0: one per usable core on a CPU, none on a GPU; 1: every arm in this process, "
+                        "one after the other); their logs are in --out/workers/")
+    # A worker of a study started with --jobs: trains its --arms and logs nothing to MLflow (its study does).
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Per-site test splits of a small cohort often lack a class; the report shows the NaN AUC instead.
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,1,2")
+    if args.jobs < 0:
+        parser.error(f"--jobs {args.jobs}: give a number of worker processes (0 = one per core, 1 = none)")
     if args.folds == 1 or args.folds < 0:
         parser.error("--folds must be 0 (no cross-validation) or at least 2")
     try:
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                   external=args.external, scale=args.scale, seeds=seeds or (0,), folds=args.folds,
                   device=args.device, skip_federated=args.skip_federated, gate_regions=args.gate_regions,
                   budgets=("epochs", "wall-time") if args.budget == "both" else (args.budget,),
-                  overrides=overrides, arms=arms,
+                  overrides=overrides, arms=arms, jobs=args.jobs, worker=args.worker,
                   cluster=Cluster(args.ray_address, args.cpus_per_site, args.gpus_per_site))
     except BrainTumNetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ import pandas as pd
 from braintumnet.data.contract import CASES_CSV, DATASET_JSON, EXTERNAL_SITE, SITES
 from braintumnet.data.site import SITE_NAME, load_site
 from braintumnet.errors import BrainTumNetError
+from braintumnet.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,19 @@ def split_pooled(data: Path, site_column: str, out: Path, external: str | None =
             # relative to its site folder, which an absolute path elsewhere is not).
             rows[column] = [os.path.relpath(data / p, site_dir) for p in rows[column]]
         types = [t for t in meta["tumor_types"] if t in set(rows["tumor_type"])] or meta["tumor_types"]
-        (site_dir / DATASET_JSON).write_text(json.dumps({**meta, "site": name, "tumor_types": types,
-                                                         "description": f"{name}: split from {data}"}, indent=2))
-        rows.to_csv(site_dir / CASES_CSV, index=False)
+        _write_if_changed(site_dir / DATASET_JSON, json.dumps({**meta, "site": name, "tumor_types": types,
+                                                                "description": f"{name}: split from {data}"},
+                                                               indent=2))
+        _write_if_changed(site_dir / CASES_CSV, rows.to_csv(index=False))
     return StudySites(out, internal, external, synthetic=pooled.synthetic)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` unless ``path`` already holds it, and then whole or not at all: a study run again into its
+    folder, or its workers splitting the same data (simulation/workers.py), leave the files others read alone."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)

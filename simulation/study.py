@@ -30,7 +30,9 @@ import torch
 
 from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.config import GATE_REGIONS, Profile, at_site, resolve, to_dict
+from braintumnet.data.cache import sigterm_as_exit
 from braintumnet.data.contract import class_names as task_classes
+from braintumnet.data.dataset import select_slices
 from braintumnet.data.folds import site_folds
 from braintumnet.data.loading import load_sites
 from braintumnet.engine import build_model, pick_device, train_model
@@ -50,6 +52,7 @@ from simulation.cohort import study_cohort
 from simulation.pooled import StudySites
 from simulation.report import GATE_ARM, write_report
 from simulation.tracking import log_arm
+from simulation.workers import Workers, arm_cost, auto_jobs, override_items, share, usable_cores
 
 log = logging.getLogger("simulation")
 
@@ -66,7 +69,8 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
               site_column: str = "hospital", external: str = "external", scale: float | None = None,
               seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
               overrides: dict | None = None, cluster: Cluster = Cluster(), gate_regions: bool = False,
-              budgets: tuple[str, ...] = ("epochs",), arms: tuple[str, ...] = ()) -> dict:
+              budgets: tuple[str, ...] = ("epochs",), arms: tuple[str, ...] = (), jobs: int = 1,
+              worker: bool = False) -> dict:
     """Run every arm and write ``metrics.json``, ``report.md``, ``report.html``, ``figures/`` and an MLflow run per
     arm into ``out``.
 
@@ -88,6 +92,10 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
             ``federated:`` arm needs no other flag), keep them in ``out`` and write no report: arms of one study can
             then be trained on several machines at once, their ``repetitions/`` folders gathered into one run folder,
             and the study run there without ``arms`` reports them all.
+        jobs: worker processes that train the in-process arms (centralized, Table 2's, the hospitals alone) while
+            this process runs the federated arms (simulation/workers.py); 1 = every arm here, one after the other;
+            0 = one per usable core on a CPU, 1 on a GPU.
+        worker: this study is such a worker (with ``arms``): it logs nothing to MLflow, its parent does.
     """
     unknown = [b for b in budgets if b not in BUDGETS]
     if unknown or not budgets:
@@ -98,14 +106,28 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         gate_regions = gate_regions or any(a.startswith(GATE_ARM) for a in arms)
         skip_federated = skip_federated and not any(a.startswith("federated") for a in arms)
     study = Study.open(out, profile_name, dict(overrides or {}), device, cluster, budgets, skip_federated)
+    study.log_mlflow = not worker
     started = time.perf_counter()
     study.prepare(study_cohort(study.out, profile_name, phantom, data, site_column, external, scale, say), gate_regions)
     study.folds = folds if folds >= 2 else 0
     plan = [(seed, fold) for seed in seeds for fold in (range(folds) if folds >= 2 else [None])]
     if arms:
         return study.train_only(tuple(arms), plan, folds)
-    repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
-                   for i, (seed, fold) in enumerate(plan)]
+    command = ["--profile", profile_name, "--out", str(study.out), "--seeds", ",".join(map(str, seeds)),
+               "--folds", str(folds), "--device", device,
+               "--budget", "both" if len(budgets) > 1 else budgets[0], *override_items(study.overrides), "--worker",
+               *(["--data", str(data), "--site-column", site_column, "--external", str(external)] if data is not None
+                 else ["--phantom", str(study.layout.root)]),
+               *(["--gate-regions"] if gate_regions else []), *(["--skip-federated"] if skip_federated else [])]
+    # SIGTERM ends the study through the finally clause, so its workers stop with it.
+    with sigterm_as_exit():
+        try:
+            study.start_workers(plan, folds, jobs or auto_jobs(str(study.dev)), command)
+            repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
+                           for i, (seed, fold) in enumerate(plan)]
+        finally:
+            if study.workers is not None:
+                study.workers.stop()
     document = study.document(repetitions, seeds, folds)
     say("report: figures and tables")
     document["figures"] = study_figures(study.out, document, study.cases_of, study.fed_rounds, study.overlay_model,
@@ -162,6 +184,9 @@ class Study:
     overlay_path: Path | None = None  # its checkpoint, kept with the first repetition
     reused: list[dict] = field(default_factory=list)  # repetitions and arms taken from an earlier run
     folds: int = 0  # cross-validation folds of every seed (0: none)
+    log_mlflow: bool = True  # False in a worker: the study that started it logs its arms
+    workers: Workers | None = None
+    by_workers: set = field(default_factory=set)  # (seed, fold, arm) this study's workers train
 
     @classmethod
     def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
@@ -211,7 +236,10 @@ class Study:
         saved.split_repetition(self.out, seed, fold, self.settings)
         saved.forget(self.out, seed, fold)
         spent_before = dict(self.timings)
-        for name, header, train, args in self.arm_plan(rep):
+        plan = self.arm_plan(rep)
+        if self.workers is not None:  # what no worker trains (the federated arms) first, while the workers train
+            plan.sort(key=lambda step: self.workers.holder(step[0]) is not None)
+        for name, header, train, args in plan:
             if header:
                 say(header)
             self.arm(rep, name, train, *args)
@@ -291,7 +319,12 @@ class Study:
     def arm(self, rep: Repetition, name: str, train, *args) -> None:
         """One arm of ``rep``: taken from a saved arm of an earlier run into this folder, or trained and scored by
         ``train(rep, name, *args)`` and saved at once (``simulation/saved.py``)."""
-        if self.reuse_arm(rep, name):
+        if self.workers is not None:
+            missing = self.workers.wait_for(rep.seed, rep.fold, name)
+            if missing:
+                say(f"  {name} ({rep.tag}): {missing}; training it here")
+                self.by_workers.discard((rep.seed, rep.fold, name))
+        if self.reuse_arm(rep, name, self.arm_profile(rep, name, args)):
             return
         before = self.timings.get(name, 0.0)
         train(rep, name, *args)
@@ -308,9 +341,10 @@ class Study:
         budget's (None without a federated arm: the overlays then show the centralized model)."""
         return None if self.skip_federated else federated_arm_name(self.budgets[0])
 
-    def reuse_arm(self, rep: Repetition, name: str) -> bool:
+    def reuse_arm(self, rep: Repetition, name: str, profile: Profile | None = None) -> bool:
         """Take ``name`` of ``rep`` from a saved arm, if one with the same settings is there (and has what the first
-        repetition keeps for the figures)."""
+        repetition keeps for the figures). An arm this study's workers trained is logged to MLflow here with
+        ``profile``, and not counted as reused."""
         record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=rep.first)
         draws_rounds = rep.first and name == self.rounds_arm
         checkpoint = None
@@ -342,6 +376,10 @@ class Study:
             rep.centralized_s = record["seconds"]
         if record.get("model"):
             rep.models[name] = self.out / record["model"]
+        if (rep.seed, rep.fold, name) in self.by_workers:  # trained for this study, beside it: not reused
+            self.log_arm(rep, name, rep.scores[name], profile or rep.profile,
+                         f" (trained by a worker in {record['seconds']:.0f} s)")
+            return True
         if draws_rounds:
             self.fed_rounds = record["fed_rounds"]
             self.overlay_path = rep.models[name]
@@ -353,11 +391,16 @@ class Study:
             + (" (scored again from its model for the per-case tables)" if checkpoint is not None else ""))
         return True
 
+    @staticmethod
+    def arm_profile(rep: Repetition, name: str, args: tuple) -> Profile:
+        """The settings arm ``name`` trains with: ``rep``'s, or a Table 2 arm's own (its ``args``); a hospital alone
+        trains as it does in the federation, in its site's batch."""
+        profile = args[1] if len(args) > 1 and isinstance(args[1], Profile) else rep.profile
+        return at_site(profile) if name.startswith("local:") else profile
+
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
         """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
-        profile = profile or rep.profile
-        if name.startswith("local:"):  # a hospital alone trains as it does in the federation: its site's batch
-            profile = at_site(profile)
+        profile = self.arm_profile(rep, name, (train_sites, profile or rep.profile))
         t0 = time.perf_counter()
         model = build_model(profile, len(self.classes))
         ids = training_cases(train_sites, self.classes, rep.held)
@@ -422,10 +465,40 @@ class Study:
         rep.scores[name] = scores
         if rep.first:
             self.cases_of[name] = per_case
-        log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile),
-                {"seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic)})
+        self.log_arm(rep, name, scores, profile)
+
+    def log_arm(self, rep: Repetition, name: str, scores: dict, profile: Profile, note: str = "") -> None:
+        """An arm's MLflow run (unless this study is a worker) and its progress line."""
+        if self.log_mlflow:
+            log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile),
+                    {"seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic)})
         r = scores["internal_test"]
-        say(f"  {name} ({rep.tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}")
+        say(f"  {name} ({rep.tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}{note}")
+
+    def start_workers(self, plan: list[tuple[int, int | None]], folds: int, jobs: int, command: list[str]) -> None:
+        """Start worker processes (simulation/workers.py) for the in-process arms that some repetition of ``plan``
+        still has to train, when ``jobs`` > 1 and there is something to do beside them; ``command``: this study's
+        own command line, less ``--arms``."""
+        if jobs <= 1:
+            return
+        for seed, fold in plan:  # a repetition kept whole counts as its arms
+            saved.split_repetition(self.out, seed, fold, self.settings)
+        rep = self.new_repetition(*plan[0], folds, first=True)
+        costs = {}
+        for name, _, train, args in self.arm_plan(rep):
+            todo = [(seed, fold) for seed, fold in plan
+                    if saved.load_arm(self.out, self.settings, seed, fold, name, first=False) is None]
+            if train == self.train_arm and todo:
+                slices = len(select_slices(args[0], "train", self.classes))
+                costs[name] = arm_cost(slices, self.arm_profile(rep, name, args).train.batch_size)
+                self.by_workers |= {(seed, fold, name) for seed, fold in todo}
+        if len(costs) < 2 and (self.skip_federated or not costs):
+            self.by_workers.clear()
+            return
+        groups = share(costs, min(jobs, len(costs)))
+        threads = max(1, usable_cores() // len(groups))
+        self.provenance["workers"] = {"processes": len(groups), "torch_threads": threads}
+        self.workers = Workers.start(self.out, self.settings, command, groups, threads, say)
 
     def model_path(self, arm: str, rep: Repetition) -> Path:
         return self.out / "models" / f"{arm.replace(':', '-')}-s{rep.seed}{_fold_tag(rep.fold)}.pt"

@@ -23,22 +23,15 @@ ARMS = {"centralized", "federated", *(f"local:{s}" for s in SITES)}
 
 
 @pytest.mark.timeout(1200)
-def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run_config, tmp_path, monkeypatch):
-    trained_on = []
-    real_train = study.train_model
+def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run_config, tmp_path):
+    """The README's main job, smaller: two worker processes train the centralized and local arms (as
+    ``python -m simulation`` does on a 2-core machine) while the study runs the federated arm."""
+    from braintumnet.checkpoint import load_checkpoint
 
-    batches = {}
-
-    def recording_train(model, sites, profile, *args, **kwargs):  # the real training, with a note of who trained
-        trained_on.append({s.site for s in sites})
-        batches[len(sites)] = profile.train.batch_size
-        return real_train(model, sites, profile, *args, **kwargs)
-
-    monkeypatch.setattr(study, "train_model", recording_train)
     overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
     overrides.update({"num-server-rounds": 2, "train.local-epochs": 1, "train.site-batch-size": 4})
     pyproject = (REPO / "pyproject.toml").read_bytes()
-    doc = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", overrides=overrides)
+    doc = study.run_study(tmp_path, "quick", phantom=phantom_root, device="cpu", overrides=overrides, jobs=2)
 
     assert doc["synthetic"] is True and set(doc["sd"]) == ARMS
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -53,19 +46,20 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
                                                                   "federated_rounds": 2, "federated_local_epochs": 1}
     # Adam steps beside the equal-epochs budget: a site's batches per epoch x its epochs (last one dropped); the
     # pooled arm in batches of 8, a hospital alone and a federated site in batches of train.site-batch-size.
-    assert batches == {3: 8, 1: 4}
+    in_process = ARMS - {"federated"}
+    assert {arm: load_checkpoint(tmp_path / "models" / f"{arm.replace(':', '-')}-s0.pt").profile.train.batch_size
+            for arm in in_process} == {arm: 4 if arm.startswith("local:") else 8 for arm in in_process}
     slices = budget["train_slices"]
     assert set(slices) == set(SITES)
     assert budget["centralized_steps"] == 2 * (sum(slices.values()) // 8)
     assert budget["federated_steps_per_site"] == budget["local_steps"] == {s: 2 * (n // 4) for s, n in slices.items()}
     assert "Equal epochs are not equal optimizer steps" in (tmp_path / "report.md").read_text()
-    # No case is in two sites (of the data the arms read), and the external site is never trained on: not by the
-    # in-process arms, not by the simulated sites.
+    # No case is in two sites (of the data the arms read), and the external site is never trained on by the
+    # simulated sites (nor by the in-process arms: test_gate_regions_train_a_centralized_model_per_region_for_table_2).
     owners: dict[str, str] = {}
     for site in (*SITES, EXTERNAL_SITE):
         for case in pd.read_csv(tmp_path / "cache" / site / "32px_3sl" / "slices.csv", dtype=str)["case_id"]:
             assert owners.setdefault(case, site) == site, f"{case} in {owners[case]} and {site}"
-    assert trained_on and all(EXTERNAL_SITE not in sites for sites in trained_on)
     run_dir = next((tmp_path / "federated").glob("run-*"))
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert len(rounds) == 2 and all(set(r["sites"]) == {*SITES, EXTERNAL_SITE} for r in rounds)  # partition i is site i
@@ -93,8 +87,10 @@ def test_quick_study_runs_every_arm_and_writes_every_file(phantom_root, tiny_run
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(study.EXPERIMENT).experiment_id])
-    names = {r.info.run_name for r in runs}
-    assert ARMS <= names  # one MLflow run per arm, and the ServerApp's per-round run beside them
+    names = [r.info.run_name for r in runs]
+    assert sorted(n for n in names if n in ARMS) == sorted(ARMS)  # one MLflow run per arm (the study's, none from
+    assert len(names) == len(ARMS) + 1  # its workers), and the ServerApp's per-round run beside them
+    assert doc["provenance"]["workers"]["processes"] == 2 and len(list((tmp_path / "workers").glob("*.log"))) == 2
     federated = next(r for r in runs if r.info.run_name == "federated")
     assert federated.data.metrics["internal_test/dice_tumor"] == pytest.approx(
         saved["federated"]["internal_test"]["dice_tumor"])
@@ -263,6 +259,8 @@ def test_gate_regions_train_a_centralized_model_per_region_for_table_2(phantom_r
 
     pooled = [t for t in trained if t[2] == tuple(sorted(SITES))]
     assert [t[0] for t in pooled] == ["tumor", "edema", "whole"] and all(t[0] == t[1] for t in trained)
+    assert sorted(t[2] for t in trained if t not in pooled) == sorted((s,) for s in SITES)  # and each site alone:
+    assert all(EXTERNAL_SITE not in t[2] for t in trained)  # no arm ever trains on the external site
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["gate_regions"] == {"tumor": "centralized", "edema": "gate:edema", "whole": "gate:whole"}
     for arm in ("gate:edema", "gate:whole"):

@@ -1,0 +1,146 @@
+"""The study's in-process arms (centralized, Table 2's regions, each hospital alone) trained by worker processes
+while the federated arm runs, so that a study uses every core.
+
+Why: these models are small, and torch gains little from a second thread on them (on a 2-core Intel Xeon the `quick`
+centralized arm trained in 182 s with two threads and 190 s with one), while two arms at one thread each train in
+about the time of one; the federated arm's simulated sites also leave cores idle between their waves and rounds.
+
+Each worker is the study's own command with ``--arms`` (``python -m simulation --arms centralized ... --out
+<this study's folder>``), so it keeps every arm it trains in the run folder exactly as ``--arms`` does on another
+machine (simulation/saved.py), and the study picks those arms up as it reaches them. A worker that fails leaves its
+arms to the study, which trains them itself and says so. Workers get one torch thread each unless the machine has
+more cores than workers; they never log to MLflow (the study logs each arm it picks up, in one writer).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from simulation import saved
+
+# Linux's prctl(PR_SET_PDEATHSIG): a worker is sent SIGTERM when the study that started it dies, even by SIGKILL.
+_PR_SET_PDEATHSIG = 1
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_jobs(device: str) -> int:
+    """Worker processes when ``--jobs`` is not given: one per usable core on a CPU; none on a GPU (the arms would
+    share one device, which we have not measured)."""
+    return 1 if device.startswith("cuda") else usable_cores()
+
+
+def arm_cost(slices: int, batch_size: int) -> float:
+    """A rough training cost of one arm, to share the arms fairly between workers: its batches per epoch times a
+    batch's cost, which on a CPU is a fixed part plus a part per slice (measured on the `quick` arms: a batch of 3 cost
+    about 0.09 s, one of 8 about 0.13 s, so about 7 slices' worth of fixed cost)."""
+    return slices / max(1, batch_size) * (batch_size + 7)
+
+
+def share(costs: dict[str, float], jobs: int) -> list[list[str]]:
+    """The arms in at most ``jobs`` lists of about equal cost (each arm, largest first, onto the least loaded list),
+    each list in the order the arms were given."""
+    loads, groups = [0.0] * max(1, jobs), [[] for _ in range(max(1, jobs))]
+    for name in sorted(costs, key=lambda n: -costs[n]):
+        i = loads.index(min(loads))
+        loads[i] += costs[name]
+        groups[i].append(name)
+    order = list(costs)
+    return [sorted(g, key=order.index) for g in groups if g]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Worker:
+    arms: list[str]
+    process: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Workers:
+    """Worker processes training arms into the study's run folder ``out``."""
+
+    out: Path
+    settings: dict
+    workers: list[Worker] = field(default_factory=list)
+    threads: int = 1
+
+    @classmethod
+    def start(cls, out: Path, settings: dict, command: list[str], groups: list[list[str]], threads: int,
+              say: Callable[[str], None]) -> Workers:
+        """One worker per group of arms: ``command`` (the study's own, less ``--arms``) with ``--arms`` the group."""
+        pool = cls(Path(out), settings, threads=threads)
+        logs = pool.out / "workers"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "PYTHONUNBUFFERED": "1"}
+        for arms in groups:
+            log = logs / f"{'+'.join(a.replace(':', '-') for a in arms)}.log"
+            with open(log, "ab") as sink:
+                process = subprocess.Popen([sys.executable, "-m", "simulation", *command, "--arms", ",".join(arms)],
+                                           stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=_die_with_parent)
+            pool.workers.append(Worker(arms, process, log))
+        say(f"  {sum(len(w.arms) for w in pool.workers)} in-process arms in {len(pool.workers)} worker processes "
+            f"beside the rest, {threads} torch thread(s) each: "
+            + "; ".join(", ".join(w.arms) for w in pool.workers) + f" (logs: {logs})")
+        return pool
+
+    def holder(self, arm: str) -> Worker | None:
+        return next((w for w in self.workers if arm in w.arms), None)
+
+    def wait_for(self, seed: int, fold: int | None, arm: str) -> str | None:
+        """Wait until the worker holding ``arm`` has kept it for ``seed`` (``fold``); None when it has (or no worker
+        holds it), else why not (the worker ended without it: the study then trains it itself)."""
+        worker = self.holder(arm)
+        if worker is None:
+            return None
+        while saved.load_arm(self.out, self.settings, seed, fold, arm, first=False) is None:
+            code = worker.process.poll()
+            if code is not None:
+                if saved.load_arm(self.out, self.settings, seed, fold, arm, first=False) is not None:
+                    return None
+                return f"its worker ended with exit code {code} without it (see {worker.log})"
+            time.sleep(1.0)
+        return None
+
+    def stop(self) -> None:
+        """Stop every worker still running (the study is done with them, or is being stopped)."""
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.terminate()
+        for worker in self.workers:
+            try:
+                worker.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+
+def override_items(overrides: dict) -> list[str]:
+    """``-c`` items that give back ``overrides`` (``parse_overrides`` reads each value as TOML)."""
+    items = []
+    for key, value in overrides.items():
+        items += ["-c", f"{key}={json.dumps(value)}"]
+    return items

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     # A worker of a study started with --jobs: trains its --arms and logs nothing to MLflow (its study does).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        from simulation.workers import die_with_the_study
+
+        die_with_the_study()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Per-site test splits of a small cohort often lack a class; the report shows the NaN AUC instead.
     logging.getLogger("braintumnet.metrics").setLevel(logging.ERROR)

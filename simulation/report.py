@@ -229,7 +229,8 @@ def _intro(doc: dict) -> list[str]:
              *(["Differential privacy (DP-SGD, docs/privacy.md) is on in the federated arm only: it protects what "
                 "leaves a site; the centralized and local-only arms never send anything."]
                if doc.get("config", {}).get("privacy.enabled") else []),
-             "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in doc["wall_s"].items()) + ".",
+             "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in doc["wall_s"].items()) + "."
+             + _workers_note(doc.get("provenance", {}).get("workers")),
              "How metrics are computed (docs/metrics.md): every test and external case on the whole scan (every axial "
              "slice inside the head, chosen without the labels), in 3-D on the scan's own grid, then averaged over "
              "cases; Dice and IoU of the foreground (IoU <= Dice always, so the paper's IoU 0.921 above its DSC 0.91 "
@@ -303,3 +304,13 @@ def write_report(doc: dict, out: Path) -> None:
 
 def _inline_code(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+def _workers_note(workers: dict | None) -> str:
+    """With ``--jobs``, the arms' times overlap: say so beside them."""
+    if not workers:
+        return ""
+    return (f" {workers['processes']} worker processes ({workers['torch_threads']} torch thread(s) each) trained the "
+            "centralized and local-only arms while the federated arm ran, so those arms' times overlap and were "
+            "measured on shared cores; the total is the study's.")
+

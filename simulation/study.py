@@ -106,7 +106,7 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
         gate_regions = gate_regions or any(a.startswith(GATE_ARM) for a in arms)
         skip_federated = skip_federated and not any(a.startswith("federated") for a in arms)
     study = Study.open(out, profile_name, dict(overrides or {}), device, cluster, budgets, skip_federated)
-    study.log_mlflow = not worker
+    study.worker = worker
     started = time.perf_counter()
     study.prepare(study_cohort(study.out, profile_name, phantom, data, site_column, external, scale, say), gate_regions)
     study.folds = folds if folds >= 2 else 0
@@ -120,14 +120,16 @@ def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = 
                  else ["--phantom", str(study.layout.root)]),
                *(["--gate-regions"] if gate_regions else []), *(["--skip-federated"] if skip_federated else [])]
     # SIGTERM ends the study through the finally clause, so its workers stop with it.
+    threads = torch.get_num_threads()  # start_workers lowers it while its workers share the cores
     with sigterm_as_exit():
         try:
-            study.start_workers(plan, folds, jobs or auto_jobs(str(study.dev)), command)
+            study.start_workers(plan, folds, jobs or auto_jobs(study.dev.type), command)
             repetitions = [study.reuse(seed, fold, first=i == 0) or study.repetition(seed, fold, folds, first=i == 0)
                            for i, (seed, fold) in enumerate(plan)]
         finally:
             if study.workers is not None:
                 study.workers.stop()
+            torch.set_num_threads(threads)
     document = study.document(repetitions, seeds, folds)
     say("report: figures and tables")
     document["figures"] = study_figures(study.out, document, study.cases_of, study.fed_rounds, study.overlay_model,
@@ -184,7 +186,7 @@ class Study:
     overlay_path: Path | None = None  # its checkpoint, kept with the first repetition
     reused: list[dict] = field(default_factory=list)  # repetitions and arms taken from an earlier run
     folds: int = 0  # cross-validation folds of every seed (0: none)
-    log_mlflow: bool = True  # False in a worker: the study that started it logs its arms
+    worker: bool = False  # a worker of another study (simulation/workers.py): that study logs its arms to MLflow
     workers: Workers | None = None
     by_workers: set = field(default_factory=set)  # (seed, fold, arm) this study's workers train
 
@@ -283,7 +285,10 @@ class Study:
         """Train and keep only ``arms`` of every repetition in ``plan``, with no report: each is kept whole (its
         per-case tables, model and rounds), so that the study run into this folder later reuses it for any
         repetition, the first included. Unknown arm names are refused before any training."""
-        reps = [self.new_repetition(seed, fold, folds, first=True) for seed, fold in plan]
+        # Kept whole for any repetition; a worker's study needs that only for its first (it reuses the others as
+        # they are, and re-scoring them here would cost the cores it shares).
+        reps = [self.new_repetition(seed, fold, folds, first=not self.worker or i == 0)
+                for i, (seed, fold) in enumerate(plan)]
         known = [name for name, *_ in self.arm_plan(reps[0])]
         unknown = [a for a in arms if a not in known]
         if unknown:
@@ -324,7 +329,7 @@ class Study:
             if missing:
                 say(f"  {name} ({rep.tag}): {missing}; training it here")
                 self.by_workers.discard((rep.seed, rep.fold, name))
-        if self.reuse_arm(rep, name, self.arm_profile(rep, name, args)):
+        if self.reuse_arm(rep, name, self.arm_profile(rep, name, args[1] if len(args) > 1 else None)):
             return
         before = self.timings.get(name, 0.0)
         train(rep, name, *args)
@@ -377,8 +382,9 @@ class Study:
         if record.get("model"):
             rep.models[name] = self.out / record["model"]
         if (rep.seed, rep.fold, name) in self.by_workers:  # trained for this study, beside it: not reused
-            self.log_arm(rep, name, rep.scores[name], profile or rep.profile,
-                         f" (trained by a worker in {record['seconds']:.0f} s)")
+            if checkpoint is None:  # (scored again, score_arm has logged it)
+                self.log_arm(rep, name, rep.scores[name], profile or rep.profile,
+                             f" (trained by a worker in {record['seconds']:.0f} s)")
             return True
         if draws_rounds:
             self.fed_rounds = record["fed_rounds"]
@@ -392,15 +398,15 @@ class Study:
         return True
 
     @staticmethod
-    def arm_profile(rep: Repetition, name: str, args: tuple) -> Profile:
-        """The settings arm ``name`` trains with: ``rep``'s, or a Table 2 arm's own (its ``args``); a hospital alone
+    def arm_profile(rep: Repetition, name: str, profile: Profile | None = None) -> Profile:
+        """The settings arm ``name`` trains with: ``profile`` (a Table 2 arm's own) or ``rep``'s; a hospital alone
         trains as it does in the federation, in its site's batch."""
-        profile = args[1] if len(args) > 1 and isinstance(args[1], Profile) else rep.profile
+        profile = profile if isinstance(profile, Profile) else rep.profile
         return at_site(profile) if name.startswith("local:") else profile
 
     def train_arm(self, rep: Repetition, name: str, train_sites: list, profile: Profile | None = None) -> None:
         """Train one arm in this process on ``train_sites`` (less their held-out folds), keep it, score it."""
-        profile = self.arm_profile(rep, name, (train_sites, profile or rep.profile))
+        profile = self.arm_profile(rep, name, profile)
         t0 = time.perf_counter()
         model = build_model(profile, len(self.classes))
         ids = training_cases(train_sites, self.classes, rep.held)
@@ -427,8 +433,9 @@ class Study:
         # The longest wait for the next round (run_federated stops a run that aggregates none for that long). A
         # federated arm does up to (local epochs / the profile's) times the centralized arm's work, on sites that
         # share the machine; an hour times that ratio at the least (the centralized arm's time is unknown when only
-        # some arms are trained), or FEDERATED_TIMEOUT_FACTOR x ratio x the centralized arm of this repetition. (A
-        # limit on the whole run stopped two standard arms at rounds 9 and 12 of 20 on a busy shared machine.)
+        # some arms are trained, or when workers train it meanwhile), or FEDERATED_TIMEOUT_FACTOR x ratio x the
+        # centralized arm of this repetition. (A limit on the whole run stopped two standard arms at rounds 9 and 12
+        # of 20 on a busy shared machine.)
         ratio = max(1.0, local_epochs / max(1, fed.local_epochs))
         timeout = max(3600.0 * ratio, FEDERATED_TIMEOUT_FACTOR * ratio * rep.centralized_s)
         run_dir = run_federated(self.federated_run_config(rep, local_epochs), self.out, num_sites=num_sites,
@@ -469,7 +476,7 @@ class Study:
 
     def log_arm(self, rep: Repetition, name: str, scores: dict, profile: Profile, note: str = "") -> None:
         """An arm's MLflow run (unless this study is a worker) and its progress line."""
-        if self.log_mlflow:
+        if not self.worker:
             log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile),
                     {"seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic)})
         r = scores["internal_test"]
@@ -490,7 +497,8 @@ class Study:
                     if saved.load_arm(self.out, self.settings, seed, fold, name, first=False) is None]
             if train == self.train_arm and todo:
                 slices = len(select_slices(args[0], "train", self.classes))
-                costs[name] = arm_cost(slices, self.arm_profile(rep, name, args).train.batch_size)
+                costs[name] = arm_cost(slices, self.arm_profile(rep, name, args[1] if len(args) > 1 else None)
+                                       .train.batch_size)
                 self.by_workers |= {(seed, fold, name) for seed, fold in todo}
         if len(costs) < 2 and (self.skip_federated or not costs):
             self.by_workers.clear()
@@ -499,6 +507,10 @@ class Study:
         threads = max(1, usable_cores() // len(groups))
         self.provenance["workers"] = {"processes": len(groups), "torch_threads": threads}
         self.workers = Workers.start(self.out, self.settings, command, groups, threads, say)
+        # This process scores the federated models meanwhile: with more threads than its share of the cores, its
+        # threads wait on each other (scoring one `quick` federated model took 90 s at two threads beside two workers
+        # on a 2-core box, about 10 s alone).
+        torch.set_num_threads(threads)
 
     def model_path(self, arm: str, rep: Repetition) -> Path:
         return self.out / "models" / f"{arm.replace(':', '-')}-s{rep.seed}{_fold_tag(rep.fold)}.pt"

@@ -27,8 +27,10 @@ from typing import Callable
 
 from simulation import saved
 
-# Linux's prctl(PR_SET_PDEATHSIG): a worker is sent SIGTERM when the study that started it dies, even by SIGKILL.
+# Linux's prctl(PR_SET_PDEATHSIG): a worker asks to be sent SIGTERM when the study that started it dies, even by
+# SIGKILL; the study's pid comes in this variable, so a worker whose study died before it asked exits at once.
 _PR_SET_PDEATHSIG = 1
+PARENT_ENV = "BRAINTUMNET_STUDY_PID"
 
 
 def usable_cores() -> int:
@@ -38,10 +40,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def auto_jobs(device: str) -> int:
+def auto_jobs(device_type: str) -> int:
     """Worker processes when ``--jobs`` is not given: one per usable core on a CPU; none on a GPU (the arms would
     share one device, which we have not measured)."""
-    return 1 if device.startswith("cuda") else usable_cores()
+    return usable_cores() if device_type == "cpu" else 1
 
 
 def arm_cost(slices: int, batch_size: int) -> float:
@@ -63,11 +65,17 @@ def share(costs: dict[str, float], jobs: int) -> list[list[str]]:
     return [sorted(g, key=order.index) for g in groups if g]
 
 
-def _die_with_parent() -> None:
+def die_with_the_study() -> None:
+    """In a worker (``python -m simulation --worker``): end with the study that started it."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
     try:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    except (OSError, AttributeError):  # not Linux: the study still stops its workers when it ends or is stopped
+        return
+    if os.getppid() != int(parent):
+        sys.exit(f"the study (pid {parent}) that started this worker has ended")
 
 
 @dataclass
@@ -84,24 +92,28 @@ class Workers:
     out: Path
     settings: dict
     workers: list[Worker] = field(default_factory=list)
-    threads: int = 1
 
     @classmethod
     def start(cls, out: Path, settings: dict, command: list[str], groups: list[list[str]], threads: int,
               say: Callable[[str], None]) -> Workers:
         """One worker per group of arms: ``command`` (the study's own, less ``--arms``) with ``--arms`` the group."""
-        pool = cls(Path(out), settings, threads=threads)
+        pool = cls(Path(out), settings)
         logs = pool.out / "workers"
         logs.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONUNBUFFERED": "1"}
-        for arms in groups:
-            log = logs / f"{'+'.join(a.replace(':', '-') for a in arms)}.log"
-            with open(log, "ab") as sink:
-                process = subprocess.Popen([sys.executable, "-m", "simulation", *command, "--arms", ",".join(arms)],
-                                           stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                           preexec_fn=_die_with_parent)
-            pool.workers.append(Worker(arms, process, log))
+               "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+        try:
+            for i, arms in enumerate(groups, 1):
+                log = logs / f"worker-{i}.log"
+                with open(log, "ab") as sink:
+                    sink.write(f"worker {i}: {', '.join(arms)}\n".encode())
+                    sink.flush()
+                    process = subprocess.Popen([sys.executable, "-m", "simulation", *command, "--arms",
+                                                ",".join(arms)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+                pool.workers.append(Worker(arms, process, log))
+        except BaseException:
+            pool.stop()
+            raise
         say(f"  {sum(len(w.arms) for w in pool.workers)} in-process arms in {len(pool.workers)} worker processes "
             f"beside the rest, {threads} torch thread(s) each: "
             + "; ".join(", ".join(w.arms) for w in pool.workers) + f" (logs: {logs})")
@@ -142,5 +154,5 @@ def override_items(overrides: dict) -> list[str]:
     """``-c`` items that give back ``overrides`` (``parse_overrides`` reads each value as TOML)."""
     items = []
     for key, value in overrides.items():
-        items += ["-c", f"{key}={json.dumps(value)}"]
+        items += ["-c", f"{key}={json.dumps(value, separators=(',', ':'))}"]
     return items

@@ -1,7 +1,8 @@
 """The study's in-process arms trained by worker processes beside the federated arm (``--jobs``): the same arms with
-the same scores as when the study trains them itself, for every fold, none counted as reused, and a worker that
-fails leaves its arms to the study instead of losing them. The README's main job with workers beside the federated
-arm, and each arm logged once to MLflow: tests/test_study.py."""
+the same scores as when the study trains them itself, for every fold of a cross-validation (which this test covers:
+mean and sd over folds), none counted as reused, and a worker that fails leaves its arms to the study instead of
+losing them. The README's main job with workers beside the federated arm, and each arm logged once to MLflow:
+tests/test_study.py."""
 
 import json
 
@@ -10,6 +11,7 @@ import torch
 
 import simulation.study as study
 from braintumnet.data.contract import SITES
+from braintumnet.metrics import METRIC_NAMES
 from simulation import workers
 
 IN_PROCESS = ["centralized", *(f"local:{s}" for s in SITES)]
@@ -26,17 +28,13 @@ def test_workers_train_the_arms_the_study_would_and_a_failed_one_leaves_them_to_
     overrides.update({"num-server-rounds": 1, "train.local-epochs": 2, "train.site-batch-size": 4})  # 2 epochs
     run = dict(phantom=phantom_root, device="cpu", overrides=overrides, skip_federated=True, folds=2, jobs=2)
     # First every worker fails at once (an unknown key reaches only their command lines): the study trains their
-    # arms itself, with as many torch threads as two workers get each, so that the sums below are the same sums.
-    threads = max(1, workers.usable_cores() // 2)
+    # arms itself, with as many torch threads as each worker would have had, so that the sums below are the same.
     real = workers.override_items
+    before = torch.get_num_threads()
     with monkeypatch.context() as patch:
         patch.setattr(study, "override_items", lambda o: [*real(o), "-c", "no.such-key=1"])
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            alone = study.run_study(tmp_path / "alone", "quick", **run)
-        finally:
-            torch.set_num_threads(before)
+        alone = study.run_study(tmp_path / "alone", "quick", **run)
+    assert torch.get_num_threads() == before  # given back after the study
     said = capsys.readouterr().out
     for arm in IN_PROCESS:
         assert f"{arm} (seed 0, fold 1/2): its worker ended with exit code 2 without it" in said
@@ -44,9 +42,18 @@ def test_workers_train_the_arms_the_study_would_and_a_failed_one_leaves_them_to_
 
     doc = study.run_study(tmp_path / "jobs", "quick", **run)
 
-    assert _scores(doc) == _scores(alone) and doc["n_repetitions"] == 2  # both folds, every arm
+    assert _scores(doc) == _scores(alone)
+    # Cross-validation: every arm once per fold (each site holding out its own fold k), mean and sd over the folds,
+    # each fold's held-out cases scored.
+    assert doc["n_repetitions"] == 2 and [r["fold"] for r in doc["repetitions"]] == [0, 1]
+    for arm in ("centralized", "local:jinling"):
+        values = [r[arm]["internal_test"]["dice_tumor"] for r in doc["repetitions"]]
+        assert doc[arm]["internal_test"]["dice_tumor"] == pytest.approx(sum(values) / 2)
+        assert doc["sd"][arm]["internal_test"]["dice_tumor"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert set(METRIC_NAMES) - {"auc"} <= set(doc[arm]["validation"])
+    report = (tmp_path / "jobs" / "report.md").read_text()
+    assert "±" in report and "Cross-validation" in report and "fold 2/2" in report
     assert "reused" not in doc and "worker ended" not in capsys.readouterr().out
-    assert doc["provenance"]["workers"] == {"processes": 2, "torch_threads": threads}
-    logs = [p.name for p in (tmp_path / "jobs" / "workers").iterdir()]
-    assert sorted(a for name in logs for a in name[:-len(".log")].split("+")) == sorted(
-        a.replace(":", "-") for a in IN_PROCESS)
+    assert doc["provenance"]["workers"] == {"processes": 2, "torch_threads": max(1, workers.usable_cores() // 2)}
+    logs = [p.read_text().splitlines()[0] for p in sorted((tmp_path / "jobs" / "workers").glob("worker-*.log"))]
+    assert sorted(a for line in logs for a in line.split(": ")[1].split(", ")) == sorted(IN_PROCESS)

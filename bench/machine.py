@@ -6,7 +6,7 @@ import os
 import platform
 import time
 
-from braintumnet.report.provenance import cpu_model
+from braintumnet.report.provenance import cpu_model, usable_cores
 
 
 def _memory_gib() -> float | None:
@@ -25,10 +25,7 @@ def describe() -> dict:
     import monai
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    usable = usable_cores()
     cuda = torch.cuda.is_available()
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -25,9 +25,9 @@ from braintumnet.errors import BrainTumNetError
 # The Flower app's project folder (pyproject.toml's [tool.flwr.app]): `flwr run` builds the app from it.
 APP_DIR = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# $FLWR_HOME/config.toml: Flower's managed local simulation SuperLink, the only connection the study uses.
 # How often the run's status is asked of Flower while its files show no end (run_federated).
 STATUS_EVERY_S = 30.0
+# $FLWR_HOME/config.toml: Flower's managed local simulation SuperLink, the only connection the study uses.
 LOCAL_CONNECTION = '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
 
 

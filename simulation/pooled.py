@@ -111,8 +111,8 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Write ``text`` unless ``path`` already holds it, and then whole or not at all: a study run again into its
     folder, or its workers splitting the same data (simulation/workers.py), leave the files others read alone."""
     try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    atomic_write_text(path, text)
+        same = path.read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):  # not there yet, or not text: write it
+        same = False
+    if not same:
+        atomic_write_text(path, text)

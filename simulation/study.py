@@ -41,7 +41,7 @@ from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_tree
 from braintumnet.protocol import EVALUATE_ONLY
 from braintumnet.report import SYNTHETIC_NOTE
-from braintumnet.report.provenance import provenance as run_provenance
+from braintumnet.report.provenance import provenance as run_provenance, usable_cores
 from braintumnet.tracking import tracking_uri
 from simulation.figures import study_figures
 from simulation import saved
@@ -52,7 +52,7 @@ from simulation.cohort import study_cohort
 from simulation.pooled import StudySites
 from simulation.report import GATE_ARM, write_report
 from simulation.tracking import log_arm
-from simulation.workers import Workers, arm_cost, auto_jobs, override_items, share, usable_cores
+from simulation.workers import Workers, arm_cost, auto_jobs, override_items, share
 
 log = logging.getLogger("simulation")
 

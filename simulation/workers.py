@@ -25,19 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from braintumnet.report.provenance import usable_cores
 from simulation import saved
 
 # Linux's prctl(PR_SET_PDEATHSIG): a worker asks to be sent SIGTERM when the study that started it dies, even by
 # SIGKILL; the study's pid comes in this variable, so a worker whose study died before it asked exits at once.
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "BRAINTUMNET_STUDY_PID"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def auto_jobs(device_type: str) -> int:

@@ -57,16 +57,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or UNKNOWN
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask on Linux, else all of them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def machine() -> dict[str, Any]:
     """CPU model, core count (all and usable by this process), GPU name (None without CUDA)."""
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "gpu": gpu,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable_cores(), "gpu": gpu,
             "cuda": torch.version.cuda if gpu else None, "torch_threads": torch.get_num_threads()}
 
 

@@ -90,11 +90,16 @@ def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
     assert from_dict(flat) == PROFILES["quick"]
 
 
-def test_a_site_trains_in_the_pooled_batch_unless_told_and_an_older_checkpoint_says_so():
+def test_a_site_trains_in_its_profiles_batch_unless_told_and_an_older_checkpoint_says_the_pooled_one():
+    # quick: each site in batches of 3 (about the pooled 8 over three sites); standard and paper: the pooled batch.
+    assert site_batch(PROFILES["quick"].train) == at_site(resolve({})).train.batch_size == 3
+    assert resolve({}).train.batch_size == 8  # pooled training keeps its batch
+    assert at_site(resolve({"train.site-batch-size": 8})).train.batch_size == 8
+    standard = resolve({"profile": "standard"})
+    assert at_site(standard).train.batch_size == standard.train.batch_size
+    # A checkpoint from before the key trained its sites in the pooled batch, and says so.
     flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if k != "train.site_batch_size"}
-    assert site_batch(from_dict(flat).train) == site_batch(PROFILES["quick"].train) == 8
-    assert at_site(resolve({"train.site-batch-size": 3})).train.batch_size == 3
-    assert at_site(resolve({})).train.batch_size == resolve({}).train.batch_size
+    assert site_batch(from_dict(flat).train) == 8
     with pytest.raises(ConfigError, match="train.site-batch-size=-1"):
         resolve({"train.site-batch-size": -1})
 

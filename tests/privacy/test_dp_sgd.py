@@ -104,3 +104,32 @@ def test_user_mistakes_name_the_setting(prepared_sites, tiny_profile, tmp_path):
     (tmp_path / "x" / "privacy-ledger.jsonl").write_text('{"federation_id": "f"}\n{not json')
     with pytest.raises(BrainTumNetError, match=r"privacy-ledger.jsonl, line 2: unreadable journal line"):
         federation_history(PrivacyLedger(tmp_path, "x"), "f")
+
+
+def test_an_empty_first_poisson_batch_is_a_noise_only_step(prepared_sites, tiny_profile, monkeypatch, tmp_path):
+    """Poisson sampling can draw an empty batch, also an epoch's first; Opacus then built it as if a sample were a
+    tuple of tensors, and the site's round failed with a TypeError."""
+    attach = PrivateTraining.attach
+
+    def first_batch_empty(self, model, optimizer, loader):
+        wrapped, dp_optimizer, dp_loader = attach(self, model, optimizer, loader)
+        sampler = dp_loader.batch_sampler
+
+        class EmptyFirst:
+            def __iter__(self):
+                yield []
+                yield from sampler
+
+            def __len__(self):
+                return len(sampler)
+
+        object.__setattr__(dp_loader, "batch_sampler", EmptyFirst())  # DataLoader refuses a plain assignment
+        return wrapped, dp_optimizer, dp_loader
+
+    monkeypatch.setattr(PrivateTraining, "attach", first_batch_empty)
+    profile = dp_profile(tiny_profile)
+    initial = build_model(profile).state_dict()
+    model, dp = one_round(profile, prepared_sites["jinling"], initial, PrivacyLedger(tmp_path, "jinling"), 1)
+    state = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert any(not torch.equal(state[k], initial[k]) for k in state) and dp.epsilon > 0

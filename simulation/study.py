@@ -51,7 +51,7 @@ from simulation.flower_run import Cluster, run_federated
 from simulation.cohort import study_cohort
 from simulation.pooled import StudySites
 from simulation.report import GATE_ARM, write_report
-from simulation.tracking import log_arm
+from simulation.tracking import arm_logged, log_arm
 from simulation.workers import Workers, arm_cost, auto_jobs, override_items, share
 
 log = logging.getLogger("simulation")
@@ -395,6 +395,10 @@ class Study:
         self.reused.append(entry)
         say(f"  {name} ({rep.tag}): reused, finished {entry['finished']} at commit {entry['commit']}"
             + (" (scored again from its model for the per-case tables)" if checkpoint is not None else ""))
+        if checkpoint is None and not self.worker and not arm_logged(self.out, EXPERIMENT, self.arm_tags(rep, name)):
+            # Kept by a worker of a study stopped before it took the arm, or by --arms on another machine: the
+            # study's store gets the arm's run now, so that MLflow shows every arm the report does.
+            self.log_arm(rep, name, rep.scores[name], profile or rep.profile, " (its MLflow run logged now)")
         return True
 
     @staticmethod
@@ -474,11 +478,15 @@ class Study:
             self.cases_of[name] = per_case
         self.log_arm(rep, name, scores, profile)
 
+    def arm_tags(self, rep: Repetition, name: str) -> dict[str, str]:
+        """The tags that name an arm's MLflow run: which arm of which repetition of which study."""
+        return {"arm": name, "seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic),
+                "study": str(self.out)}
+
     def log_arm(self, rep: Repetition, name: str, scores: dict, profile: Profile, note: str = "") -> None:
         """An arm's MLflow run (unless this study is a worker) and its progress line."""
         if not self.worker:
-            log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile),
-                    {"seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic)})
+            log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile), self.arm_tags(rep, name))
         r = scores["internal_test"]
         say(f"  {name} ({rep.tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}{note}")
 

@@ -17,6 +17,26 @@ from braintumnet.tracking import experiment_id, tracking_uri
 
 log = logging.getLogger("simulation")
 
+def arm_logged(out: Path, experiment: str, tags: Mapping[str, str]) -> bool:
+    """Whether the study's store already holds a run of this arm: every one of ``tags`` (its arm, seed and fold), and
+    this study's folder or none (a run logged before runs named their study). True when the store cannot be read, so
+    a broken store never makes a study log twice."""
+    try:
+        require("mlflow", "the study's MLflow runs")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(out))
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return False
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if k != "study")
+        runs = client.search_runs([found.experiment_id], filter_string=query, max_results=100)
+        return any(run.data.tags.get("study") in (None, tags.get("study")) for run in runs)
+    except Exception as exc:  # as in log_arm: the study's results never depend on the tracking store
+        log.warning("MLflow: could not read the store (%s: %s)", type(exc).__name__, exc)
+        return True
+
+
 def log_arm(out: Path, experiment: str, arm: str, scores: Mapping[str, Any], params: Mapping[str, Any],
             tags: Mapping[str, str]) -> str | None:
     """Log one arm's final scores (``internal_test/<m>``, ``external/<m>``, ``<site>/<m>``) as an MLflow run.

@@ -429,12 +429,24 @@ def test_arms_trains_only_the_named_arms_kept_whole_for_a_later_study(phantom_ro
     assert kept == ["gate-whole.json", f"local-{SITES[0]}.json"]
     assert "run the study into" in capsys.readouterr().out
 
+    # The local arm's MLflow run lost (as for an arm kept on another machine and copied here), gate:whole's kept.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study.EXPERIMENT).experiment_id
+    local_run, = [r for r in client.search_runs([experiment]) if r.data.tags["arm"] == f"local:{SITES[0]}"]
+    client.delete_run(local_run.info.run_id)
+
     # Seed 1 as the first (and only) repetition of the full study: the kept arms are reused, the others trained.
     trained[:] = []
     doc = study.run_study(tmp_path, "quick", seeds=(1,), skip_federated=True, gate_regions=True, **run)
     assert ("whole", tuple(sorted(SITES))) not in trained and ("tumor", (SITES[0],)) not in trained
     assert len(trained) == 2 + len(SITES) - 1  # centralized, gate:edema, the other local arms
     assert sorted(r["arm"] for r in doc["reused"]) == ["gate:whole", f"local:{SITES[0]}"]
+    # One MLflow run per arm: the lost one logged again, none twice.
+    arms = sorted(r.data.tags["arm"] for r in client.search_runs([experiment]))
+    assert arms == sorted(["centralized", "gate:edema", "gate:whole", *(f"local:{s}" for s in SITES)])
+    assert "local:" + SITES[0] + " (seed 1): internal" in capsys.readouterr().out
 
 
 def test_arms_on_the_command_line_need_no_other_flag(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ shows every arm side by side.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,19 +20,28 @@ log = logging.getLogger("simulation")
 
 def arm_logged(out: Path, experiment: str, tags: Mapping[str, str]) -> bool:
     """Whether the study's store already holds a run of this arm: every one of ``tags`` (its arm, seed and fold), and
-    this study's folder or none (a run logged before runs named their study). True when the store cannot be read, so
-    a broken store never makes a study log twice."""
+    on a shared tracking server (``MLFLOW_TRACKING_URI``) also this study's folder, or none (a run logged before runs
+    named their study); the folder's own store belongs to this study wherever the folder was moved. True when the
+    store cannot be read, so a broken store never makes a study log twice."""
+    def quoted(value) -> str:  # MLflow's filter strings escape a quote by doubling it
+        return "'" + str(value).replace("'", "''") + "'"
+
+    same_arm = [f"tags.{key} = {quoted(value)}" for key, value in tags.items() if key != "study"]
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # in the query itself: other studies' runs could fill any page
+        queries = [same_arm + [f"tags.study = {quoted(tags.get('study'))}"], same_arm + ["tags.study IS NULL"]]
+    else:
+        queries = [same_arm]
     try:
         require("mlflow", "the study's MLflow runs")
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # as in log_arm: no store-creation lines mid-progress
         client = MlflowClient(tracking_uri(out))
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return False
-        query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items() if k != "study")
-        runs = client.search_runs([found.experiment_id], filter_string=query, max_results=100)
-        return any(run.data.tags.get("study") in (None, tags.get("study")) for run in runs)
+        return any(client.search_runs([found.experiment_id], filter_string=" and ".join(q), max_results=1)
+                   for q in queries)
     except Exception as exc:  # as in log_arm: the study's results never depend on the tracking store
         log.warning("MLflow: could not read the store (%s: %s)", type(exc).__name__, exc)
         return True

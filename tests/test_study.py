@@ -503,3 +503,20 @@ def test_a_pooled_arm_kept_with_another_site_batch_is_reused_and_a_site_arm_is_n
     assert saved.split_repetition(other, 0, None, now) == ["centralized", "gate:whole"]
     assert saved.load_arm(other, now, 0, None, "gate:whole", first=False)["scores"] == {"x": 2.0}
     assert saved.split_repetition(other, 0, None, wider) == []
+
+
+def test_an_arms_mlflow_run_counts_in_a_moved_folder_and_on_a_shared_server_only_for_its_study(tmp_path, monkeypatch):
+    from simulation.tracking import arm_logged, log_arm
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tags = {"arm": "local:yibin", "seed": "0", "fold": "None", "synthetic": "True"}
+    scores = {"internal_test": {"dice_tumor": 0.5}}
+    assert not arm_logged(tmp_path, "exp", {**tags, "study": "/here"})  # no experiment yet
+    log_arm(tmp_path, "exp", "local:yibin", scores, {}, {**tags, "study": "/where/it/was"})
+    assert arm_logged(tmp_path, "exp", {**tags, "study": "/here"})  # the folder's own store: moved, still its run
+    assert not arm_logged(tmp_path, "exp", {**tags, "seed": "1", "study": "/here"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # as a shared server
+    assert not arm_logged(tmp_path, "exp", {**tags, "study": "/here"})  # another study's run
+    assert arm_logged(tmp_path, "exp", {**tags, "study": "/where/it/was"})
+    log_arm(tmp_path, "exp", "local:yibin", scores, {}, tags)  # logged before runs named their study
+    assert arm_logged(tmp_path, "exp", {**tags, "study": "/here's/a quote"})

@@ -329,7 +329,7 @@ class Study:
             if missing:
                 say(f"  {name} ({rep.tag}): {missing}; training it here")
                 self.by_workers.discard((rep.seed, rep.fold, name))
-        if self.reuse_arm(rep, name, self.arm_profile(rep, name, args[1] if len(args) > 1 else None)):
+        if self.reuse_arm(rep, name, self.arm_profile(rep, name, *args[1:2])):
             return
         before = self.timings.get(name, 0.0)
         train(rep, name, *args)
@@ -505,8 +505,7 @@ class Study:
                     if saved.load_arm(self.out, self.settings, seed, fold, name, first=False) is None]
             if train == self.train_arm and todo:
                 slices = len(select_slices(args[0], "train", self.classes))
-                costs[name] = arm_cost(slices, self.arm_profile(rep, name, args[1] if len(args) > 1 else None)
-                                       .train.batch_size)
+                costs[name] = arm_cost(slices, self.arm_profile(rep, name, *args[1:2]).train.batch_size)
                 self.by_workers |= {(seed, fold, name) for seed, fold in todo}
         if len(costs) < 2 and (self.skip_federated or not costs):
             self.by_workers.clear()

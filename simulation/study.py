@@ -367,7 +367,10 @@ class Study:
         if checkpoint is not None:
             before = self.timings.get(name, 0.0)
             model, kept = load_model(checkpoint, self.dev)
-            self.score_arm(rep, name, model, kept.profile)  # its scores and per-case tables, as when it was trained
+            # Its scores and per-case tables, as when it was trained; its MLflow run only if the store lacks it (the
+            # study that kept the arm logged it, unless that was a worker or another machine).
+            logged = self.worker or arm_logged(self.out, EXPERIMENT, self.arm_tags(rep, name))
+            self.score_arm(rep, name, model, kept.profile, mlflow=not logged)
             self.timings[name] = before
             saved.save_arm(self.out, self.settings, rep.seed, rep.fold, name, rep.scores[name], record["seconds"],
                            provenance=record, per_case=self.cases_of[name], model=record.get("model"),
@@ -469,23 +472,25 @@ class Study:
             run_config.update({"cv.folds": rep.folds, "cv.fold": rep.fold + 1})  # 1-based in the run config
         return run_config
 
-    def score_arm(self, rep: Repetition, name: str, model, profile: Profile) -> None:
-        """Score a trained arm on every test set, log it to MLflow and keep its scores in ``rep``."""
+    def score_arm(self, rep: Repetition, name: str, model, profile: Profile, mlflow: bool = True) -> None:
+        """Score a trained arm on every test set, log it to MLflow (unless ``mlflow`` is false: its run is there
+        already) and keep its scores in ``rep``."""
         scores, per_case = score_model(model, self.internal, self.external, profile, self.dev, rep.held)
         self._spent(name, scores.pop("wall_s", 0.0))
         rep.scores[name] = scores
         if rep.first:
             self.cases_of[name] = per_case
-        self.log_arm(rep, name, scores, profile)
+        self.log_arm(rep, name, scores, profile, mlflow=mlflow)
 
     def arm_tags(self, rep: Repetition, name: str) -> dict[str, str]:
         """The tags that name an arm's MLflow run: which arm of which repetition of which study."""
         return {"arm": name, "seed": str(rep.seed), "fold": str(rep.fold), "synthetic": str(self.layout.synthetic),
                 "study": str(self.out)}
 
-    def log_arm(self, rep: Repetition, name: str, scores: dict, profile: Profile, note: str = "") -> None:
-        """An arm's MLflow run (unless this study is a worker) and its progress line."""
-        if not self.worker:
+    def log_arm(self, rep: Repetition, name: str, scores: dict, profile: Profile, note: str = "",
+                mlflow: bool = True) -> None:
+        """An arm's MLflow run (unless this study is a worker, or ``mlflow`` is false) and its progress line."""
+        if mlflow and not self.worker:
             log_arm(self.out, EXPERIMENT, name, scores, to_dict(profile), self.arm_tags(rep, name))
         r = scores["internal_test"]
         say(f"  {name} ({rep.tag}): internal dice_tumor {r['dice_tumor']:.3f} acc {r['acc']:.3f}{note}")

@@ -386,7 +386,10 @@ def test_a_repetition_saved_before_case_digests_is_split_on_equal_case_counts_on
 def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_repetition_comes_first(
         phantom_root, tiny_run_config, tmp_path, monkeypatch):
     """Seed 1 kept by a study of seeds 0 and 1 has no per-case tables (only the first repetition keeps them for the
-    figures); a study of seed 1 alone scores its kept models again, and trains one only when its model is gone."""
+    figures); a study of seed 1 alone scores its kept models again, and trains one only when its model is gone; each
+    arm keeps one MLflow run per seed (scoring again does not log it twice)."""
+    from mlflow.tracking import MlflowClient
+
     from simulation import saved
 
     trained = []
@@ -402,6 +405,10 @@ def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_
     assert trained == [1]  # only local:yibin, whose model was removed
     assert json.dumps(alone["repetitions"][0]["centralized"]) == json.dumps(both["repetitions"][1]["centralized"])
     assert "per_case" in json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(study.EXPERIMENT).experiment_id])
+    seed1 = sorted(r.data.tags["arm"] for r in runs if r.data.tags["seed"] == "1")
+    assert seed1 == sorted(["centralized", *(f"local:{s}" for s in SITES)])
 
 
 def test_arms_trains_only_the_named_arms_kept_whole_for_a_later_study(phantom_root, tiny_run_config, tmp_path,

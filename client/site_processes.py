@@ -101,7 +101,14 @@ def site_executor_usable(settings: SiteSettings) -> bool:
 
 
 def run_site(settings: SiteSettings, port: int, executor: str) -> int:
-    """Start the SuperNode (and the site executor) and wait; when one stops, stop the other. Returns its exit code."""
+    """Start the SuperNode (and the site executor) and wait; when one stops, stop the other. Returns its exit code.
+
+    A stop (SIGTERM from systemd or compose, Ctrl-C) reaches each child exactly once, from here: the children run in
+    their own sessions, so a terminal's Ctrl-C does not reach them directly, and one already signalled is not
+    signalled again. Flower's SuperNode takes a second signal as a hard kill (its handler restores the default one),
+    which would skip its goodbye to the SuperLink: the centre would then wait up to a minute, the SuperLink's
+    heartbeat patience, before it counts the site out of a round in flight, instead of at once. Each child also gets
+    SIGTERM when this launcher dies, however it dies (Linux)."""
     env = dict(os.environ)
     if executor == "separate":  # the executor runs in its own service (deploy/systemd), under a user without the key
         commands = {"SuperNode": supernode_command(settings, port, superexec_secret(settings))}
@@ -117,11 +124,14 @@ def run_site(settings: SiteSettings, port: int, executor: str) -> int:
         log.info("starting the %s: %s", what, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    procs = {what: subprocess.Popen(cmd, env=env) for what, cmd in commands.items()}
+    procs = {what: subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_the_launcher)
+             for what, cmd in commands.items()}
+    signalled: set[str] = set()
 
-    def forward(signum, frame):  # systemd / compose stop the launcher: stop both, then exit with their code
-        for proc in procs.values():
-            if proc.poll() is None:
+    def forward(signum, frame):  # systemd / compose / Ctrl-C stop the launcher: stop both, then exit with their code
+        for what, proc in procs.items():
+            if proc.poll() is None and what not in signalled:
+                signalled.add(what)
                 proc.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -131,11 +141,27 @@ def run_site(settings: SiteSettings, port: int, executor: str) -> int:
     first, code = next((what, proc.returncode) for what, proc in procs.items() if proc.returncode is not None)
     for what, proc in procs.items():
         if proc.poll() is None:
-            log.info("the %s stopped (exit code %s): stopping the %s", first, code, what)
-            proc.terminate()
+            if what not in signalled:
+                log.info("the %s stopped (exit code %s): stopping the %s", first, code, what)
+                signalled.add(what)
+                proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
     return code if code >= 0 else 128 - code
+
+
+_PR_SET_PDEATHSIG = 1  # Linux's prctl: the signal a process gets when its parent dies
+
+
+def _die_with_the_launcher() -> None:
+    """In a child, before it runs: SIGTERM when the launcher dies (it no longer shares the launcher's session, so a
+    terminal's hang-up or a kill of the launcher's group would not reach it). Elsewhere than Linux: nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass

@@ -96,6 +96,18 @@ class Proc:
             pass
         self._fh.close()
 
+    def stop_as_operator(self, timeout: float = 20.0) -> None:
+        """SIGTERM to this process alone, as ``systemctl stop`` (KillMode=mixed) or ``docker stop`` sends it, then wait
+        for it to end (a launcher waits for its own children); SIGKILL whatever is left then, or after ``timeout``."""
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            time.sleep(0.2)
+        self.stop(signal.SIGKILL, timeout=0)
+
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -284,8 +296,10 @@ class Federation:
         raise AssertionError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
 
     def kill_site(self, site: str, sig: int) -> None:
-        """Stop a site as a crash (SIGKILL) or an operator (SIGTERM) would."""
-        self.sites.pop(site).stop(sig, timeout=10)
+        """Stop a site as a crash (SIGKILL: every process of the site at once) or an operator (SIGTERM to the
+        launcher, which stops the rest) would."""
+        proc = self.sites.pop(site)
+        proc.stop_as_operator() if sig == signal.SIGTERM else proc.stop(sig, timeout=10)
 
     def run_dir(self, run_id: str) -> Path:
         return self.ckpt / f"run-{run_id}"

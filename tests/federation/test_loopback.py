@@ -192,6 +192,9 @@ def test_two_rounds_three_sites_one_drops_out(federation, apps):
     # Stop jinling once it holds its round-2 training message: its reply never comes.
     wait_for(lambda: received(jinling, "train") >= before + 2, 900, "jinling's round-2 train message", poll=0.3)
     fed.kill_site("jinling", signal.SIGTERM)
+    # Its operator's stop reached the SuperNode once, so it said goodbye to the SuperLink (which then counts it out of
+    # the round at once, not after its heartbeat patience of up to a minute).
+    assert "SuperNode terminated gracefully" in jinling.text(), jinling.text()[-3000:]
     run = fed.wait_finished(run_id, timeout=900)
     elapsed = time.monotonic() - started
     log = fed.server_log(run_id)
@@ -254,6 +257,11 @@ def test_superlink_killed_mid_run_then_resume_latest(federation, apps):
     fed.start_superlink()  # same --database, same port: runs and nodes survive
     fed.wait_nodes(3, timeout=300)
     assert not (fed.run_dir(extended) / "round-0003.pt").exists()
+    # The restarted SuperLink lists the dead run as running until its ServerApp's heartbeat is overdue (up to a
+    # minute), and each site keeps asking for that run's message in flight until then (its objects were lost with the
+    # SuperLink's memory). The operator stops it, as docs/federation.md ("Resume") says, and the sites are free at once.
+    if fed.status(extended)["status"] == "running":
+        fed.flwr("stop", extended, "loop")
 
     resumed = submit_app(fed, apps["app"], **{"num-server-rounds": 3, "resume-from": "latest",
                                               "min-available-nodes": 3, "wait-for-nodes-s": 120.0,
@@ -262,8 +270,7 @@ def test_superlink_killed_mid_run_then_resume_latest(federation, apps):
     log = fed.server_log(resumed)
     assert run["status"] == "finished:completed", f"{run['status-details']}\n{log[-4000:]}"
 
-    # The restarted SuperLink failed the run whose ServerApp died (once that task's heartbeat was overdue).
-    wait_for(lambda: fed.status(extended)["status"] == "finished:failed", 300, "the killed run to be failed", poll=5)
+    assert fed.status(extended)["status"] in ("finished:stopped", "finished:failed")  # (failed: Flower was first)
     folder = fed.run_dir(resumed)
     assert sorted(p.name for p in folder.glob("round-*.pt")) == ["round-0003.pt"]  # only the lost round again
     final = load_checkpoint(folder / "final.pt")

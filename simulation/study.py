@@ -52,7 +52,7 @@ from simulation.cohort import study_cohort
 from simulation.pooled import StudySites
 from simulation.report import GATE_ARM, write_report
 from simulation.tracking import arm_logged, log_arm
-from simulation.workers import Workers, arm_cost, auto_jobs, override_items, share
+from simulation.workers import Workers, arm_cost, auto_jobs, claim, override_items, share
 
 log = logging.getLogger("simulation")
 
@@ -189,6 +189,7 @@ class Study:
     worker: bool = False  # a worker of another study (simulation/workers.py): that study logs its arms to MLflow
     workers: Workers | None = None
     by_workers: set = field(default_factory=set)  # (seed, fold, arm) this study's workers train
+    taken_here: set = field(default_factory=set)  # (seed, fold, arm) a worker held, trained here while waiting
 
     @classmethod
     def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
@@ -296,6 +297,9 @@ class Study:
         for rep in reps:
             for name, _, train, args in self.arm_plan(rep):
                 if name in arms:
+                    if self.worker and not claim(self.out, rep.seed, rep.fold, name):
+                        say(f"{name} ({rep.tag}): taken by the study")
+                        continue
                     say(f"{name} ({rep.tag})")
                     self.arm(rep, name, train, *args)
         say(f"kept {', '.join(arms)} in {self.out / saved.FOLDER}: run the study into {self.out} without --arms to "
@@ -324,13 +328,35 @@ class Study:
     def arm(self, rep: Repetition, name: str, train, *args) -> None:
         """One arm of ``rep``: taken from a saved arm of an earlier run into this folder, or trained and scored by
         ``train(rep, name, *args)`` and saved at once (``simulation/saved.py``)."""
-        if self.workers is not None:
-            missing = self.workers.wait_for(rep.seed, rep.fold, name)
+        key = (rep.seed, rep.fold, name)
+        if self.workers is not None and key in self.by_workers:
+            missing = self.workers.wait_for(*key, meanwhile=lambda: self.train_unstarted(rep))
             if missing:
                 say(f"  {name} ({rep.tag}): {missing}; training it here")
-                self.by_workers.discard((rep.seed, rep.fold, name))
+                self.by_workers.discard(key)
+        if key in self.taken_here:  # trained here while waiting for a worker
+            return
         if self.reuse_arm(rep, name, self.arm_profile(rep, name, *args[1:2])):
             return
+        self.train_and_keep(rep, name, train, *args)
+
+    def train_unstarted(self, rep: Repetition) -> bool:
+        """While waiting for a worker: train here the first arm of ``rep`` that a worker holds and none has started
+        (True), so that this process does not sit idle while a worker still has a queue; False when there is none.
+        Only from a worker that is up (it has claimed an arm): one that never starts leaves its arms to the study
+        with a message, as before."""
+        for name, _, train, args in self.arm_plan(rep):
+            key = (rep.seed, rep.fold, name)
+            if key in self.by_workers and self.workers.started(name) and claim(self.out, *key):
+                self.by_workers.discard(key)
+                self.taken_here.add(key)
+                say(f"  {name} ({rep.tag}): trained here while the workers train the others (none had started it)")
+                self.train_and_keep(rep, name, train, *args)
+                return True
+        return False
+
+    def train_and_keep(self, rep: Repetition, name: str, train, *args) -> None:
+        """Train and score arm ``name`` here (``train(rep, name, *args)``) and keep it at once."""
         before = self.timings.get(name, 0.0)
         train(rep, name, *args)
         model = rep.models.get(name)

@@ -10,6 +10,12 @@ Each worker is the study's own command with ``--arms`` (``python -m simulation -
 machine (simulation/saved.py), and the study picks those arms up as it reaches them. A worker that fails leaves its
 arms to the study, which trains them itself and says so. Workers get one torch thread each unless the machine has
 more cores than workers; they never log to MLflow (the study logs each arm it picks up, in one writer).
+
+Each arm of each repetition is claimed before it is trained (a file created exclusively in ``workers/claims/``): a
+worker skips an arm the study has claimed, and the study, when it would otherwise wait for a worker, claims and trains
+an arm of its repetition that no worker has started. So an arm is trained once, and the study's own process does not
+sit idle after its federated arms while a worker still has a queue (the main job's last minute and a half was one
+worker training the last hospital alone while the study waited).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +66,24 @@ def share(costs: dict[str, float], jobs: int) -> list[list[str]]:
     return [sorted(g, key=order.index) for g in groups if g]
 
 
+CLAIMS = "claims"
+
+
+def claim(out: Path, seed: int, fold: int | None, arm: str) -> bool:
+    """Claim ``arm`` of repetition ``seed`` (``fold``) for this process: True when no one had (the caller then trains
+    it), False when a worker or the study has. Atomic (the file is created exclusively)."""
+    folder = Path(out) / "workers" / CLAIMS
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"s{seed}" + (f"-f{fold}" if fold is not None else "") + "-" + arm.replace(":", "-")
+    try:
+        fd = os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    return True
+
+
 def die_with_the_study() -> None:
     """In a worker (``python -m simulation --worker``): end with the study that started it."""
     parent = os.environ.get(PARENT_ENV)
@@ -94,6 +119,7 @@ class Workers:
         pool = cls(Path(out), settings)
         logs = pool.out / "workers"
         logs.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(logs / CLAIMS, ignore_errors=True)  # a stopped study's claims: its arms not kept are free again
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
         try:
@@ -116,9 +142,20 @@ class Workers:
     def holder(self, arm: str) -> Worker | None:
         return next((w for w in self.workers if arm in w.arms), None)
 
-    def wait_for(self, seed: int, fold: int | None, arm: str) -> str | None:
+    def started(self, arm: str) -> bool:
+        """Whether the worker holding ``arm`` is up and training: it has claimed an arm."""
+        worker = self.holder(arm)
+        folder = self.out / "workers" / CLAIMS
+        if worker is None or not folder.is_dir():
+            return False
+        pid = str(worker.process.pid)
+        return any(path.read_text().strip() == pid for path in folder.iterdir())
+
+    def wait_for(self, seed: int, fold: int | None, arm: str, meanwhile: Callable[[], bool] | None = None
+                 ) -> str | None:
         """Wait until the worker holding ``arm`` has kept it for ``seed`` (``fold``); None when it has (or no worker
-        holds it), else why not (the worker ended without it: the study then trains it itself)."""
+        holds it), else why not (the worker ended without it: the study then trains it itself). ``meanwhile()`` is
+        called while waiting: it may train another arm here (True) or find none to train (False)."""
         worker = self.holder(arm)
         if worker is None:
             return None
@@ -128,7 +165,8 @@ class Workers:
                 if saved.load_arm(self.out, self.settings, seed, fold, arm, first=False) is not None:
                     return None
                 return f"its worker ended with exit code {code} without it (see {worker.log})"
-            time.sleep(1.0)
+            if meanwhile is None or not meanwhile():
+                time.sleep(1.0)
         return None
 
     def stop(self) -> None:

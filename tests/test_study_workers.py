@@ -5,6 +5,9 @@ losing them. The README's main job with workers beside the federated arm, and ea
 tests/test_study.py."""
 
 import json
+import os
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,7 +56,25 @@ def test_workers_train_the_arms_the_study_would_and_a_failed_one_leaves_them_to_
         assert set(METRIC_NAMES) - {"auc"} <= set(doc[arm]["validation"])
     report = (tmp_path / "jobs" / "report.md").read_text()
     assert "±" in report and "Cross-validation" in report and "fold 2/2" in report
-    assert "reused" not in doc and "worker ended" not in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "reused" not in doc and "worker ended" not in said
+    # Each arm of each fold trained once: by a worker, or here while the study waited (claimed before training).
+    here = re.findall(r"^\[[\d:]+\]   (\S+) \((seed 0, fold \d/2)\): trained here while the workers", said, re.M)
+    by_workers = [m for p in (tmp_path / "jobs" / "workers").glob("worker-*.log")
+                  for m in re.findall(r"^\[[\d:]+\]   (\S+) \((seed 0, fold \d/2)\): internal", p.read_text(), re.M)]
+    assert sorted(here + by_workers) == sorted((arm, f"seed 0, fold {k}/2") for arm in IN_PROCESS for k in (1, 2))
     assert doc["provenance"]["workers"] == {"processes": 2, "torch_threads": max(1, workers.usable_cores() // 2)}
     logs = [p.read_text().splitlines()[0] for p in sorted((tmp_path / "jobs" / "workers").glob("worker-*.log"))]
     assert sorted(a for line in logs for a in line.split(": ")[1].split(", ")) == sorted(IN_PROCESS)
+
+
+def test_an_arm_is_claimed_once_and_a_worker_is_up_once_it_has_claimed_one(tmp_path):
+    """The claims that keep the study and its workers from training an arm twice (the study takes an arm a worker
+    has not started only from a worker that is up)."""
+    this = SimpleNamespace(pid=os.getpid())  # a claim names its claimant's pid
+    pool = workers.Workers(tmp_path, {}, [workers.Worker(["centralized", "local:yibin"], this, tmp_path / "w-1.log")])
+    assert not pool.started("local:yibin") and not pool.started("local:plagh")
+    assert workers.claim(tmp_path, 0, None, "centralized")
+    assert pool.started("local:yibin") and not pool.started("local:plagh")  # plagh: no worker holds it
+    assert not workers.claim(tmp_path, 0, None, "centralized")
+    assert workers.claim(tmp_path, 0, 1, "centralized") and workers.claim(tmp_path, 1, None, "centralized")

@@ -321,3 +321,70 @@ def test_tls_probe_names_the_problem(tmp_path, https_server, case, message):
     with pytest.raises(LaunchError, match=message) as err:
         probe_superlink(f"{host}:{port}", ca, tries=1, fatal=True)
     assert err.value.exit_code == 3
+
+
+# A stand-in for the SuperNode and the executor: notes each stop signal it gets, and takes ``delay`` seconds to say
+# goodbye (a second signal then arrives during its handler, as it would during Flower's deactivation).
+_CHILD = """
+import pathlib, signal, sys, time
+log, delay = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+def stop(signum, frame):
+    with log.open("a") as f:
+        f.write(f"{signum}\\n")
+    time.sleep(delay)
+    sys.exit(0)
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, stop)
+log.write_text("")
+while True:
+    time.sleep(0.05)
+"""
+
+# The launcher's run_site with the two stand-ins as its commands.
+_LAUNCHER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from client import site_processes as sp
+child = [sys.executable, "-c", sys.argv[2]]
+sp.superexec_secret = lambda settings: None
+sp.site_executor_usable = lambda settings: True
+sp.supernode_command = lambda settings, port, secret=None: [*child, sys.argv[3], "1.0"]
+sp.executor_command = lambda settings, port, secret: [*child, sys.argv[4], "0"]
+sys.exit(sp.run_site(None, 0, "fork"))
+"""
+
+
+@pytest.mark.parametrize("how", ["operator", "terminal", "launcher killed"])
+def test_a_stop_reaches_each_site_process_once(tmp_path, how):
+    """systemd (KillMode=mixed) and ``docker stop`` signal the launcher, a terminal's Ctrl-C signals its whole process
+    group: either way the SuperNode and the executor get one signal each, from the launcher (a second one would kill
+    Flower's SuperNode before it says goodbye to the SuperLink). A launcher killed outright still stops them."""
+    import os
+    import signal
+    import time
+
+    logs = {name: tmp_path / f"{name}.signals" for name in ("supernode", "executor")}
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(REPO), _CHILD, str(logs["supernode"]),
+                                 str(logs["executor"])], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(p.exists() for p in logs.values()):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the stand-ins did not start"
+            time.sleep(0.05)
+        if how == "operator":
+            launcher.send_signal(signal.SIGTERM)
+        elif how == "terminal":
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            launcher.kill()
+        launcher.wait(timeout=30)
+        expected = {"operator": signal.SIGTERM, "terminal": signal.SIGINT, "launcher killed": signal.SIGTERM}[how]
+        deadline = time.monotonic() + 10
+        while any(p.read_text() == "" for p in logs.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # long enough for a second signal to arrive during the stand-ins' 1 s goodbye
+        assert {name: p.read_text().split() for name, p in logs.items()} == {
+            "supernode": [str(int(expected))], "executor": [str(int(expected))]}
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

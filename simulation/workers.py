@@ -14,8 +14,8 @@ more cores than workers; they never log to MLflow (the study logs each arm it pi
 Each arm of each repetition is claimed before it is trained (a file created exclusively in ``workers/claims/``): a
 worker skips an arm the study has claimed, and the study, when it would otherwise wait for a worker, claims and trains
 an arm of its repetition that no worker has started. So an arm is trained once, and the study's own process does not
-sit idle after its federated arms while a worker still has a queue (the main job's last minute and a half was one
-worker training the last hospital alone while the study waited).
+sit idle after its federated arms while a worker still has a queue (the main job's last minute or so was one worker
+training the last hospital alone while the study waited).
 """
 
 from __future__ import annotations

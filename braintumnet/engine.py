@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from contextlib import nullcontext
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -118,6 +118,7 @@ def train_model(
     progress: bool = True,
     privacy: PrivateTraining | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on the train split of ``sites`` for ``epochs`` epochs.
 
@@ -133,6 +134,8 @@ def train_model(
             plain state-dict keys. FedProx is refused under DP: its proximal gradient would bypass the clipping.
         optimizer: an Adam over ``model``'s parameters to continue (a site's state kept between federated rounds,
             ``braintumnet.optimizer_state``); None = a fresh one. It holds the new state afterwards.
+        on_epoch: called after each epoch with the global epoch (from 1) and that epoch's losses (as returned), for
+            progress lines where a progress bar has no terminal (the study's arms, its workers' logs).
 
     Returns:
         ``train_loss``, ``train_loss_seg``, ``train_loss_cls`` (means over the last epoch's slices) and
@@ -159,6 +162,8 @@ def train_model(
         global_epoch = epoch_offset + epoch
         criterion = _epoch_criterion(model, profile, table, global_epoch, total_epochs)
         losses = _train_epoch(step, loader, criterion, profile, global_epoch, total_epochs, progress)
+        if on_epoch is not None:
+            on_epoch(global_epoch + 1, losses.means())
     if privacy is not None:
         privacy.detach(net)
     for p in model.parameters():

@@ -65,6 +65,19 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def epoch_lines(arm: str, epochs: int, started: float, lines: int = 5):
+    """``train_model``'s ``on_epoch`` for an arm: a progress line every ``epochs // lines`` epochs but the last (its
+    scores follow), so that a long arm, here or in a worker's log, shows it is moving."""
+    every = max(1, epochs // lines)
+
+    def line(epoch: int, losses: dict[str, float]) -> None:
+        if epoch % every == 0 and epoch < epochs:
+            say(f"  {arm}: epoch {epoch}/{epochs}, loss {losses['train_loss']:.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
+
+    return line
+
+
 def run_study(out: Path, profile_name: str = "quick", *, phantom: Path | None = None, data: Path | None = None,
               site_column: str = "hospital", external: str = "external", scale: float | None = None,
               seeds: tuple[int, ...] = (0,), folds: int = 0, device: str = "auto", skip_federated: bool = False,
@@ -443,7 +456,8 @@ class Study:
         t0 = time.perf_counter()
         model = build_model(profile, len(self.classes))
         ids = training_cases(train_sites, self.classes, rep.held)
-        train_model(model, train_sites, profile, self.dev, epochs=self.epochs, case_ids=ids, progress=False)
+        train_model(model, train_sites, profile, self.dev, epochs=self.epochs, case_ids=ids, progress=False,
+                    on_epoch=epoch_lines(f"{name} ({rep.tag})", self.epochs, t0))
         self._spent(name, time.perf_counter() - t0)
         if name == "centralized":
             rep.centralized_s = time.perf_counter() - t0

@@ -67,10 +67,13 @@ def test_model_overfits_a_tiny_phantom_batch(overfit_batch):
 def test_train_counts_slices_and_evaluate_counts_cases(prepared_sites, tiny_profile):
     sites = [prepared_sites["yibin"], prepared_sites["plagh"]]
     model = build_model(tiny_profile)
-    metrics = train_model(model, sites, tiny_profile, CPU, epochs=1, progress=False)
+    epochs = []  # what a progress line gets after each epoch: the global epoch and its losses
+    metrics = train_model(model, sites, tiny_profile, CPU, epochs=1, epoch_offset=2, total_epochs=3, progress=False,
+                          on_epoch=lambda epoch, losses: epochs.append((epoch, losses)))
     n_train_slices = sum(((s.slices["split"] == "train")).sum() for s in sites)
     assert metrics["num-examples"] == n_train_slices
     assert np.isfinite(metrics["train_loss"])
+    assert epochs == [(3, {k: metrics[k] for k in ("train_loss", "train_loss_seg", "train_loss_cls")})]
     result = evaluate_model(model, sites, "test", tiny_profile, CPU, progress=False)
     assert set(METRIC_NAMES) <= set(result)
     n_test_cases = sum(s.slices.loc[s.slices["split"] == "test", "case_id"].nunique() for s in sites)

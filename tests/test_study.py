@@ -6,6 +6,7 @@ every output file and metric key; and the pooled-dataset split.
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -527,3 +528,12 @@ def test_an_arms_mlflow_run_counts_in_a_moved_folder_and_on_a_shared_server_only
     assert arm_logged(tmp_path, "exp", {**tags, "study": "/where/it/was"})
     log_arm(tmp_path, "exp", "local:yibin", scores, {}, tags)  # logged before runs named their study
     assert arm_logged(tmp_path, "exp", {**tags, "study": "/here's/a quote"})
+
+
+def test_an_arm_says_every_fifth_of_its_epochs_but_the_last(capsys):
+    line = study.epoch_lines("centralized (seed 0)", 30, time.perf_counter())
+    for epoch in range(1, 31):
+        line(epoch, {"train_loss": 1.0 / epoch})
+    said = capsys.readouterr().out.splitlines()
+    assert [s.split("): ")[1].split(",")[0] for s in said] == [f"epoch {e}/30" for e in (6, 12, 18, 24)]
+    assert "centralized (seed 0): epoch 6/30, loss 0.167 (" in said[0]

@@ -326,7 +326,7 @@ def test_tls_probe_names_the_problem(tmp_path, https_server, case, message):
 # A stand-in for the SuperNode and the executor: notes each stop signal it gets, and takes ``delay`` seconds to say
 # goodbye (a second signal then arrives during its handler, as it would during Flower's deactivation).
 _CHILD = """
-import pathlib, signal, sys, time
+import os, pathlib, signal, sys, time
 log, delay = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 def stop(signum, frame):
     with log.open("a") as f:
@@ -335,6 +335,7 @@ def stop(signum, frame):
     sys.exit(0)
 for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, stop)
+log.with_suffix(".pid").write_text(str(os.getpid()))
 log.write_text("")
 while True:
     time.sleep(0.05)
@@ -388,3 +389,8 @@ def test_a_stop_reaches_each_site_process_once(tmp_path, how):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        for pid_file in tmp_path.glob("*.pid"):  # a stand-in the launcher failed to stop
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from braintumnet.errors import EXIT_USER_ERROR, BrainTumNetError
+from braintumnet.processes import die_with_parent
 from client.sites import REPO, SiteSettings
 
 log = logging.getLogger("braintumnet.client")
@@ -124,7 +125,7 @@ def run_site(settings: SiteSettings, port: int, executor: str) -> int:
         log.info("starting the %s: %s", what, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()
-    procs = {what: subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_the_launcher)
+    procs = {what: subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
              for what, cmd in commands.items()}
     signalled: set[str] = set()
 
@@ -152,16 +153,3 @@ def run_site(settings: SiteSettings, port: int, executor: str) -> int:
                 proc.wait()
     return code if code >= 0 else 128 - code
 
-
-_PR_SET_PDEATHSIG = 1  # Linux's prctl: the signal a process gets when its parent dies
-
-
-def _die_with_the_launcher() -> None:
-    """In a child, before it runs: SIGTERM when the launcher dies (it no longer shares the launcher's session, so a
-    terminal's hang-up or a kill of the launcher's group would not reach it). Elsewhere than Linux: nothing."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass

@@ -202,7 +202,6 @@ class Study:
     worker: bool = False  # a worker of another study (simulation/workers.py): that study logs its arms to MLflow
     workers: Workers | None = None
     by_workers: set = field(default_factory=set)  # (seed, fold, arm) this study's workers train
-    taken_here: set = field(default_factory=set)  # (seed, fold, arm) a worker held, trained here while waiting
 
     @classmethod
     def open(cls, out: Path, profile_name: str, overrides: dict, device: str, cluster: Cluster,
@@ -347,7 +346,7 @@ class Study:
             if missing:
                 say(f"  {name} ({rep.tag}): {missing}; training it here")
                 self.by_workers.discard(key)
-        if key in self.taken_here:  # trained here while waiting for a worker
+        if name in rep.scores:  # trained here while waiting for a worker (train_unstarted)
             return
         if self.reuse_arm(rep, name, self.arm_profile(rep, name, *args[1:2])):
             return
@@ -362,7 +361,6 @@ class Study:
             key = (rep.seed, rep.fold, name)
             if key in self.by_workers and self.workers.started(name) and claim(self.out, *key):
                 self.by_workers.discard(key)
-                self.taken_here.add(key)
                 say(f"  {name} ({rep.tag}): trained here while the workers train the others (none had started it)")
                 self.train_and_keep(rep, name, train, *args)
                 return True

@@ -20,11 +20,9 @@ training the last hospital alone while the study waited).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from braintumnet.processes import die_with_parent
 from braintumnet.report.provenance import usable_cores
 from simulation import saved
 
-# Linux's prctl(PR_SET_PDEATHSIG): a worker asks to be sent SIGTERM when the study that started it dies, even by
-# SIGKILL; the study's pid comes in this variable, so a worker whose study died before it asked exits at once.
-_PR_SET_PDEATHSIG = 1
+# A worker asks to be sent SIGTERM when the study that started it dies, even by SIGKILL; the study's pid comes in
+# this variable, so a worker whose study died before it asked exits at once.
 PARENT_ENV = "BRAINTUMNET_STUDY_PID"
 
 
@@ -89,9 +87,7 @@ def die_with_the_study() -> None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the study still stops its workers when it ends or is stopped
+    if not die_with_parent():  # not Linux: the study still stops its workers when it ends or is stopped
         return
     if os.getppid() != int(parent):
         sys.exit(f"the study (pid {parent}) that started this worker has ended")

@@ -14,6 +14,7 @@ from pathlib import Path
 from braintumnet import __version__
 from braintumnet.config import PROFILES as PROFILE_NAMES
 from braintumnet.errors import EXIT_USER_ERROR, BrainTumNetError
+from braintumnet.postprocess import POSTPROCESS_RULES
 
 log = logging.getLogger("braintumnet")
 
@@ -38,6 +39,14 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["3class", "binary"], help="classification task (default 3class)")
     p.add_argument("--cache", type=Path, help="prepared-slice cache root (default $BRAINTUMNET_CACHE or "
                                                "./.cache/braintumnet)")
+
+
+def add_postprocess_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--postprocess", choices=POSTPROCESS_RULES, default=None,
+                   help="how a case's predicted labels are cleaned before they are scored or written: largest-lesion "
+                        "keeps the largest connected lesion (tumour + edema) of the scan, none keeps every voxel "
+                        "(default: the checkpoint's own model.postprocess); score your validation cases with each "
+                        "to choose (docs/metrics.md, Post-processing)")
 
 
 def cmd_phantom(args) -> int:
@@ -109,7 +118,7 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate_checkpoint(args.model, [Path(d) for d in args.data.split(",") if d], args.out,
                                  cache_root=args.cache, split=None if args.split == "all" else args.split,
-                                 device=args.device)
+                                 device=args.device, postprocess=args.postprocess)
     from braintumnet.report.summary import format_metrics
 
     print(format_metrics(report))
@@ -120,7 +129,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from braintumnet.predict import predict
 
-    results = predict(args.model, args.input, args.out, tta=args.tta, device=args.device, task=args.task)
+    results = predict(args.model, args.input, args.out, tta=args.tta, device=args.device, task=args.task,
+                      postprocess=args.postprocess)
     for r in results:
         print(f"{r['case']}: {r['tumor_type']} (p = {r['probabilities'][r['tumor_type']]:.2f}), "
               f"tumour {r['volume_tumor_ml']:.1f} mL, edema {r['volume_edema_ml']:.1f} mL, report {r['report']}")
@@ -231,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="prepared-slice cache root (default $BRAINTUMNET_CACHE or "
                                                "./.cache/braintumnet)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_postprocess_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("predict", help="segment and classify new scans: mask NIfTI, JSON summary, one-page PNG report")
@@ -241,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over the four flips of each slice (4x the compute)")
     p.add_argument("--task", choices=["3class", "binary"], help="refuse a checkpoint trained for another task")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_postprocess_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = command("certs", help="make or reuse the CA, the SuperLink's TLS certificate and the sites' keys",

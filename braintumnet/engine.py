@@ -59,10 +59,12 @@ def build_model(profile: Profile, num_classes: int | None = None, **switches) ->
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(profile.train.seed)
-        # ModelConfig's fields are BrainTumNet's keyword names (tests/model/test_braintumnet.py checks it).
+        # ModelConfig's fields are BrainTumNet's keyword names (tests/model/test_braintumnet.py checks it), but for
+        # the post-processing of its output.
+        network = {k: v for k, v in dataclasses.asdict(profile.model).items() if k != "postprocess"}
         return BrainTumNet(in_channels=1, seg_classes=3,
                            num_classes=num_classes or len(task_classes(profile.data.task)),
-                           img_size=profile.data.img_size, **dataclasses.asdict(profile.model), **switches)
+                           img_size=profile.data.img_size, **network, **switches)
 
 
 def cosine_lr(base_lr: float, progress: float) -> float:

@@ -21,6 +21,7 @@ from braintumnet.engine import pick_device
 from braintumnet.scoring import evaluate_sites, predict_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
+from braintumnet.postprocess import with_rule
 from braintumnet.report import SYNTHETIC_NOTE, plots
 
 log = logging.getLogger("braintumnet.evaluate")
@@ -38,6 +39,7 @@ def evaluate_checkpoint(
     cache_root: Path | None = None,
     split: str | None = "test",
     device: str = "auto",
+    postprocess: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Evaluate a checkpoint on the pooled sites and on each site; write the report files into ``out``.
@@ -49,6 +51,8 @@ def evaluate_checkpoint(
         cache_root: prepared-slice cache root; default ``braintumnet.data.loading.default_cache_root()``.
         split: ``test``, ``train`` or None for every case.
         device: ``auto``, ``cpu`` or ``cuda``.
+        postprocess: the post-processing rule (``braintumnet.postprocess``); None = the checkpoint's own
+            ``model.postprocess``. ``config`` in ``metrics.json`` records the rule used.
         progress: progress bars.
 
     Returns:
@@ -64,7 +68,7 @@ def evaluate_checkpoint(
     out = Path(out).absolute()
     dev = pick_device(device)
     model, ckpt = load_model(model_path, dev)
-    profile, classes = ckpt.profile, ckpt.class_names
+    profile, classes = with_rule(ckpt.profile, postprocess), ckpt.class_names
     sites = load_sites([Path(d) for d in site_dirs], Path(cache_root or default_cache_root()), profile.data,
                        progress=progress)
     metrics, per_case, per_site = evaluate_sites(model, sites, split, profile, dev, progress=progress)

@@ -7,6 +7,8 @@
    mm, crop/pad around the brain). Slices outside it (air beyond the head) are labelled background.
 3. BrainTumNet segments and classifies each slice; with ``tta`` the softmax outputs are averaged over the four flips
    of the slice (none, rows, columns, both: the flips training augments with, §2.1.2) (:func:`predict_volume`).
+   The slices' labels are cleaned as one volume by the checkpoint's ``model.postprocess`` rule
+   (``braintumnet.postprocess``), exactly as an evaluation cleans them before it scores.
 4. The label maps go back to the scan's voxel grid: the crop/pad is undone, the resampling inverted with nearest
    neighbour (a voxel takes the label of the model pixel its centre falls in, :class:`SliceGrid`), and the axes
    turned back from RAS to the file's own order, so the mask has the input's exact shape and affine
@@ -32,6 +34,7 @@ from braintumnet.data.dicom_io import FileProblem
 from braintumnet.data.preprocess import brain_mask, preprocess_case, scored_slices
 from braintumnet.data.readers import Volume, read_volume
 from braintumnet.errors import BrainTumNetError
+from braintumnet.postprocess import postprocess_case
 
 TTA_FLIPS = ((), (2,), (3,), (2, 3))  # dims of a B×C×H×W batch
 BATCH_SIZE = 16
@@ -125,9 +128,12 @@ def read_case(path: Path) -> tuple[Volume, np.ndarray, tuple[int, ...], np.ndarr
 
 
 @torch.inference_mode()
-def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False, device: torch.device | None = None,
-                   batch_size: int = BATCH_SIZE, progress: bool = False) -> VolumePrediction:
-    """Segment and classify every axial slice of a canonical volume inside the head; labels mapped back to its grid."""
+def predict_volume(model, cfg: DataConfig, volume: Volume, *, postprocess: str, tta: bool = False,
+                   device: torch.device | None = None, batch_size: int = BATCH_SIZE,
+                   progress: bool = False) -> VolumePrediction:
+    """Segment and classify every axial slice of a canonical volume inside the head; labels cleaned by the rule
+    ``postprocess`` (``braintumnet.postprocess``) on the model's grid, as an evaluation scores them, then mapped back to
+    the volume's grid."""
     device = device or torch.device("cpu")
     depth = volume.array.shape[2]
     # The slices a test case of this scan would be scored on, chosen from the image alone, so `predict` and
@@ -151,7 +157,7 @@ def predict_volume(model, cfg: DataConfig, volume: Volume, *, tta: bool = False,
         labels.append(seg.max(1).indices.to(torch.uint8).cpu().numpy())  # argmax's labels, faster on the CPU
         probs.append((cls / (len(TTA_FLIPS) if tta else 1)).cpu().numpy())
     volume_labels = np.zeros(volume.array.shape, dtype=np.uint8)
-    volume_labels[:, :, z] = grid.to_volume(np.concatenate(labels))
+    volume_labels[:, :, z] = grid.to_volume(postprocess_case(np.concatenate(labels), z, postprocess))
     slice_probs = np.full((depth, probs[0].shape[1]), np.nan)
     slice_probs[z] = np.concatenate(probs)
     scored = np.zeros(depth, dtype=bool)

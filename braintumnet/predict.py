@@ -40,6 +40,7 @@ from braintumnet.data.site import case_id_problem, load_site
 from braintumnet.engine import pick_device
 from braintumnet.errors import EXIT_DATA_PROBLEMS, BrainTumNetError
 from braintumnet.inference import VolumePrediction, predict_volume, read_case, write_mask
+from braintumnet.postprocess import with_rule
 from braintumnet.io import atomic_write_json
 from braintumnet.labels import REGIONS
 from braintumnet.metrics import case_probabilities
@@ -73,7 +74,7 @@ class CaseInput:
 
 
 def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = False, device: str = "auto",
-            progress: bool = True, task: str | None = None) -> list[dict]:
+            progress: bool = True, task: str | None = None, postprocess: str | None = None) -> list[dict]:
     """Predict every case of ``input_path`` and write the outputs into ``out_dir``.
 
     Args:
@@ -85,6 +86,8 @@ def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = Fa
         device: ``auto``, ``cpu`` or ``cuda``.
         progress: progress bars.
         task: the task the caller expects (``3class``/``binary``); a checkpoint of another task is refused.
+        postprocess: the post-processing rule (``braintumnet.postprocess``); None = the checkpoint's own
+            ``model.postprocess``. Each summary records the rule used.
 
     Returns:
         One summary dict per case (the content of ``<case>.json``).
@@ -102,6 +105,7 @@ def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = Fa
     cases = find_inputs(input_path)
     dev = pick_device(device)
     model, ckpt = load_model(model_path, dev, task=task)
+    profile = with_rule(ckpt.profile, postprocess)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ckpt.meta.get("synthetic"):
         log.warning("%s was trained on SYNTHETIC data (the phantom cohort): its masks and tumour types show that the "
@@ -117,7 +121,7 @@ def predict(model_path: Path, input_path: Path, out_dir: Path, *, tta: bool = Fa
     with logging_redirect_tqdm() if progress else nullcontext():
         for case in tqdm(cases, desc="predict", unit="case", disable=not (progress and batch)):
             try:
-                results.append(predict_case(model, ckpt.profile, case, out_dir, context, tta=tta, device=dev,
+                results.append(predict_case(model, profile, case, out_dir, context, tta=tta, device=dev,
                                             progress=progress and not batch))
             except BrainTumNetError as exc:
                 if not batch:
@@ -181,7 +185,8 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
                                "the case with letters, digits, _ - . only")
     started = time.perf_counter()
     volume, to_input, input_shape, input_affine = read_case(case.path)
-    pred = predict_volume(model, profile.data, volume, tta=tta, device=device, progress=progress)
+    pred = predict_volume(model, profile.data, volume, postprocess=profile.model.postprocess, tta=tta, device=device,
+                          progress=progress)
     class_names = context["class_names"]
     # On the scan's grid, not the model's: a prediction in the crop's padding is no lesion (and is not in the mask).
     area = np.isin(pred.labels, REGIONS[profile.model.gate_region]).sum(axis=(0, 1))
@@ -209,6 +214,7 @@ def predict_case(model, profile, case: CaseInput, out_dir: Path, context: dict, 
         "shape": list(input_shape),
         "voxel_mm": [round(float(s), 4) for s in volume.spacing],
         "tta": tta,
+        "postprocess": profile.model.postprocess,
         **{k: context[k] for k in ("model", "synthetic_training", "task")},
         "note": NOT_FOR_CLINICAL_USE,
     }

@@ -1,7 +1,8 @@
 """Score a model: predict slices and turn them into case-level metrics (docs/metrics.md), for every arm.
 
 One path for the study, ``braintumnet evaluate``, the sites' federated evaluation and the benchmarks: a test case is
-scored on every slice of its head, chosen without the labels, as one volume.
+scored on every slice of its head, chosen without the labels, as one volume, after the checkpoint's post-processing
+(``model.postprocess``: the largest lesion kept, by default), which ``braintumnet predict`` applies too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from braintumnet.data.dataset import SliceDataset, select_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.metrics import EvaluationAccumulator
 from braintumnet.model import GATE_LABELS
+from braintumnet.postprocess import postprocess_case
 
 
 @torch.no_grad()
@@ -109,8 +111,9 @@ def _case_keys(table: pd.DataFrame) -> np.ndarray:
 
 def _score(model: nn.Module, sites: Sequence, table: pd.DataFrame, profile: Profile, device: torch.device,
            progress: bool) -> EvaluationAccumulator:
-    """Predict ``table``'s slices batch by batch and score them; each case is closed (its metrics computed, its
-    slices freed) as soon as the batches have passed its last slice."""
+    """Predict ``table``'s slices batch by batch and score them case by case: a case's slices wait until the batches
+    have passed its last one, are cleaned together by the ``model.postprocess`` rule (``braintumnet.postprocess``),
+    scored, and let go, so memory holds about one case beside the batch."""
     accumulator = EvaluationAccumulator(task_classes(profile.data.task), GATE_LABELS[profile.model.gate_region])
     keys = _case_keys(table)
     spacing = table[["spacing_y_mm", "spacing_x_mm"]].to_numpy(dtype=float)
@@ -120,17 +123,21 @@ def _score(model: nn.Module, sites: Sequence, table: pd.DataFrame, profile: Prof
     tumor_types = table["tumor_type"].to_numpy(dtype=str)
     last = pd.Series(np.arange(len(table))).groupby(keys, sort=False).max().sort_values()
     closing = list(zip(last.to_numpy(), last.index))
+    waiting: dict[str, list] = {}  # case key -> its (table rows, labels, class probabilities, reference) so far
     for start, seg, probs, target in _predicted_batches(model, sites, table, device, profile.train.batch_size,
                                                         progress):
-        rows = slice(start, start + len(seg))
-        accumulator.update(seg, target, probs, labels[rows], keys[rows].tolist(), spacing[rows],
-                           tumor_types[rows].tolist(), z_index=z_index[rows],
-                           spacing_z_mm=None if spacing_z is None else spacing_z[rows])
-        done = 0
-        while done < len(closing) and closing[done][0] < rows.stop:
-            done += 1
-        accumulator.close([key for _, key in closing[:done]])
-        closing = closing[done:]
+        rows = np.arange(start, start + len(seg))
+        for key in dict.fromkeys(keys[rows]):
+            mine = keys[rows] == key
+            waiting.setdefault(key, []).append((rows[mine], seg[mine], probs[mine], target[mine]))
+        while closing and closing[0][0] < rows[-1] + 1:
+            key = closing.pop(0)[1]
+            at, seg_case, probs_case, target_case = (np.concatenate(part) for part in zip(*waiting.pop(key)))
+            seg_case = postprocess_case(seg_case, z_index[at], profile.model.postprocess)
+            accumulator.update(seg_case, target_case, probs_case, labels[at], [key] * len(at), spacing[at],
+                               tumor_types[at].tolist(), z_index=z_index[at],
+                               spacing_z_mm=None if spacing_z is None else spacing_z[at])
+            accumulator.close([key])
     return accumulator
 
 

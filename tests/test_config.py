@@ -61,7 +61,8 @@ def test_paper_profile_is_the_papers_settings():
 
 
 @pytest.mark.parametrize("bad", [{"profile": "huge"}, {"data.img-size": 50}, {"task": "4class"},
-                                 {"model.gate-region": "skull"}, {"model.mode": "three-stage"}])
+                                 {"model.gate-region": "skull"}, {"model.mode": "three-stage"},
+                                 {"model.postprocess": "biggest"}])
 def test_bad_values_name_themselves(bad):
     with pytest.raises(ValueError) as err:
         resolve(bad)

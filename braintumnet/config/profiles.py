@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from braintumnet.errors import BrainTumNetError
 from braintumnet.labels import REGIONS, TASKS
+from braintumnet.postprocess import POSTPROCESS_RULES
 
 GATE_REGIONS = tuple(REGIONS)
 MODEL_MODES = ("multitask", "two-stage")
@@ -58,7 +59,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """BrainTumNet's width and switches (§2.2). Keyword names match ``BrainTumNet``'s constructor."""
+    """BrainTumNet's width and switches (§2.2). Keyword names match ``BrainTumNet``'s constructor, but for
+    ``postprocess``, which is applied to its output."""
 
     feature_size: int = 32
     num_heads: int = 4
@@ -72,8 +74,13 @@ class ModelConfig:
     shared_features: bool = False
     shared_gradient: float = 1.0
     gate_floor: float = 0.0
+    # How a case's predicted labels are cleaned before they are scored or written (braintumnet/postprocess.py); not
+    # a network argument (build_model leaves it out).
+    postprocess: str = "largest-lesion"
 
     def __post_init__(self) -> None:
+        if self.postprocess not in POSTPROCESS_RULES:
+            raise ValueError(f"postprocess={self.postprocess!r}: use one of {POSTPROCESS_RULES}")
         if self.gate_region not in GATE_REGIONS:
             raise ValueError(f"gate_region={self.gate_region!r}: use one of {GATE_REGIONS}")
         if self.mode not in MODEL_MODES:

@@ -41,6 +41,7 @@ RUN_CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "model.shared-features": ("model", "shared_features"),
     "model.shared-gradient": ("model", "shared_gradient"),
     "model.gate-floor": ("model", "gate_floor"),
+    "model.postprocess": ("model", "postprocess"),
     "train.local-epochs": ("federation", "local_epochs"),
     "train.batch-size": ("train", "batch_size"),
     "train.site-batch-size": ("train", "site_batch_size"),

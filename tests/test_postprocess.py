@@ -1,0 +1,125 @@
+"""Post-processing of a case's predicted labels (braintumnet/postprocess.py), and that every evaluation scores a case
+after it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from braintumnet.checkpoint import load_model, save_checkpoint
+from braintumnet.cli import main
+from braintumnet.data.contract import class_names
+from braintumnet.data.dataset import SliceDataset, select_slices
+from braintumnet.engine import build_model
+from braintumnet.metrics import segmentation_case_metrics
+from braintumnet.postprocess import POSTPROCESS_RULES, postprocess_case
+from braintumnet.scoring import evaluate_cases, predict_slices
+
+
+def lesions() -> np.ndarray:
+    """Six slices: a tumour with its edema around it on slices 0-2 (one lesion), a small tumour far from it on slice
+    4, and an edema speck on slice 5 that touches the first lesion's column only through slice 3, which is empty."""
+    labels = np.zeros((6, 16, 16), np.uint8)
+    labels[0:3, 2:9, 2:9] = 2
+    labels[0:3, 4:7, 4:7] = 1
+    labels[4, 12:14, 12:14] = 1
+    labels[5, 4:6, 4:6] = 2
+    return labels
+
+
+def test_the_largest_lesion_keeps_its_tumour_and_edema_together_and_nothing_else():
+    labels = lesions()
+    before = labels.copy()
+    kept = postprocess_case(labels, None, "largest-lesion")
+    np.testing.assert_array_equal(labels, before)  # the input is not changed
+    np.testing.assert_array_equal(kept[0:3], labels[0:3])  # tumour and edema: one lesion
+    assert not kept[3:].any()
+
+
+def test_no_lesion_joins_across_a_missing_slice_and_the_order_of_slices_holds():
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[0, 1:5, 1:5] = 1  # 16 voxels at z = 10
+    labels[1, 1:4, 1:4] = 2  # 9 at z = 12, under it but a slice away: another lesion
+    labels[2, 1:4, 1:4] = 1  # 9 at z = 13, touching the one at z = 12: 18 together, the largest
+    kept = postprocess_case(labels, [10, 12, 13], "largest-lesion")
+    assert not kept[0].any() and (kept[1:] == labels[1:]).all()
+    # The same slices handed over in another order come back in that order.
+    shuffled = postprocess_case(labels[[2, 0, 1]], [13, 10, 12], "largest-lesion")
+    np.testing.assert_array_equal(shuffled, kept[[2, 0, 1]])
+
+
+def test_none_keeps_every_voxel_and_an_empty_prediction_stays_empty():
+    labels = lesions()
+    np.testing.assert_array_equal(postprocess_case(labels, None, "none"), labels)
+    empty = np.zeros((4, 8, 8), np.uint8)
+    assert not postprocess_case(empty, None, "largest-lesion").any()
+
+
+def test_bad_rule_or_slice_indices_are_refused():
+    with pytest.raises(ValueError, match="biggest"):
+        postprocess_case(lesions(), None, "biggest")
+    with pytest.raises(ValueError, match="one distinct axial index"):
+        postprocess_case(lesions(), [0, 1, 1, 2, 3, 4], "largest-lesion")
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_profile, prepared_sites, tmp_path_factory):
+    """An untrained tiny model: its labels are scattered over the whole scan, so the rule has work to do."""
+    return save_checkpoint(tmp_path_factory.mktemp("postprocess") / "model.pt",
+                           build_model(tiny_profile).state_dict(), tiny_profile, class_names("3class"),
+                           {"synthetic": True})
+
+
+def test_an_evaluation_scores_each_case_after_the_models_postprocessing(untrained, tiny_profile, prepared_sites):
+    """``evaluate_cases`` (the study, ``braintumnet evaluate``, the sites' federated evaluation) per case equals the
+    case's predicted slices cleaned by the profile's rule and then scored; the rule changes the figures."""
+    model, _ = load_model(untrained)
+    sites = [prepared_sites["yibin"]]
+    table = select_slices(sites, "test", class_names("3class"))
+    labels, _ = predict_slices(model, sites, table, torch.device("cpu"), progress=False)
+    reference = np.stack([item["mask"][0].numpy() for item in SliceDataset(sites, table)]).astype(np.uint8)
+    dice = {}
+    for rule in POSTPROCESS_RULES:
+        profile = dataclasses.replace(tiny_profile, model=dataclasses.replace(tiny_profile.model, postprocess=rule))
+        _, per_case = evaluate_cases(model, sites, "test", profile, torch.device("cpu"), progress=False)
+        for _, row in per_case.iterrows():
+            rows = (table["site"] + "/" + table["case_id"] == row["case_id"]).to_numpy()
+            assert rows.any(), row["case_id"]
+            z = table["z_index"].to_numpy()[rows]
+            ours = segmentation_case_metrics(postprocess_case(labels[rows], z, rule), reference[rows],
+                                             tuple(table[["spacing_y_mm", "spacing_x_mm"]].to_numpy()[rows][0]),
+                                             float(table["spacing_z_mm"].to_numpy()[rows][0]), z)
+            for key in ("dice_tumor", "dice_whole", "hd95_whole_mm", "hd_tumor_mm"):
+                assert row[key] == pytest.approx(ours[key], rel=1e-6, abs=1e-9), (rule, row["case_id"], key)
+        dice[rule] = per_case.set_index("case_id")[["dice_whole", "hd95_whole_mm"]]
+    assert not dice["none"].equals(dice["largest-lesion"])  # the untrained model's scattered labels were cleaned
+
+
+def test_evaluate_and_predict_take_another_rule_from_the_command_line(untrained, phantom_root, cache_root, tmp_path,
+                                                                      capsys):
+    """A site compares the rules on its own cases: ``--postprocess`` overrides the checkpoint's rule, and the outputs
+    say which rule made them."""
+    site = phantom_root / "yibin"
+    dice = {}
+    for rule in ("none", None):
+        out = tmp_path / f"eval-{rule}"
+        argv = ["evaluate", "--model", str(untrained), "--data", str(site), "--out", str(out), "--cache",
+                str(cache_root)] + (["--postprocess", rule] if rule else [])
+        assert main(argv) == 0
+        written = json.loads((out / "metrics.json").read_text())
+        assert written["config"]["model.postprocess"] == (rule or "largest-lesion")
+        dice[rule] = written["metrics"]["hd95_whole_mm"]
+    assert dice["none"] != dice[None]
+    scan = sorted((site / "imagesTr").iterdir())[0]
+    assert main(["predict", "--model", str(untrained), "--input", str(scan), "--out", str(tmp_path / "pred"),
+                 "--postprocess", "none"]) == 0
+    summary = json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
+    assert summary["postprocess"] == "none"
+    with pytest.raises(SystemExit) as refused:
+        main(["predict", "--model", str(untrained), "--input", str(scan), "--out", str(tmp_path / "p2"),
+              "--postprocess", "biggest"])
+    assert refused.value.code == 2 and "biggest" in capsys.readouterr().err

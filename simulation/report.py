@@ -234,10 +234,11 @@ def _intro(doc: dict) -> list[str]:
              "How metrics are computed (docs/metrics.md): every test and external case on the whole scan (every axial "
              "slice inside the head, chosen without the labels), in 3-D on the scan's own grid, "
              + _postprocess_phrase(doc.get("config", {}).get("model.postprocess"))
-             + ", then averaged over cases; Dice and IoU of the foreground (IoU <= Dice always, so the paper's IoU 0.921 above its DSC 0.91 "
-             "cannot be a per-case foreground IoU); HD and HD95 in mm, 374 mm where exactly one of prediction and "
-             "reference is empty (BraTS); classification at case level (mean of the slices' probabilities "
-             "weighted by the tumour area the model predicts on each); sensitivity, specificity, F1 and AUC macro-averaged one-vs-rest.",
+             + ", then averaged over cases; Dice and IoU of the foreground (IoU <= Dice always, so the paper's IoU "
+             "0.921 above its DSC 0.91 cannot be a per-case foreground IoU); HD and HD95 in mm, 374 mm where exactly "
+             "one of prediction and reference is empty (BraTS); classification at case level (mean of the slices' "
+             "probabilities weighted by the tumour area the model predicts on each); sensitivity, specificity, F1 "
+             "and AUC macro-averaged one-vs-rest.",
              "Rows marked 'paper' are the values the paper's text quotes for BrainTumNet on its patients, for "
              "reference only; they are not results of this study."]
     return lines

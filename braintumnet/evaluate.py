@@ -18,7 +18,7 @@ from braintumnet.config import to_dict
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.loading import default_cache_root, load_sites
 from braintumnet.engine import pick_device
-from braintumnet.scoring import evaluate_sites, predict_slices
+from braintumnet.scoring import evaluate_sites, predict_cases
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.postprocess import with_rule
@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     synthetic = any(bool(s.meta.get("synthetic")) for s in sites)
     out.mkdir(parents=True, exist_ok=True)
     per_case.to_csv(out / "per_case.csv", index=False)
-    _write_plots(out, model, sites, split, classes, metrics, per_case, dev)
+    _write_plots(out, model, sites, split, classes, profile, metrics, per_case, dev)
     report = {
         "model": str(Path(model_path).absolute()),
         "synthetic": synthetic,
@@ -95,7 +95,8 @@ def evaluate_checkpoint(
     return report
 
 
-def _write_plots(out: Path, model, sites, split, classes, metrics: dict, per_case: pd.DataFrame, dev) -> None:
+def _write_plots(out: Path, model, sites, split, classes, profile, metrics: dict, per_case: pd.DataFrame,
+                 dev) -> None:
     """The four figures of an evaluation, from the per-case table and a few re-predicted slices."""
     y_true = per_case["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
     probs = per_case[[f"prob_{name}" for name in classes]].to_numpy(dtype=float)
@@ -104,29 +105,33 @@ def _write_plots(out: Path, model, sites, split, classes, metrics: dict, per_cas
     plots.dice_distribution({region: per_case[f"dice_{region}"].to_numpy(dtype=float)
                              for region in ("tumor", "edema", "whole") if f"dice_{region}" in per_case},
                             out / PLOTS["dice_distribution"])
-    images, targets, preds, titles = _overlay_slices(model, sites, split, classes, per_case, dev)
+    images, targets, preds, titles = _overlay_slices(model, sites, split, classes, profile, per_case, dev)
     plots.overlay_examples(images, targets, preds, out / PLOTS["overlay_examples"], titles)
 
 
-def _overlay_slices(model, sites, split, classes, per_case: pd.DataFrame, dev):
+def _overlay_slices(model, sites, split, classes, profile, per_case: pd.DataFrame, dev):
     """For ``OVERLAY_CASES`` cases spread over the tumour Dice ranking (worst to best): the case's slice with the
-    most reference tumour, its reference and its prediction. Case ids are ``site/case_id`` (engine.evaluate_cases)."""
+    most reference tumour, its reference and its prediction as it was scored (the whole case predicted and
+    post-processed). Case ids are ``site/case_id`` (engine.evaluate_cases)."""
     ranked = per_case.sort_values("dice_tumor", kind="stable").reset_index(drop=True)
     picks = sorted({int(round(q * (len(ranked) - 1))) for q in np.linspace(0, 1, OVERLAY_CASES)})
     table = select_slices(sites, split, classes)
     table["key"] = table["site"] + "/" + table["case_id"]
-    rows = []
+    cases, rows = [], []
     for i in picks:
         key = str(ranked.loc[i, "case_id"])
-        of_case = table[table["key"] == key]
+        of_case = table[table["key"] == key].reset_index(drop=True)
         if of_case.empty:
             continue
         area = [int((sites[s].masks[r] == 1).sum()) for s, r in zip(of_case["site_index"], of_case["row"])]
-        rows.append((of_case.iloc[[int(np.argmax(area))]], key, float(ranked.loc[i, "dice_tumor"])))
+        rows.append((sum(len(c) for c in cases) + int(np.argmax(area)), key, float(ranked.loc[i, "dice_tumor"])))
+        cases.append(of_case)
     if not rows:
         return [], [], [], []
-    chosen = pd.concat([r[0] for r in rows], ignore_index=True)
-    preds, _ = predict_slices(model, sites, chosen, dev, progress=False)
+    whole = pd.concat(cases, ignore_index=True)
+    labels, _ = predict_cases(model, sites, whole, profile, dev)
+    chosen = whole.iloc[[at for at, _, _ in rows]]
+    preds = labels[[at for at, _, _ in rows]]
     images = [np.asarray(sites[s].images[r], dtype=np.float32) for s, r in zip(chosen["site_index"], chosen["row"])]
     targets = [np.asarray(sites[s].masks[r]) for s, r in zip(chosen["site_index"], chosen["row"])]
     titles = [f"{key} z={int(z)}\nDice (case) {dice:.2f}" for (_, key, dice), z in zip(rows, chosen["z_index"])]

@@ -38,6 +38,20 @@ def predict_slices(
     return np.concatenate(labels), np.concatenate(probs)
 
 
+def predict_cases(
+    model: nn.Module, sites: Sequence, table: pd.DataFrame, profile: Profile, device: torch.device,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predict_slices` with each case's labels cleaned by the profile's ``model.postprocess`` rule, as they are
+    scored: ``table`` holds whole cases (every slice of each), e.g. to draw a slice as the evaluation saw it."""
+    labels, probs = predict_slices(model, sites, table, device, profile.train.batch_size, progress)
+    keys, z_index = _case_keys(table), table["z_index"].to_numpy(dtype=int)
+    for key in dict.fromkeys(keys):
+        rows = np.flatnonzero(keys == key)
+        labels[rows] = postprocess_case(labels[rows], z_index[rows], profile.model.postprocess)
+    return labels, probs
+
+
 @torch.no_grad()
 def _predicted_batches(model: nn.Module, sites: Sequence, table: pd.DataFrame, device: torch.device,
                        batch_size: int, progress: bool):

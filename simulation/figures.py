@@ -18,7 +18,7 @@ from braintumnet.data.dataset import select_slices
 from braintumnet.extras import require
 from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, new_figure,
                                       overlay_examples, roc_curves, save)
-from braintumnet.scoring import predict_slices
+from braintumnet.scoring import predict_cases
 from simulation.report import arms_of
 
 GRID = "0.92"
@@ -65,17 +65,20 @@ def study_figures(out: Path, doc: dict, cases_of: dict, rounds: list, model, int
 
 
 def example_overlays(model, internal, profile, dev, classes, path: Path, synthetic: bool) -> Path:
-    """One internal test slice per tumour type with the model's prediction over the reference: the slice with the
-    most reference tumour in the first test case of each type (test cases hold the whole scan, most of it
-    tumour-free; a figure may pick by the labels, scoring never does)."""
+    """One internal test slice per tumour type with the model's prediction over the reference, as it was scored (the
+    whole case predicted and post-processed): the slice with the most reference tumour in the first test case of
+    each type (test cases hold the whole scan, most of it tumour-free; a figure may pick by the labels, scoring
+    never does)."""
     table = select_slices(internal, "test", classes)
-    picks = []
+    cases, picks = [], []
     for _, grp in table.groupby("tumor_type", sort=True):
-        case = grp[grp["case_id"] == grp["case_id"].iloc[0]]
+        case = grp[(grp["site"] == grp["site"].iloc[0]) & (grp["case_id"] == grp["case_id"].iloc[0])]
         area = [int((internal[i].masks[r] == 1).sum()) for i, r in zip(case["site_index"], case["row"])]
-        picks.append(case.index[int(np.argmax(area))])
-    rows = table.loc[picks]
-    seg, probs = predict_slices(model, internal, rows, dev, profile.train.batch_size, progress=False)
+        picks.append(sum(len(c) for c in cases) + int(np.argmax(area)))
+        cases.append(case)
+    whole = pd.concat(cases, ignore_index=True)
+    labels, probs = predict_cases(model, internal, whole, profile, dev)
+    rows, seg, probs = whole.iloc[picks], labels[picks], probs[picks]
     images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]
     targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
     titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]

@@ -39,6 +39,7 @@ FOLDER = "repetitions"
 ARM_CHOICE_KEYS = ("budgets", "skip_federated", "gate_regions")
 log = logging.getLogger("simulation")
 SITE_BATCH_KEY = "train.site_batch_size"  # to_dict's name of train.site-batch-size
+POSTPROCESS_KEY = "model.postprocess"  # to_dict's name of model.postprocess
 
 
 def settings_of(config: dict, budgets, skip_federated: bool, regions, folds: int, sites: dict,
@@ -176,12 +177,14 @@ def _pooled(arm: str) -> bool:
 
 
 def _for_arm(settings, arm: str):
-    """The settings that decide how ``arm`` trains. A pooled arm never trains in a site's batch, so
+    """The settings that decide how ``arm`` trains and is scored. A pooled arm never trains in a site's batch, so
     ``train.site_batch_size`` does not count for it; for the others it counts as the batch a site used (0, or no key
-    in records kept before it existed: the pooled batch)."""
+    in records kept before it existed: the pooled batch). A record kept before ``model.postprocess`` existed scored
+    the network's labels as they are: ``none``."""
     if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
         return settings
     config = {k: v for k, v in settings["config"].items() if k != SITE_BATCH_KEY}
+    config.setdefault(POSTPROCESS_KEY, "none")
     if not _pooled(arm):
         config[SITE_BATCH_KEY] = settings["config"].get(SITE_BATCH_KEY) or settings["config"].get("train.batch_size")
     return {**settings, "config": config}

@@ -513,6 +513,21 @@ def test_a_pooled_arm_kept_with_another_site_batch_is_reused_and_a_site_arm_is_n
     assert saved.split_repetition(other, 0, None, wider) == []
 
 
+def test_an_arm_kept_before_the_postprocessing_counts_as_scored_without_it(tmp_path):
+    """A record without ``model.postprocess`` scored the network's labels as they are: reused with ``none``, trained
+    again with the default rule."""
+    from simulation import saved
+
+    before = {"config": {"train.batch_size": 8}, "budgets": ["epochs"], "skip_federated": False, "gate_regions": [],
+              "folds": 0, "sites": {}, "cases": {}}
+    for arm in ("centralized", "local:yibin"):
+        saved.save_arm(tmp_path, before, 0, None, arm, {"x": 1.0}, 3.0, provenance={})
+    for rule, reused in (("none", True), ("largest-lesion", False)):
+        now = {**before, "config": {"train.batch_size": 8, "model.postprocess": rule}}
+        for arm in ("centralized", "local:yibin"):
+            assert (saved.load_arm(tmp_path, now, 0, None, arm, first=False) is not None) is reused, (rule, arm)
+
+
 def test_an_arms_mlflow_run_counts_in_a_moved_folder_and_on_a_shared_server_only_for_its_study(tmp_path, monkeypatch):
     from simulation.tracking import arm_logged, log_arm
 

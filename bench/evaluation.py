@@ -6,8 +6,9 @@ sites built in memory (no phantom, no disk): ``depth`` axial slices of 3 mm at `
 with one lesion (tumour inside edema) on a few of them. Two models go through the same ``engine.evaluate_cases``:
 
 * ``scoring``: a stand-in that thresholds the image (the predicted tumour a little smaller than the reference, a
-  false-positive speck on a tumour-free slice): everything but the network, i.e. data loading, batching, the 3-D
-  metrics and the classification figures;
+  false-positive speck on a tumour-free slice): everything but the network, i.e. data loading, batching, the
+  post-processing, the 3-D metrics and the classification figures; measured again without the post-processing
+  (``model.postprocess = none``) beside it, for its price;
 * ``BrainTumNet``: the profile's model (untrained: its cost does not depend on its weights), so the whole evaluation.
 
 ``python -m bench --only evaluation`` writes ``evaluation.json`` / ``evaluation.md`` and prints the figures.
@@ -26,6 +27,7 @@ from torch import nn
 from bench.common import Context, median, table, write_result
 from braintumnet.config import resolve
 from braintumnet.data.cache import PreparedSite
+from braintumnet.postprocess import with_rule
 
 FOV_MM, SLICE_MM = 240.0, 3.0
 TUMOUR, EDEMA, HEAD = 0.9, 0.25, 0.45  # image intensities of the synthetic scan
@@ -92,20 +94,24 @@ def seconds_per_case(run_config: dict, n_cases: int = 3, depth: int = 50, reps: 
     from braintumnet.scoring import evaluate_cases
 
     profile = resolve(run_config)
+    raw = with_rule(profile, "none")
     size = profile.data.img_size
     site = synthetic_site(size, n_cases, depth)
     dev = torch.device(device)
-    models = {"scoring": Thresholds(len(class_names(profile.data.task))), "total": build_model(profile)}
+    stand_in = Thresholds(len(class_names(profile.data.task)))
+    # Side by side in each run: the stand-in with the profile's post-processing and without any, then the network.
+    models = {"scoring": (stand_in, profile), "scoring_raw": (stand_in, raw), "total": (build_model(profile), profile)}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(reps):
-        for name, model in models.items():
+        for name, (model, scored_with) in models.items():
             start = time.perf_counter()
-            metrics, _ = evaluate_cases(model, [site], "test", profile, dev, progress=False)
+            metrics, _ = evaluate_cases(model, [site], "test", scored_with, dev, progress=False)
             times[name].append((time.perf_counter() - start) / n_cases)
             assert metrics["n_cases"] == n_cases
     return {"img_size": size, "feature_size": profile.model.feature_size, "cases": n_cases, "slices_per_case": depth,
-            "scoring_s_per_case": median(times["scoring"]), "total_s_per_case": median(times["total"]),
-            "runs": times}
+            "postprocess": profile.model.postprocess, "scoring_s_per_case": median(times["scoring"]),
+            "scoring_without_postprocess_s_per_case": median(times["scoring_raw"]),
+            "total_s_per_case": median(times["total"]), "runs": times}
 
 
 def run(ctx: Context) -> dict:
@@ -115,15 +121,21 @@ def run(ctx: Context) -> dict:
         found[size] = seconds_per_case(run_config, s["cases"], s["depth"], s["reps"], ctx.device)
         f = found[size]
         ctx.say(f"evaluation at {size} px ({f['slices_per_case']} slices a case): {f['scoring_s_per_case']:.3f} s a "
-                f"case for scoring, {f['total_s_per_case']:.3f} s with BrainTumNet (width {f['feature_size']})")
-    rows = [[size, f["feature_size"], f["slices_per_case"], f["scoring_s_per_case"], f["total_s_per_case"]]
+                f"case for scoring ({f['scoring_without_postprocess_s_per_case']:.3f} s without post-processing), "
+                f"{f['total_s_per_case']:.3f} s with BrainTumNet (width {f['feature_size']})")
+    rows = [[size, f["feature_size"], f["slices_per_case"], f["scoring_without_postprocess_s_per_case"],
+             f["scoring_s_per_case"], f["scoring_s_per_case"] / f["scoring_without_postprocess_s_per_case"],
+             f["total_s_per_case"]]
             for size, f in found.items()]
     doc = {"sizes": {str(k): v for k, v in found.items()}}
     return write_result(ctx, "evaluation", "Evaluation: seconds per test case (whole scan, 3-D metrics)", doc,
                         [("Seconds per evaluated case (medians)",
-                          table(["px", "BrainTumNet width", "slices a case", "scoring s/case", "total s/case"],
+                          table(["px", "BrainTumNet width", "slices a case", "scoring s/case, no post-processing",
+                                 "scoring s/case, largest lesion kept", "post-processing ratio", "total s/case"],
                                 rows))],
                         [f"Synthetic cases (SYNTHETIC, built in memory): {s['cases']} a size, {s['depth']} slices of "
                          f"{SLICE_MM:g} mm each, one lesion; {s['reps']} run(s), medians. 'scoring' is "
                          "engine.evaluate_cases with a thresholding stand-in for the network (loading, batching, "
-                         "3-D metrics, classification); 'total' with an untrained BrainTumNet of that width."])
+                         "3-D metrics, classification), with the profile's post-processing (model.postprocess: the "
+                         "largest lesion kept) and without it (none), side by side in each run; 'total' with an "
+                         "untrained BrainTumNet of that width, post-processing included."])

@@ -230,7 +230,8 @@ def test_evaluation_speed(tmp_path):
     (found,) = doc["sizes"].values()
     assert found["cases"] == 2 and found["slices_per_case"] == 12
     assert 0 < found["scoring_s_per_case"] and 0 < found["total_s_per_case"]
-    assert "scoring s/case" in (ctx.out / "evaluation.md").read_text()
+    assert 0 < found["scoring_without_postprocess_s_per_case"] and found["postprocess"] == "largest-lesion"
+    assert "post-processing ratio" in (ctx.out / "evaluation.md").read_text()
     site = evaluation.synthetic_site(32, 1, 12)
     assert (site.masks == 1).any() and site.slices["z_index"].tolist() == list(range(12))
 

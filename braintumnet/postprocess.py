@@ -51,8 +51,10 @@ def postprocess_case(labels: np.ndarray, z_index: Sequence[int] | None, rule: st
 
     Args:
         labels: ``S×H×W`` uint8 labels (0 background, 1 tumour, 2 edema) of the case's ``S`` axial slices.
-        z_index: each slice's axial index in its scan (any order); slices that are not neighbours (a gap in the
-            indices) are never joined into one lesion. None: the slices are contiguous, in order.
+        z_index: each slice's axial index in its scan (any order): the slices are stacked in axial order, each
+            next to the one after it, gap or not. A test case holds every slice of its head (no gap); a training
+            case scored in cross-validation holds slices spread through its tumour, which stacked still make one
+            lesion. None: the slices are in axial order already.
         rule: one of :data:`POSTPROCESS_RULES`.
 
     Returns:
@@ -75,11 +77,12 @@ def postprocess_case(labels: np.ndarray, z_index: Sequence[int] | None, rule: st
     z = np.arange(len(labels)) if z_index is None else np.asarray(z_index, dtype=int).reshape(-1)
     if z.shape != (len(labels),) or len(np.unique(z)) != z.size:
         raise ValueError(f"z_index must give one distinct axial index per slice ({len(labels)}), got {z.tolist()}")
-    # On the scan's own axial grid, a missing slice left empty, so lesions never join across a gap.
-    volume = np.zeros((z.max() - z.min() + 1, *labels.shape[1:]), dtype=np.uint8)
-    volume[z - z.min()] = labels
+    order = np.argsort(z, kind="stable")
+    volume = labels[order]  # a copy, in axial order
     components, _ = ndimage.label(volume > 0, structure=_FACES)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0  # background
     volume[components != int(np.argmax(sizes))] = 0  # ties: the first component in scan order
-    return volume[z - z.min()]
+    kept = np.empty_like(volume)
+    kept[order] = volume
+    return kept

@@ -40,16 +40,20 @@ def test_the_largest_lesion_keeps_its_tumour_and_edema_together_and_nothing_else
     assert not kept[3:].any()
 
 
-def test_no_lesion_joins_across_a_missing_slice_and_the_order_of_slices_holds():
-    labels = np.zeros((3, 8, 8), np.uint8)
-    labels[0, 1:5, 1:5] = 1  # 16 voxels at z = 10
-    labels[1, 1:4, 1:4] = 2  # 9 at z = 12, under it but a slice away: another lesion
-    labels[2, 1:4, 1:4] = 1  # 9 at z = 13, touching the one at z = 12: 18 together, the largest
-    kept = postprocess_case(labels, [10, 12, 13], "largest-lesion")
-    assert not kept[0].any() and (kept[1:] == labels[1:]).all()
+def test_slices_stack_in_axial_order_gap_or_not_and_come_back_in_their_own_order():
+    """A training case scored in cross-validation holds slices spread through its tumour (z 10, 13, 16): stacked
+    they are one lesion, bigger than a false one on the slice beside them."""
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[0, 1:4, 1:4] = 1  # z = 10
+    labels[1, 1:4, 1:4] = 1  # z = 13
+    labels[2, 2:5, 2:5] = 2  # z = 16: overlaps the one above in-plane
+    labels[3, 6:8, 6:8] = 1  # z = 17: away from it in-plane, a false lesion of 4 voxels
+    kept = postprocess_case(labels, [10, 13, 16, 17], "largest-lesion")
+    np.testing.assert_array_equal(kept[:3], labels[:3])
+    assert not kept[3].any()
     # The same slices handed over in another order come back in that order.
-    shuffled = postprocess_case(labels[[2, 0, 1]], [13, 10, 12], "largest-lesion")
-    np.testing.assert_array_equal(shuffled, kept[[2, 0, 1]])
+    shuffled = postprocess_case(labels[[3, 0, 2, 1]], [17, 10, 16, 13], "largest-lesion")
+    np.testing.assert_array_equal(shuffled, kept[[3, 0, 2, 1]])
 
 
 def test_none_keeps_every_voxel_and_an_empty_prediction_stays_empty():

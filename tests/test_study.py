@@ -207,6 +207,12 @@ def test_a_ratio_against_a_model_that_learned_nothing_is_not_a_pass():
     assert verdicts["external / internal, centralized, dice_tumor"] == "yes"  # 1.057
     assert verdicts["external / internal, federated, acc"] == "no"  # 0.792
     assert verdicts["federated / centralized, dice_tumor (internal)"] == "no"
+    assert "federated, dice_tumor (internal)" not in verdicts  # no absolute aim without a profile that has one
+    verdicts = {row[0]: row[3] for row in _questions({**doc, "profile": "quick"})}
+    assert verdicts["federated, dice_tumor (internal)"] == "no (by 0.800)"
+    doc["federated"]["internal_test"]["dice_tumor"] = 0.81
+    assert {row[0]: row[3] for row in _questions({**doc, "profile": "quick"})}["federated, dice_tumor (internal)"] \
+        == "yes"
 
 
 def test_an_unknown_run_config_key_stops_the_study_before_anything_is_written(tmp_path, capsys, monkeypatch):

@@ -141,10 +141,11 @@ class ArmStore:
     Provenance table shows it.
     """
 
-    def __init__(self, ctx: Context, settings: dict):
+    def __init__(self, ctx: Context, settings: dict, postprocess: str):
         mode = "tiny" if ctx.tiny else "quick" if ctx.quick else "full"
         self.root = ctx.out / f"accuracy-arms-{mode}"
-        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        # As it reads back from JSON; with the rule that scored the arm (docs/metrics.md, "Post-processing").
+        self.settings = json.loads(json.dumps({**settings, "postprocess": postprocess}))
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.json"
@@ -154,7 +155,10 @@ class ArmStore:
             kept = json.loads(self.path(key).read_text())
         except (OSError, ValueError):
             return None
-        return kept if kept.get("settings") == self.settings else None
+        if not isinstance(kept.get("settings"), dict):
+            return None
+        # An arm kept before the post-processing existed was scored on the network's labels as they are.
+        return kept if {"postprocess": "none", **kept["settings"]} == self.settings else None
 
     def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> dict:
         """Keep a finished arm; returns what was written, as ``load`` would read it back."""
@@ -204,7 +208,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
         sites = {p.site: p for p in loaded}
     internal = [sites[n] for n in SITES]
     dev = torch.device(ctx.device)
-    store = ArmStore(ctx, s)
+    store = ArmStore(ctx, s, profile.model.postprocess)
     every = arms(profile, len(classes), s["subset"])
     chosen = list(ctx.arms) if ctx.arms is not None else [arm_key(n) for n in every]  # () = train none
     # Train in the order asked for (a second process can work from the other end); show in the table's order. An arm

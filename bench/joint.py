@@ -170,7 +170,11 @@ def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = kept.get("settings") == json.loads(json.dumps(settings)) and kept.get("model_defaults") == model_defaults
+    # An arm kept before the post-processing existed was scored on the network's labels as they are.
+    kept_defaults = kept.get("model_defaults")
+    if isinstance(kept_defaults, dict):
+        kept_defaults = {"postprocess": "none", **kept_defaults}
+    same = kept.get("settings") == json.loads(json.dumps(settings)) and kept_defaults == model_defaults
     return kept if same else None
 
 

@@ -111,6 +111,10 @@ def test_accuracy_keeps_finished_arms_and_names_missing_ones(ctx, prepared_sites
     kept.write_text(json.dumps(settings))
     ctx.arms, ctx.fresh = ("no-cbam",), False
     assert accuracy.REFERENCE not in accuracy.run(ctx, sites=prepared_sites)["arms"]
+    settings["settings"]["epochs"] -= 1
+    assert settings["settings"].pop("postprocess") == "largest-lesion"  # as kept before the rule: scored without it
+    kept.write_text(json.dumps(settings))
+    assert accuracy.REFERENCE not in accuracy.run(ctx, sites=prepared_sites)["arms"]
 
 
 def test_accuracy_table_shows_an_arm_another_process_finished_while_this_one_trained(ctx, prepared_sites,
@@ -120,8 +124,8 @@ def test_accuracy_table_shows_an_arm_another_process_finished_while_this_one_tra
 
     def train_while_another_process_keeps_an_arm(*args, **kwargs):
         result = train(*args, **kwargs)
-        accuracy.ArmStore(ctx, accuracy._settings(ctx)).save("two-stage", "BrainTumNet two-stage", result,
-                                                             ctx.machine, "other")
+        accuracy.ArmStore(ctx, accuracy._settings(ctx), "largest-lesion").save(
+            "two-stage", "BrainTumNet two-stage", result, ctx.machine, "other")
         return result
 
     monkeypatch.setattr(accuracy, "_train_arm", train_while_another_process_keeps_an_arm)
@@ -291,6 +295,13 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
     report = (ctx.out / "joint.md").read_text()
     assert "did not all train on one processor" in report and "two-stage [seed 0]" in report
     assert "Other CPU: two-stage [seed 1]" in report
+    # Kept before the post-processing existed: scored on the raw labels, so not a result of the default rule.
+    doc = json.loads(record.read_text())
+    assert doc["model_defaults"].pop("postprocess") == "largest-lesion"
+    record.write_text(json.dumps(doc))
+    defaults = {**doc["model_defaults"], "postprocess": "largest-lesion"}
+    assert joint._load(record, doc["settings"], defaults) is None
+    assert joint._load(record, doc["settings"], {**defaults, "postprocess": "none"}) is not None
 
 
 def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_the_default(tmp_path):

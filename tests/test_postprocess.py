@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from braintumnet.checkpoint import load_model, save_checkpoint
 from braintumnet.cli import main
@@ -56,9 +58,21 @@ def test_slices_stack_in_axial_order_gap_or_not_and_come_back_in_their_own_order
     np.testing.assert_array_equal(shuffled, kept[[3, 0, 2, 1]])
 
 
+def test_lesions_touching_only_at_an_edge_or_a_corner_stay_two():
+    labels = np.zeros((2, 6, 6), np.uint8)
+    labels[0, 0:3, 0:3] = 1  # 9 voxels
+    labels[1, 3:5, 3:5] = 2  # 4 voxels, touching the first only at a corner (z+1, row+1, column+1)
+    labels[0, 3, 5] = 1  # 1 voxel, touching the second only along an edge (z-1, row 3)
+    kept = postprocess_case(labels, None, "largest-lesion")
+    np.testing.assert_array_equal(kept[0, 0:3, 0:3], labels[0, 0:3, 0:3])
+    assert kept.sum() == 9
+
+
 def test_none_keeps_every_voxel_and_an_empty_prediction_stays_empty():
     labels = lesions()
-    np.testing.assert_array_equal(postprocess_case(labels, None, "none"), labels)
+    same = postprocess_case(labels, None, "none")
+    np.testing.assert_array_equal(same, labels)
+    assert same is not labels and not np.shares_memory(same, labels)
     empty = np.zeros((4, 8, 8), np.uint8)
     assert not postprocess_case(empty, None, "largest-lesion").any()
 
@@ -119,10 +133,20 @@ def test_evaluate_and_predict_take_another_rule_from_the_command_line(untrained,
         dice[rule] = written["metrics"]["hd95_whole_mm"]
     assert dice["none"] != dice[None]
     scan = sorted((site / "imagesTr").iterdir())[0]
-    assert main(["predict", "--model", str(untrained), "--input", str(scan), "--out", str(tmp_path / "pred"),
-                 "--postprocess", "none"]) == 0
-    summary = json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
-    assert summary["postprocess"] == "none"
+    masks = {}
+    for rule in ("none", None):
+        out = tmp_path / f"pred-{rule}"
+        assert main(["predict", "--model", str(untrained), "--input", str(scan), "--out", str(out)]
+                    + (["--postprocess", rule] if rule else [])) == 0
+        summary = json.loads(next(out.glob("*.json")).read_text())
+        assert summary["postprocess"] == (rule or "largest-lesion")
+        masks[rule] = np.asarray(nib.load(summary["mask"]).dataobj)
+    # The default mask holds at most one lesion (face neighbours on the scan's grid; none if the largest lay in the
+    # crop's padding, which the mask leaves out); the untrained model's own labels hold several.
+    lesions_in = {rule: ndimage.label(mask > 0, structure=ndimage.generate_binary_structure(3, 1))[1]
+                  for rule, mask in masks.items()}
+    assert lesions_in[None] <= 1 < lesions_in["none"]
+    assert ((masks[None] > 0) <= (masks["none"] > 0)).all()  # the rule only removes
     with pytest.raises(SystemExit) as refused:
         main(["predict", "--model", str(untrained), "--input", str(scan), "--out", str(tmp_path / "p2"),
               "--postprocess", "biggest"])

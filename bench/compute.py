@@ -239,6 +239,8 @@ def sparse_vs_dense(ctx: Context, settings: dict) -> dict:
         model.set_sparse_attention(sparse)
         scores[mode], _ = evaluate_cases(model, sites, "test", profile, dev, progress=False)
         table_ = select_slices(sites, "test", class_names(profile.data.task))
+        # The network's own labels, before any post-processing: the agreement compares the two attention modes'
+        # computation (the Dice beside it is scored as every evaluation scores, post-processing included).
         labels[mode] = predict_slices(model, sites, table_, dev, progress=False)
     model.set_sparse_attention(False)
     a, b = labels["dense"][0] == 1, labels["sparse"][0] == 1

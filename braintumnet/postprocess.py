@@ -72,11 +72,11 @@ def postprocess_case(labels: np.ndarray, z_index: Sequence[int] | None, rule: st
     if rule not in POSTPROCESS_RULES:
         raise ValueError(f"postprocess={rule!r}: use one of {POSTPROCESS_RULES}")
     labels = np.asarray(labels, dtype=np.uint8)
-    if rule == "none" or not labels.any():
-        return labels.copy()
     z = np.arange(len(labels)) if z_index is None else np.asarray(z_index, dtype=int).reshape(-1)
     if z.shape != (len(labels),) or len(np.unique(z)) != z.size:
         raise ValueError(f"z_index must give one distinct axial index per slice ({len(labels)}), got {z.tolist()}")
+    if rule == "none" or not labels.any():
+        return labels.copy()
     order = np.argsort(z, kind="stable")
     volume = labels[order]  # a copy, in axial order
     components, _ = ndimage.label(volume > 0, structure=_FACES)

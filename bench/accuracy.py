@@ -42,6 +42,7 @@ from braintumnet.config import resolve
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.io import atomic_write_json
+from braintumnet.postprocess import RULE_BEFORE_IT_EXISTED
 from braintumnet.metrics import METRIC_NAMES
 
 REFERENCE = "BrainTumNet (multi-task)"
@@ -157,8 +158,7 @@ class ArmStore:
             return None
         if not isinstance(kept.get("settings"), dict):
             return None
-        # An arm kept before the post-processing existed was scored on the network's labels as they are.
-        return kept if {"postprocess": "none", **kept["settings"]} == self.settings else None
+        return kept if {"postprocess": RULE_BEFORE_IT_EXISTED, **kept["settings"]} == self.settings else None
 
     def save(self, key: str, name: str, result: dict, machine: dict, commit: str | None) -> dict:
         """Keep a finished arm; returns what was written, as ``load`` would read it back."""

@@ -43,6 +43,7 @@ from braintumnet.config import resolve
 from braintumnet.data.contract import EXTERNAL_SITE, SITES
 from braintumnet.data.contract import class_names as task_classes
 from braintumnet.io import atomic_write_json
+from braintumnet.postprocess import RULE_BEFORE_IT_EXISTED
 from braintumnet.metrics import mean_sd
 
 ARMS = {
@@ -170,10 +171,9 @@ def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    # An arm kept before the post-processing existed was scored on the network's labels as they are.
     kept_defaults = kept.get("model_defaults")
     if isinstance(kept_defaults, dict):
-        kept_defaults = {"postprocess": "none", **kept_defaults}
+        kept_defaults = {"postprocess": RULE_BEFORE_IT_EXISTED, **kept_defaults}
     same = kept.get("settings") == json.loads(json.dumps(settings)) and kept_defaults == model_defaults
     return kept if same else None
 

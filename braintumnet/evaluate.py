@@ -18,7 +18,7 @@ from braintumnet.config import to_dict
 from braintumnet.data.dataset import select_slices
 from braintumnet.data.loading import default_cache_root, load_sites
 from braintumnet.engine import pick_device
-from braintumnet.scoring import evaluate_sites, predict_cases
+from braintumnet.scoring import evaluate_sites, most_tumour_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.postprocess import with_rule
@@ -117,24 +117,19 @@ def _overlay_slices(model, sites, split, classes, profile, per_case: pd.DataFram
     picks = sorted({int(round(q * (len(ranked) - 1))) for q in np.linspace(0, 1, OVERLAY_CASES)})
     table = select_slices(sites, split, classes)
     table["key"] = table["site"] + "/" + table["case_id"]
-    cases, rows = [], []
+    cases, shown = [], []
     for i in picks:
         key = str(ranked.loc[i, "case_id"])
-        of_case = table[table["key"] == key].reset_index(drop=True)
-        if of_case.empty:
-            continue
-        area = [int((sites[s].masks[r] == 1).sum()) for s, r in zip(of_case["site_index"], of_case["row"])]
-        rows.append((sum(len(c) for c in cases) + int(np.argmax(area)), key, float(ranked.loc[i, "dice_tumor"])))
-        cases.append(of_case)
-    if not rows:
+        of_case = table[table["key"] == key]
+        if not of_case.empty:
+            cases.append(of_case)
+            shown.append((key, float(ranked.loc[i, "dice_tumor"])))
+    if not cases:
         return [], [], [], []
-    whole = pd.concat(cases, ignore_index=True)
-    labels, _ = predict_cases(model, sites, whole, profile, dev)
-    chosen = whole.iloc[[at for at, _, _ in rows]]
-    preds = labels[[at for at, _, _ in rows]]
+    chosen, preds, _ = most_tumour_slices(model, sites, cases, profile, dev)
     images = [np.asarray(sites[s].images[r], dtype=np.float32) for s, r in zip(chosen["site_index"], chosen["row"])]
     targets = [np.asarray(sites[s].masks[r]) for s, r in zip(chosen["site_index"], chosen["row"])]
-    titles = [f"{key} z={int(z)}\nDice (case) {dice:.2f}" for (_, key, dice), z in zip(rows, chosen["z_index"])]
+    titles = [f"{key} z={int(z)}\nDice (case) {dice:.2f}" for (key, dice), z in zip(shown, chosen["z_index"])]
     return images, targets, list(preds), titles
 
 

@@ -27,6 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 POSTPROCESS_RULES = ("largest-lesion", "none")
+# The rule of a record kept before ``model.postprocess`` existed (a study's arm, a benchmark's): the network's labels.
+RULE_BEFORE_IT_EXISTED = "none"
 
 # Face neighbours in 3-D: lesions touching only at an edge or a corner stay apart.
 _FACES = ndimage.generate_binary_structure(3, 1)
@@ -37,13 +39,9 @@ def with_rule(profile, rule: str | None):
     ``predict --postprocess``, where a site compares the rules on its own validation cases.
 
     Raises:
-        ValueError: an unknown rule.
+        ValueError: an unknown rule (``ModelConfig`` refuses it).
     """
-    if rule is None or rule == profile.model.postprocess:
-        return profile
-    if rule not in POSTPROCESS_RULES:
-        raise ValueError(f"postprocess={rule!r}: use one of {POSTPROCESS_RULES}")
-    return replace(profile, model=replace(profile.model, postprocess=rule))
+    return profile if rule is None else replace(profile, model=replace(profile.model, postprocess=rule))
 
 
 def postprocess_case(labels: np.ndarray, z_index: Sequence[int] | None, rule: str) -> np.ndarray:

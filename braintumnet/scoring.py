@@ -22,6 +22,7 @@ from braintumnet.data.dataset import SliceDataset, select_slices
 from braintumnet.errors import BrainTumNetError
 from braintumnet.metrics import EvaluationAccumulator
 from braintumnet.model import GATE_LABELS
+from braintumnet.labels import TUMOUR_LABEL
 from braintumnet.postprocess import postprocess_case
 
 
@@ -50,6 +51,22 @@ def predict_cases(
         rows = np.flatnonzero(keys == key)
         labels[rows] = postprocess_case(labels[rows], z_index[rows], profile.model.postprocess)
     return labels, probs
+
+
+def most_tumour_slices(
+    model: nn.Module, sites: Sequence, cases: Sequence[pd.DataFrame], profile: Profile, device: torch.device,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """For each case (the table of all its slices), the slice with the most reference tumour, as it was scored: its
+    table row, its labels (the whole case predicted and post-processed, :func:`predict_cases`) and its class
+    probabilities. For figures, which may pick by the labels; scoring never does."""
+    picks, offset = [], 0
+    for case in cases:
+        area = [int((sites[s].masks[r] == TUMOUR_LABEL).sum()) for s, r in zip(case["site_index"], case["row"])]
+        picks.append(offset + int(np.argmax(area)))
+        offset += len(case)
+    whole = pd.concat(cases, ignore_index=True)
+    labels, probs = predict_cases(model, sites, whole, profile, device)
+    return whole.iloc[picks], labels[picks], probs[picks]
 
 
 @torch.no_grad()

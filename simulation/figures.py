@@ -18,7 +18,7 @@ from braintumnet.data.dataset import select_slices
 from braintumnet.extras import require
 from braintumnet.report.plots import (confusion_matrix_plot, mark_synthetic, metric_label, new_figure,
                                       overlay_examples, roc_curves, save)
-from braintumnet.scoring import predict_cases
+from braintumnet.scoring import most_tumour_slices
 from simulation.report import arms_of
 
 GRID = "0.92"
@@ -70,15 +70,9 @@ def example_overlays(model, internal, profile, dev, classes, path: Path, synthet
     each type (test cases hold the whole scan, most of it tumour-free; a figure may pick by the labels, scoring
     never does)."""
     table = select_slices(internal, "test", classes)
-    cases, picks = [], []
-    for _, grp in table.groupby("tumor_type", sort=True):
-        case = grp[(grp["site"] == grp["site"].iloc[0]) & (grp["case_id"] == grp["case_id"].iloc[0])]
-        area = [int((internal[i].masks[r] == 1).sum()) for i, r in zip(case["site_index"], case["row"])]
-        picks.append(sum(len(c) for c in cases) + int(np.argmax(area)))
-        cases.append(case)
-    whole = pd.concat(cases, ignore_index=True)
-    labels, probs = predict_cases(model, internal, whole, profile, dev)
-    rows, seg, probs = whole.iloc[picks], labels[picks], probs[picks]
+    cases = [grp[(grp["site"] == grp["site"].iloc[0]) & (grp["case_id"] == grp["case_id"].iloc[0])]
+             for _, grp in table.groupby("tumor_type", sort=True)]
+    rows, seg, probs = most_tumour_slices(model, internal, cases, profile, dev)
     images = [internal[i].images[r].astype(np.float32) for i, r in zip(rows["site_index"], rows["row"])]
     targets = [internal[i].masks[r] for i, r in zip(rows["site_index"], rows["row"])]
     titles = [f"{t}: predicted {classes[int(p.argmax())]}" for t, p in zip(rows["tumor_type"], probs)]

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from braintumnet.io import atomic_write_json
+from braintumnet.postprocess import RULE_BEFORE_IT_EXISTED
 from simulation.arms import federated_arm_name
 
 FOLDER = "repetitions"
@@ -184,7 +185,7 @@ def _for_arm(settings, arm: str):
     if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
         return settings
     config = {k: v for k, v in settings["config"].items() if k != SITE_BATCH_KEY}
-    config.setdefault(POSTPROCESS_KEY, "none")
+    config.setdefault(POSTPROCESS_KEY, RULE_BEFORE_IT_EXISTED)
     if not _pooled(arm):
         config[SITE_BATCH_KEY] = settings["config"].get(SITE_BATCH_KEY) or settings["config"].get("train.batch_size")
     return {**settings, "config": config}

@@ -262,13 +262,15 @@ def _reused_line(reused: list[dict]) -> str:
     """Whole repetitions, then single arms (grouped by repetition and commit) taken from an earlier run."""
     groups: dict[tuple, list[dict]] = {}
     for r in reused:
-        groups.setdefault((r["seed"], r.get("fold"), r.get("commit"), "arm" in r), []).append(r)
+        groups.setdefault((r["seed"], r.get("fold"), r.get("commit"), "arm" in r, r.get("scored_with")), []).append(r)
     parts = []
-    for (seed, fold, commit, single), entries in groups.items():
+    for (seed, fold, commit, single, scored_with), entries in groups.items():
         arms = f" ({', '.join(e['arm'] for e in entries)})" if single else ""
         finished = max(str(e.get("finished")) for e in entries)
+        again = (f", scored again from the kept models with this study's post-processing (they had been scored "
+                 f"with '{scored_with}')" if scored_with else "")
         parts.append(f"seed {seed}" + (f" fold {fold + 1}" if fold is not None else "") + arms
-                     + f", finished {finished} at commit {commit}")
+                     + f", finished {finished} at commit {commit}{again}")
     return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "
             + "; ".join(parts) + ". Their arms' wall times are those of that run and count in the arms' figures; "
             "the total is this run's alone.")

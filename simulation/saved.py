@@ -17,6 +17,7 @@ study stopped in the middle of a repetition loses at most the arm it was trainin
 adds arms (another ``--budget``, ``--gate-regions``, federating after ``--skip-federated``) trains only those: which
 arms a study trains does not change how any one of them trains (:func:`arm_settings`). A repetition saved before arms
 were kept one by one is split into its arms (:func:`split_repetition`) when its settings differ only in that choice.
+An arm whose settings differ only in the post-processing rule is scored again from its kept model (``any_rule``).
 """
 
 from __future__ import annotations
@@ -127,11 +128,12 @@ def arm_path(out: Path, seed: int, fold: int | None, arm: str) -> Path:
 
 def save_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, scores: dict, seconds: float, *,
              provenance: dict, per_case: dict | None = None, fed_rounds: list | None = None,
-             model: str | None = None, finished: str | None = None) -> Path:
+             model: str | None = None, finished: str | None = None, scored_again: dict | None = None) -> Path:
     """Write one trained and scored arm. ``per_case`` (the first repetition only): test set -> per-case DataFrame
     (or its JSON ``split`` form); ``fed_rounds``: the rounds of the federated run the report's figures draw;
     ``model``: its checkpoint, relative to ``out`` (the overlay figure's model, when this arm provides it);
-    ``finished``: when it was trained (default now)."""
+    ``finished``: when it was trained (default now); ``scored_again``: when its scores are not those of its
+    training run, how they were made again (the rule it had been scored with, this commit, the time)."""
     record: dict[str, Any] = {"settings": arm_settings(settings), "arm": arm, "scores": scores,
                               "seconds": float(seconds), "model": model, "commit": provenance.get("commit"),
                               "machine": provenance.get("machine"),
@@ -142,22 +144,34 @@ def save_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, s
                               for section, table in per_case.items()}
     if fed_rounds is not None:
         record["fed_rounds"] = fed_rounds
+    if scored_again is not None:
+        record["scored_again"] = scored_again
     path = arm_path(out, seed, fold, arm)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record)
     return path
 
 
-def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *, first: bool) -> dict | None:
+def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *, first: bool,
+             any_rule: bool = False) -> dict | None:
     """A saved arm to reuse, or None (none saved, other settings, unreadable, or without the per-case tables and the
-    model file that the first repetition needs). ``per_case`` comes back as DataFrames."""
+    model file that the first repetition needs). ``per_case`` comes back as DataFrames; ``scored_with`` names the
+    post-processing rule its scores were computed with.
+
+    ``any_rule``: also an arm scored with another post-processing rule than the study's. The rule cleans the
+    trained network's labels and plays no part in training, so such an arm is scored again from its model
+    (simulation/study.py) rather than trained again, as nnU-Net chooses its post-processing after training."""
     path = arm_path(out, seed, fold, arm)
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-        if _for_arm(record.get("settings"), arm) != _for_arm(arm_settings(settings), arm):
+        kept, wanted = _for_arm(record.get("settings"), arm), _for_arm(arm_settings(settings), arm)
+        if any_rule:
+            kept, wanted = _any_rule(kept), _any_rule(wanted)
+        if kept != wanted:
             return None
+        record["scored_with"] = _for_arm(record["settings"], arm)["config"][POSTPROCESS_KEY]
         if first:
             if "per_case" not in record:
                 return None
@@ -170,6 +184,23 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
         log.warning("%s could not be read (%s): that arm is trained again", path, type(exc).__name__)
         return None
     return record
+
+
+def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str) -> bool:
+    """Whether the study can take ``arm`` without training it: kept with the study's settings, or with another
+    post-processing rule and its model still in ``out`` (scored again then)."""
+    record = load_arm(out, settings, seed, fold, arm, first=False, any_rule=True)
+    if record is None:
+        return False
+    rule = _for_arm(arm_settings(settings), arm)["config"][POSTPROCESS_KEY]
+    return record["scored_with"] == rule or bool(record.get("model")) and (Path(out) / record["model"]).is_file()
+
+
+def _any_rule(settings):
+    """``settings`` (as :func:`_for_arm` gives them) less the post-processing rule."""
+    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
+        return settings
+    return {**settings, "config": {k: v for k, v in settings["config"].items() if k != POSTPROCESS_KEY}}
 
 
 def _pooled(arm: str) -> bool:

@@ -39,6 +39,7 @@ from braintumnet.engine import build_model, pick_device, train_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.io import atomic_write_json
 from braintumnet.metrics import mean_sd_tree
+from braintumnet.postprocess import with_rule
 from braintumnet.protocol import EVALUATE_ONLY
 from braintumnet.report import SYNTHETIC_NOTE
 from braintumnet.report.provenance import provenance as run_provenance, usable_cores
@@ -389,29 +390,37 @@ class Study:
         ``profile``, and not counted as reused."""
         record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=rep.first)
         draws_rounds = rep.first and name == self.rounds_arm
+        rule = self.base.model.postprocess
         checkpoint = None
-        if record is None and rep.first and not draws_rounds:
-            # Kept by a run where this repetition came later, so without the per-case tables the first one's
-            # figures need: score its model again rather than train it again, when the model is still here.
-            record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False)
-            if record is None:
+        if record is None:
+            # Kept by a run where this repetition came later (so without the per-case tables the first one's figures
+            # need), or scored with another post-processing rule: score its model again rather than train it again,
+            # when the model is still here.
+            record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False, any_rule=True)
+            if record is None or draws_rounds and "fed_rounds" not in record:
                 return False
             checkpoint = self.out / record["model"] if record.get("model") else self.model_path(name, rep)
             if not checkpoint.is_file():
                 return False
-        elif record is None or draws_rounds and ("fed_rounds" not in record or not record.get("model")):
+        elif draws_rounds and ("fed_rounds" not in record or not record.get("model")):
             return False
         if checkpoint is not None:
             before = self.timings.get(name, 0.0)
             model, kept = load_model(checkpoint, self.dev)
-            # Its scores and per-case tables, as when it was trained; its MLflow run only if the store lacks it (the
-            # study that kept the arm logged it, unless that was a worker or another machine).
-            logged = self.worker or arm_logged(self.out, EXPERIMENT, self.arm_tags(rep, name))
-            self.score_arm(rep, name, model, kept.profile, mlflow=not logged)
+            # Its scores and per-case tables as when it was trained, or with this study's rule; its MLflow run only
+            # if the store lacks one with these scores (the study that kept the arm logged it, unless that was a
+            # worker or another machine; scored with another rule, its run there holds other scores and is replaced).
+            same_rule = record["scored_with"] == rule
+            logged = self.worker or same_rule and arm_logged(self.out, EXPERIMENT, self.arm_tags(rep, name))
+            # The study's rule, not the checkpoint's: a model saved before the rule existed loads with the default.
+            self.score_arm(rep, name, model, with_rule(kept.profile, rule), mlflow=not logged)
             self.timings[name] = before
+            again = None if same_rule else {"from": record["scored_with"], "commit": self.provenance.get("commit"),
+                                            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
             saved.save_arm(self.out, self.settings, rep.seed, rep.fold, name, rep.scores[name], record["seconds"],
-                           provenance=record, per_case=self.cases_of[name], model=record.get("model"),
-                           finished=record.get("finished"))
+                           provenance=record, per_case=self.cases_of.get(name) if rep.first else None,
+                           fed_rounds=record.get("fed_rounds"), model=record.get("model"),
+                           finished=record.get("finished"), scored_again=again or record.get("scored_again"))
         else:
             rep.scores[name] = record["scores"]
             if rep.first:
@@ -432,9 +441,13 @@ class Study:
             self.overlay_model = load_model(self.overlay_path)[0]
         entry = {"seed": rep.seed, "fold": rep.fold, "arm": name, "commit": record.get("commit"),
                  "finished": record.get("finished")}
+        if checkpoint is not None and record["scored_with"] != rule:
+            entry["scored_with"] = record["scored_with"]
         self.reused.append(entry)
+        why = (f"with the post-processing {rule!r}, it was scored with {record['scored_with']!r}"
+               if "scored_with" in entry else "for the per-case tables")
         say(f"  {name} ({rep.tag}): reused, finished {entry['finished']} at commit {entry['commit']}"
-            + (" (scored again from its model for the per-case tables)" if checkpoint is not None else ""))
+            + (f" (scored again from its model {why})" if checkpoint is not None else ""))
         if checkpoint is None and not self.worker and not arm_logged(self.out, EXPERIMENT, self.arm_tags(rep, name)):
             # Kept by a worker of a study stopped before it took the arm, or by --arms on another machine: the
             # study's store gets the arm's run now, so that MLflow shows every arm the report does.
@@ -545,7 +558,7 @@ class Study:
         costs = {}
         for name, _, train, args in self.arm_plan(rep):
             todo = [(seed, fold) for seed, fold in plan
-                    if saved.load_arm(self.out, self.settings, seed, fold, name, first=False) is None]
+                    if not saved.rescorable(self.out, self.settings, seed, fold, name)]
             if train == self.train_arm and todo:
                 slices = len(select_slices(args[0], "train", self.classes))
                 costs[name] = arm_cost(slices, self.arm_profile(rep, name, *args[1:2]).train.batch_size)

@@ -418,6 +418,66 @@ def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_
     assert seed1 == sorted(["centralized", *(f"local:{s}" for s in SITES)])
 
 
+def test_an_arm_kept_with_another_postprocessing_rule_is_scored_again_from_its_model_not_trained(
+        phantom_root, tiny_run_config, tmp_path, monkeypatch):
+    """The rule cleans a trained network's labels: a study with another ``model.postprocess`` than its kept arms
+    scores their models again (every repetition, the first's per-case tables too) and trains only an arm whose model
+    is gone; the report, the arm's record and its MLflow run say which rule made its scores. The models are
+    untrained (their scattered labels give the two rules different figures, which the test needs)."""
+    from mlflow.tracking import MlflowClient
+
+    from braintumnet.checkpoint import load_model
+    from braintumnet.postprocess import with_rule
+    from simulation import saved
+    from simulation.arms import score_model
+
+    trained = []
+    monkeypatch.setattr(study, "train_model", lambda model, sites, *a, **k: trained.append(len(sites)))
+    overrides = {k: v for k, v in tiny_run_config.items() if k != "profile"}
+    run = dict(phantom=phantom_root, device="cpu", skip_federated=True)
+    kept = study.run_study(tmp_path, "quick", seeds=(0, 1), overrides={**overrides, "model.postprocess": "none"},
+                           **run)
+    assert len(trained) == 2 * (1 + len(SITES))
+    (tmp_path / "models" / f"local-{SITES[0]}-s1.pt").unlink()
+
+    trained[:] = []
+    doc = study.run_study(tmp_path, "quick", seeds=(0, 1), overrides=overrides, **run)
+    assert trained == [1]  # only local:yibin of seed 1, whose model was removed
+    assert doc["config"]["model.postprocess"] == "largest-lesion"
+    again = {(r["seed"], r["arm"]) for r in doc["reused"] if r.get("scored_with") == "none"}
+    assert again == {(s, a) for s in (0, 1) for a in ("centralized", *(f"local:{x}" for x in SITES))} - {
+        (1, f"local:{SITES[0]}")}
+    # Scored with the study's rule: equal to scoring the kept model afresh, and not the kept (rule-less) figures.
+    model, checkpoint = load_model(tmp_path / "models" / "centralized-s1.pt")
+    assert checkpoint.profile.model.postprocess == "none"  # as trained; the study's rule is not the checkpoint's
+    profile = with_rule(checkpoint.profile, "largest-lesion")
+    sites = [s for s in study.load_sites([phantom_root / x for x in (*SITES, EXTERNAL_SITE)], tmp_path / "cache",
+                                          profile.data, progress=False)]
+    fresh, _ = score_model(model, [s for s in sites if s.site in SITES], [s for s in sites if s.site not in SITES],
+                           profile, "cpu", {})
+    rescored = doc["repetitions"][1]["centralized"]["internal_test"]
+    assert rescored["dice_tumor"] == pytest.approx(fresh["internal_test"]["dice_tumor"], abs=1e-9)
+    assert rescored["dice_tumor"] != kept["repetitions"][1]["centralized"]["internal_test"]["dice_tumor"]
+    record = json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())
+    assert record["settings"]["config"]["model.postprocess"] == "largest-lesion"
+    assert record["scored_again"]["from"] == "none" and record["seconds"] > 0
+    assert "scored again from the kept models with this study's post-processing (they had been scored with 'none')" \
+        in (tmp_path / "report.md").read_text()
+    # MLflow: the arm's one run now holds the new scores and names their rule (the old run is replaced, as for an
+    # arm trained again); run again, nothing is scored or logged twice.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study.EXPERIMENT).experiment_id
+
+    def rules():
+        return sorted(r.data.params.get("model.postprocess", "?") for r in client.search_runs([experiment])
+                      if r.data.tags["arm"] == "centralized" and r.data.tags["seed"] == "0")
+
+    assert rules() == ["largest-lesion"]
+    trained[:] = []
+    study.run_study(tmp_path, "quick", seeds=(0, 1), overrides=overrides, **run)
+    assert trained == [] and rules() == ["largest-lesion"]
+
+
 def test_arms_trains_only_the_named_arms_kept_whole_for_a_later_study(phantom_root, tiny_run_config, tmp_path,
                                                                       monkeypatch, capsys):
     """``--arms`` (several machines, one study): only the named arms are trained, each kept with what the first

@@ -92,12 +92,14 @@ def test_a_checkpoint_from_before_the_privacy_settings_still_loads():
 
 
 def test_a_site_trains_in_its_profiles_batch_unless_told_and_an_older_checkpoint_says_the_pooled_one():
-    # quick: each site in batches of 3 (about the pooled 8 over three sites); standard and paper: the pooled batch.
+    # quick and standard: each site in batches of 3 (about the pooled 8 over three sites); paper: the pooled batch.
     assert site_batch(PROFILES["quick"].train) == at_site(resolve({})).train.batch_size == 3
     assert resolve({}).train.batch_size == 8  # pooled training keeps its batch
     assert at_site(resolve({"train.site-batch-size": 8})).train.batch_size == 8
     standard = resolve({"profile": "standard"})
-    assert at_site(standard).train.batch_size == standard.train.batch_size
+    assert at_site(standard).train.batch_size == 3 and standard.train.batch_size == 8
+    paper = resolve({"profile": "paper"})
+    assert at_site(paper).train.batch_size == paper.train.batch_size == 16
     # A checkpoint from before the key trained its sites in the pooled batch, and says so.
     flat = {k: v for k, v in to_dict(PROFILES["quick"]).items() if k != "train.site_batch_size"}
     assert site_batch(from_dict(flat).train) == 8

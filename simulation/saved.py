@@ -186,14 +186,26 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
     return record
 
 
-def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str) -> bool:
+def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str, default_model: Path) -> bool:
     """Whether the study can take ``arm`` without training it: kept with the study's settings, or with another
-    post-processing rule and its model still in ``out`` (scored again then)."""
+    post-processing rule and its model still in ``out`` (scored again then; :func:`kept_model`)."""
     record = load_arm(out, settings, seed, fold, arm, first=False, any_rule=True)
     if record is None:
         return False
     rule = _for_arm(arm_settings(settings), arm)["config"][POSTPROCESS_KEY]
-    return record["scored_with"] == rule or bool(record.get("model")) and (Path(out) / record["model"]).is_file()
+    return record["scored_with"] == rule or kept_model(out, record, default_model).is_file()
+
+
+def model_file(out: Path, arm: str, seed: int, fold: int | None) -> Path:
+    """Where the study keeps the checkpoint of an arm it trains in-process (a federated arm's is in its run folder)."""
+    return Path(out) / "models" / (f"{arm.replace(':', '-')}-s{seed}" + (f"-f{fold + 1}" if fold is not None else "")
+                                   + ".pt")
+
+
+def kept_model(out: Path, record: dict, default: Path) -> Path:
+    """The checkpoint of a kept arm: the one its record names (relative to ``out``), or ``default`` for a record
+    that names none (an arm split out of a repetition kept whole names only the overlay figure's model)."""
+    return Path(out) / record["model"] if record.get("model") else Path(default)
 
 
 def _any_rule(settings):

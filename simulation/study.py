@@ -310,7 +310,11 @@ class Study:
         for rep in reps:
             for name, _, train, args in self.arm_plan(rep):
                 if name in arms:
-                    if self.worker and not claim(self.out, rep.seed, rep.fold, name):
+                    # A worker leaves to the study what it takes without training (start_workers gave it none of
+                    # those, but a worker's --arms covers every seed): a kept arm, or one scored again from its model.
+                    if self.worker and (saved.rescorable(self.out, self.settings, rep.seed, rep.fold, name,
+                                                         self.model_path(name, rep))
+                                        or not claim(self.out, rep.seed, rep.fold, name)):
                         say(f"{name} ({rep.tag}): taken by the study")
                         continue
                     say(f"{name} ({rep.tag})")
@@ -399,7 +403,7 @@ class Study:
             record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False, any_rule=True)
             if record is None or draws_rounds and "fed_rounds" not in record:
                 return False
-            checkpoint = self.out / record["model"] if record.get("model") else self.model_path(name, rep)
+            checkpoint = saved.kept_model(self.out, record, self.model_path(name, rep))
             if not checkpoint.is_file():
                 return False
         elif draws_rounds and ("fed_rounds" not in record or not record.get("model")):
@@ -443,6 +447,8 @@ class Study:
                  "finished": record.get("finished")}
         if checkpoint is not None and record["scored_with"] != rule:
             entry["scored_with"] = record["scored_with"]
+        elif isinstance(record.get("scored_again"), dict):  # scored again by an earlier run into this folder
+            entry["scored_with"] = record["scored_again"].get("from")
         self.reused.append(entry)
         why = (f"with the post-processing {rule!r}, it was scored with {record['scored_with']!r}"
                if "scored_with" in entry else "for the per-case tables")
@@ -558,7 +564,8 @@ class Study:
         costs = {}
         for name, _, train, args in self.arm_plan(rep):
             todo = [(seed, fold) for seed, fold in plan
-                    if not saved.rescorable(self.out, self.settings, seed, fold, name)]
+                    if not saved.rescorable(self.out, self.settings, seed, fold, name,
+                                            saved.model_file(self.out, name, seed, fold))]
             if train == self.train_arm and todo:
                 slices = len(select_slices(args[0], "train", self.classes))
                 costs[name] = arm_cost(slices, self.arm_profile(rep, name, *args[1:2]).train.batch_size)
@@ -576,7 +583,7 @@ class Study:
         torch.set_num_threads(threads)
 
     def model_path(self, arm: str, rep: Repetition) -> Path:
-        return self.out / "models" / f"{arm.replace(':', '-')}-s{rep.seed}{_fold_tag(rep.fold)}.pt"
+        return saved.model_file(self.out, arm, rep.seed, rep.fold)
 
     def document(self, repetitions: list[dict], seeds: tuple[int, ...], folds: int) -> dict:
         """``metrics.json`` without its figures: the settings, the budget, each arm's mean (and sd) over the
@@ -615,7 +622,3 @@ class Study:
 
     def _spent(self, arm: str, seconds: float) -> None:
         self.timings[arm] = self.timings.get(arm, 0.0) + seconds
-
-
-def _fold_tag(fold) -> str:
-    return "" if fold is None else f"-f{fold + 1}"

@@ -419,11 +419,12 @@ def test_an_arm_kept_as_a_later_repetition_is_scored_again_not_trained_when_its_
 
 
 def test_an_arm_kept_with_another_postprocessing_rule_is_scored_again_from_its_model_not_trained(
-        phantom_root, tiny_run_config, tmp_path, monkeypatch):
+        phantom_root, tiny_run_config, tmp_path, monkeypatch, capsys):
     """The rule cleans a trained network's labels: a study with another ``model.postprocess`` than its kept arms
     scores their models again (every repetition, the first's per-case tables too) and trains only an arm whose model
-    is gone; the report, the arm's record and its MLflow run say which rule made its scores. The models are
-    untrained (their scattered labels give the two rules different figures, which the test needs)."""
+    is gone; a worker process leaves the arms it could score again to the study; the report, the arm's record and
+    its MLflow run say which rule made its scores. The models are untrained (their scattered labels give the two
+    rules different figures, which the test needs)."""
     from mlflow.tracking import MlflowClient
 
     from braintumnet.checkpoint import load_model
@@ -439,10 +440,19 @@ def test_an_arm_kept_with_another_postprocessing_rule_is_scored_again_from_its_m
                            **run)
     assert len(trained) == 2 * (1 + len(SITES))
     (tmp_path / "models" / f"local-{SITES[0]}-s1.pt").unlink()
+    before = json.loads(saved.arm_path(tmp_path, 0, None, "centralized").read_text())
+
+    # A worker given local:yibin (as a study's --jobs starts one, for every seed) trains seed 1's, whose model is
+    # gone, and leaves seed 0's to the study, which scores it again.
+    trained[:] = []
+    study.run_study(tmp_path, "quick", seeds=(0, 1), overrides=overrides, arms=(f"local:{SITES[0]}",), worker=True,
+                    **run)
+    assert trained == [1]
+    assert f"local:{SITES[0]} (seed 0): taken by the study" in capsys.readouterr().out
 
     trained[:] = []
     doc = study.run_study(tmp_path, "quick", seeds=(0, 1), overrides=overrides, **run)
-    assert trained == [1]  # only local:yibin of seed 1, whose model was removed
+    assert trained == []  # every other arm scored again from its model; the worker's reused
     assert doc["config"]["model.postprocess"] == "largest-lesion"
     again = {(r["seed"], r["arm"]) for r in doc["reused"] if r.get("scored_with") == "none"}
     assert again == {(s, a) for s in (0, 1) for a in ("centralized", *(f"local:{x}" for x in SITES))} - {
@@ -453,11 +463,21 @@ def test_an_arm_kept_with_another_postprocessing_rule_is_scored_again_from_its_m
     profile = with_rule(checkpoint.profile, "largest-lesion")
     sites = [s for s in study.load_sites([phantom_root / x for x in (*SITES, EXTERNAL_SITE)], tmp_path / "cache",
                                           profile.data, progress=False)]
-    fresh, _ = score_model(model, [s for s in sites if s.site in SITES], [s for s in sites if s.site not in SITES],
-                           profile, "cpu", {})
+    internal, external = [s for s in sites if s.site in SITES], [s for s in sites if s.site not in SITES]
+    fresh, _ = score_model(model, internal, external, profile, "cpu", {})
     rescored = doc["repetitions"][1]["centralized"]["internal_test"]
     assert rescored["dice_tumor"] == pytest.approx(fresh["internal_test"]["dice_tumor"], abs=1e-9)
     assert rescored["dice_tumor"] != kept["repetitions"][1]["centralized"]["internal_test"]["dice_tumor"]
+    # The first repetition's per-case tables (the report's figures) are the new rule's too.
+    model0, checkpoint0 = load_model(tmp_path / "models" / "centralized-s0.pt")
+    _, cases0 = score_model(model0, internal, external, with_rule(checkpoint0.profile, "largest-lesion"), "cpu", {})
+    after = json.loads(saved.arm_path(tmp_path, 0, None, "centralized").read_text())
+
+    def dice_of(record):
+        return list(pd.DataFrame(**record["per_case"]["internal_test"])["dice_tumor"])
+
+    assert dice_of(after) == pytest.approx(list(cases0["internal_test"]["dice_tumor"]), abs=1e-9)
+    assert dice_of(after) != dice_of(before)
     record = json.loads(saved.arm_path(tmp_path, 1, None, "centralized").read_text())
     assert record["settings"]["config"]["model.postprocess"] == "largest-lesion"
     assert record["scored_again"]["from"] == "none" and record["seconds"] > 0
@@ -473,9 +493,12 @@ def test_an_arm_kept_with_another_postprocessing_rule_is_scored_again_from_its_m
                       if r.data.tags["arm"] == "centralized" and r.data.tags["seed"] == "0")
 
     assert rules() == ["largest-lesion"]
+    run_ids = sorted(r.info.run_id for r in client.search_runs([experiment]))
     trained[:] = []
     study.run_study(tmp_path, "quick", seeds=(0, 1), overrides=overrides, **run)
-    assert trained == [] and rules() == ["largest-lesion"]
+    assert trained == [] and sorted(r.info.run_id for r in client.search_runs([experiment])) == run_ids
+    # A later run still says the rule those scores replaced.
+    assert "they had been scored with 'none'" in (tmp_path / "report.md").read_text()
 
 
 def test_arms_trains_only_the_named_arms_kept_whole_for_a_later_study(phantom_root, tiny_run_config, tmp_path,
@@ -592,6 +615,14 @@ def test_an_arm_kept_before_the_postprocessing_counts_as_scored_without_it(tmp_p
         now = {**before, "config": {"train.batch_size": 8, "model.postprocess": rule}}
         for arm in ("centralized", "local:yibin"):
             assert (saved.load_arm(tmp_path, now, 0, None, arm, first=False) is not None) is reused, (rule, arm)
+    # Scored again rather than trained with the default rule, when its model is here: the record names none (as an
+    # arm split out of a repetition kept whole), so the study's own model file counts.
+    default = saved.model_file(tmp_path, "local:yibin", 0, None)
+    assert default == tmp_path / "models" / "local-yibin-s0.pt"
+    assert not saved.rescorable(tmp_path, now, 0, None, "local:yibin", default)
+    default.parent.mkdir()
+    default.write_bytes(b"a checkpoint")
+    assert saved.rescorable(tmp_path, now, 0, None, "local:yibin", default)
 
 
 def test_an_arms_mlflow_run_counts_in_a_moved_folder_and_on_a_shared_server_only_for_its_study(tmp_path, monkeypatch):

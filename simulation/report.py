@@ -262,13 +262,18 @@ def _reused_line(reused: list[dict]) -> str:
     """Whole repetitions, then single arms (grouped by repetition and commit) taken from an earlier run."""
     groups: dict[tuple, list[dict]] = {}
     for r in reused:
-        groups.setdefault((r["seed"], r.get("fold"), r.get("commit"), "arm" in r, r.get("scored_with")), []).append(r)
+        groups.setdefault((r["seed"], r.get("fold"), r.get("commit"), "arm" in r, r.get("scored_with"),
+                           tuple(sorted((r.get("scored_again") or {}).items()))), []).append(r)
     parts = []
-    for (seed, fold, commit, single, scored_with), entries in groups.items():
+    for (seed, fold, commit, single, scored_with, within), entries in groups.items():
         arms = f" ({', '.join(e['arm'] for e in entries)})" if single else ""
         finished = max(str(e.get("finished")) for e in entries)
         again = (f", scored again from the kept models with this study's post-processing (they had been scored "
                  f"with '{scored_with}')" if scored_with else "")
+        for rule in dict.fromkeys(r for _, r in within):  # a whole repetition some of whose arms were scored again
+            names = ", ".join(arm for arm, r in within if r == rule)
+            again += (f"; {names} scored again from the kept models with this study's post-processing (they had been "
+                      f"scored with '{rule}')")
         parts.append(f"seed {seed}" + (f" fold {fold + 1}" if fold is not None else "") + arms
                      + f", finished {finished} at commit {commit}{again}")
     return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "

@@ -196,6 +196,22 @@ def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str,
     return record["scored_with"] == rule or kept_model(out, record, default_model).is_file()
 
 
+def scored_again(out: Path, seed: int, fold: int | None) -> dict[str, str]:
+    """Arm -> the rule it had been scored with, for each arm of repetition ``seed`` (``fold``) that a study scored
+    again from its model (its own record says so): a study that reuses the whole repetition names them too."""
+    folder = path_of(out, seed, fold).with_suffix("")
+    found = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable arm is trained again when it is needed; here it only lacks the note
+        again = record.get("scored_again") if isinstance(record, dict) else None
+        if isinstance(again, dict) and isinstance(record.get("arm"), str):
+            found[record["arm"]] = str(again.get("from"))
+    return found
+
+
 def model_file(out: Path, arm: str, seed: int, fold: int | None) -> Path:
     """Where the study keeps the checkpoint of an arm it trains in-process (a federated arm's is in its run folder)."""
     return Path(out) / "models" / (f"{arm.replace(':', '-')}-s{seed}" + (f"-f{fold + 1}" if fold is not None else "")

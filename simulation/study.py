@@ -337,6 +337,9 @@ class Study:
                 self.overlay_path = self.out / kept["overlay_model"]
                 self.overlay_model = load_model(self.overlay_path)[0]
         entry = {"seed": seed, "fold": fold, "commit": record.get("commit"), "finished": record.get("finished")}
+        again = saved.scored_again(self.out, seed, fold)
+        if again:
+            entry["scored_again"] = again
         self.reused.append(entry)
         say(f"reusing seed {seed}" + (f", fold {fold + 1}" if fold is not None else "")
             + f": finished {entry['finished']} at commit {entry['commit']} ({saved.path_of(self.out, seed, fold)})")

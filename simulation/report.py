@@ -268,17 +268,18 @@ def _reused_line(reused: list[dict]) -> str:
     for (seed, fold, commit, single, scored_with, within), entries in groups.items():
         arms = f" ({', '.join(e['arm'] for e in entries)})" if single else ""
         finished = max(str(e.get("finished")) for e in entries)
-        again = (f", scored again from the kept models with this study's post-processing (they had been scored "
-                 f"with '{scored_with}')" if scored_with else "")
+        again = f", {_scored_again(scored_with)}" if scored_with else ""
         for rule in dict.fromkeys(r for _, r in within):  # a whole repetition some of whose arms were scored again
-            names = ", ".join(arm for arm, r in within if r == rule)
-            again += (f"; {names} scored again from the kept models with this study's post-processing (they had been "
-                      f"scored with '{rule}')")
+            again += f"; {', '.join(arm for arm, r in within if r == rule)} {_scored_again(rule)}"
         parts.append(f"seed {seed}" + (f" fold {fold + 1}" if fold is not None else "") + arms
                      + f", finished {finished} at commit {commit}{again}")
     return ("Reused from an earlier run into this folder (the same settings; simulation/saved.py): "
             + "; ".join(parts) + ". Their arms' wall times are those of that run and count in the arms' figures; "
             "the total is this run's alone.")
+
+
+def _scored_again(rule: str) -> str:
+    return f"scored again from the kept models with this study's post-processing (they had been scored with '{rule}')"
 
 
 def _md_table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> list[str]:

@@ -3,15 +3,18 @@
 Flower 1.42 sends a record as a tree of objects, one request per object (at most two at a time on a 2-core machine),
 on each of a message's three hops each way (centre -> SuperLink -> SuperNode -> ClientApp). One array per tensor made
 a model message ~300 objects: on a loaded 2-core loopback deployment a message there and back took ~26 s against ~9 s
-packed (bench/results/transfer.md). Packed, the model is one 1-D array per dtype (tensors concatenated in the state
-dict's order, so each keeps its dtype exactly: float32 weights and e.g. int64 counters travel apart) and a layout:
-each tensor's name, dtype, shape and offset into its dtype's array, as UTF-8 JSON in a uint8 array. All of it sits in
-the message's one ArrayRecord under the keys :data:`~braintumnet.protocol.PACKED_PREFIX` + dtype and
-:data:`~braintumnet.protocol.PACKED_LAYOUT`, so the layout goes wherever the arrays go.
+packed (bench/results/transfer.md). Packed, the model is one 1-D array per dtype (tensors concatenated in the layout's
+order, so each keeps its dtype exactly: float32 weights and e.g. int64 counters travel apart), under the keys
+:data:`~braintumnet.protocol.PACKED_PREFIX` + dtype. The layout (each tensor's name, dtype, shape and offset into its
+dtype's array, UTF-8 JSON: :func:`encode_layout`) travels once, in the instruction's config record
+(:data:`~braintumnet.protocol.PACKED_LAYOUT`), which the message carries anyway; the site packs its reply in that
+same layout (:func:`pack` with ``layout``) and sends no layout back, since the centre knows what it sent. An Array
+costs two objects (the array and its chunk), so a round trip moves four objects fewer than with the layout as an
+array both ways.
 
-:func:`unpack` trusts nothing it receives: the layout must parse, describe distinct names with known numeric dtypes
-and shapes laid end to end, and cover exactly the arrays that came with it; given the layout the receiver expects
-(the one it sent), it must match that exactly. Anything else raises :class:`PackingError` with what is wrong.
+:func:`unpack` trusts nothing it receives: the layout must parse (:func:`decode_layout`), describe distinct names with
+known numeric dtypes and shapes laid end to end, and the arrays must be exactly the ones it describes. Anything else
+raises :class:`PackingError` with what is wrong.
 
 Framework-free: numpy only (torch CPU tensors are accepted as inputs; the results are numpy arrays).
 """
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from braintumnet.errors import BrainTumNetError
-from braintumnet.protocol import PACKED_LAYOUT, PACKED_PREFIX
+from braintumnet.protocol import PACKED_PREFIX
 
 LAYOUT_FORMAT = 1
 # Plain numeric dtypes only: a layout naming anything else (object, structured, string) is refused.
@@ -74,45 +77,58 @@ def layout_of(state: Mapping[str, Any]) -> Layout:
     return tuple(entries)
 
 
-def pack(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """``state`` as one 1-D array per dtype (``PACKED_PREFIX + dtype``) and the layout (``PACKED_LAYOUT``, uint8)."""
-    layout = layout_of(state)
+def pack(state: Mapping[str, Any], layout: Sequence[Entry] | None = None) -> dict[str, np.ndarray]:
+    """``state`` as one 1-D array per dtype (``PACKED_PREFIX + dtype``), laid out as ``layout`` says.
+
+    Args:
+        state: the state dict (numpy arrays or CPU torch tensors).
+        layout: how to lay it out (a site: the layout it received, so that its reply is laid out as the centre
+            expects); None: :func:`layout_of` ``state``.
+
+    Raises:
+        PackingError: ``state`` does not hold exactly the tensors ``layout`` names, with their dtypes and shapes.
+    """
+    layout = layout_of(state) if layout is None else tuple(layout)
+    names = {e.name for e in layout}
+    if set(state) != names:
+        missing, extra = sorted(names - set(state))[:3], sorted(set(state) - names)[:3]
+        raise PackingError(f"the model does not hold the tensors of the layout (missing {missing}, extra {extra})")
     arrays = {}
     for dtype in dict.fromkeys(e.dtype for e in layout):  # first-seen order
-        parts = [np.ravel(np.asarray(state[e.name])) for e in layout if e.dtype == dtype]
-        arrays[PACKED_PREFIX + dtype] = np.concatenate(parts).astype(dtype, copy=False)
-    arrays[PACKED_LAYOUT] = np.frombuffer(encode_layout(layout), dtype=np.uint8).copy()
+        parts = []
+        for entry in (e for e in layout if e.dtype == dtype):
+            array = np.asarray(state[entry.name])
+            if array.dtype.name != entry.dtype or tuple(array.shape) != entry.shape:
+                raise PackingError(f"tensor {entry.name!r} is {array.dtype.name} {list(array.shape)}; the layout "
+                                   f"says {entry.dtype} {list(entry.shape)}")
+            parts.append(np.ravel(array))
+        arrays[PACKED_PREFIX + dtype] = np.concatenate(parts)
     return arrays
 
 
 def is_packed(arrays: Mapping[str, Any]) -> bool:
-    """Whether a received ArrayRecord (or state dict) is a packed model."""
-    return PACKED_LAYOUT in arrays
+    """Whether a received ArrayRecord (or state dict) holds a packed model: ``PACKED_PREFIX + dtype`` keys only."""
+    return bool(arrays) and all(str(key).startswith(PACKED_PREFIX) for key in arrays)
 
 
-def unpack(arrays: Mapping[str, Any], expected: Layout | None = None) -> dict[str, np.ndarray]:
+def unpack(arrays: Mapping[str, Any], layout: Sequence[Entry]) -> dict[str, np.ndarray]:
     """The state dict a packed model holds, tensors in the layout's order (views into the received arrays).
 
     Args:
-        arrays: what was received: ``PACKED_PREFIX + dtype`` arrays and ``PACKED_LAYOUT`` (numpy arrays or CPU torch
-            tensors).
-        expected: the layout the receiver expects (e.g. the one it sent); None checks the layout's own consistency
-            only (the receiver then checks names and shapes against its model).
+        arrays: what was received: ``PACKED_PREFIX + dtype`` arrays (numpy arrays or CPU torch tensors).
+        layout: the layout they are in (the centre: the one it sent; a site: the one its instruction carried, as
+            :func:`decode_layout` checked it).
 
     Raises:
-        PackingError: the layout or the arrays are malformed, or do not match ``expected``.
+        PackingError: the arrays are not exactly the ones the layout describes.
     """
-    if PACKED_LAYOUT not in arrays:
-        raise PackingError(f"a packed model needs its layout array {PACKED_LAYOUT!r}; got keys {sorted(arrays)[:5]}")
-    layout = decode_layout(_array(arrays[PACKED_LAYOUT], PACKED_LAYOUT))
-    if expected is not None and layout != tuple(expected):
-        raise PackingError(f"the packed model is not the one expected: {_first_difference(layout, tuple(expected))}")
-    vectors = {key: _array(value, key) for key, value in arrays.items() if key != PACKED_LAYOUT}
+    layout = tuple(layout)
+    vectors = {key: _array(value, key) for key, value in arrays.items()}
     needed = {PACKED_PREFIX + e.dtype: 0 for e in layout}
     for e in layout:
         needed[PACKED_PREFIX + e.dtype] = max(needed[PACKED_PREFIX + e.dtype], e.offset + e.size)
     if set(vectors) != set(needed):
-        raise PackingError(f"the packed arrays are {sorted(vectors)}, the layout describes {sorted(needed)}")
+        raise PackingError(f"the packed arrays are {sorted(vectors)[:5]}, the layout describes {sorted(needed)}")
     for key, length in needed.items():
         vector = vectors[key]
         dtype = key[len(PACKED_PREFIX):]
@@ -128,15 +144,15 @@ def encode_layout(layout: Sequence[Entry]) -> bytes:
                       separators=(",", ":")).encode("utf-8")
 
 
-def decode_layout(raw: np.ndarray) -> Layout:
-    """A received layout array, checked: valid JSON of the expected form, distinct names, known dtypes, shapes of
+def decode_layout(raw: Any) -> Layout:
+    """A received layout (bytes), checked: valid JSON of the expected form, distinct names, known dtypes, shapes of
     non-negative whole numbers, and each dtype's tensors laid end to end from offset 0 in order."""
-    if raw.ndim != 1 or raw.dtype != np.uint8:
-        raise PackingError(f"the layout must be a 1-D uint8 array, got {raw.dtype.name} of shape {tuple(raw.shape)}")
-    if raw.size > MAX_LAYOUT_BYTES:
-        raise PackingError(f"the layout is {raw.size} bytes, over the {MAX_LAYOUT_BYTES} allowed")
+    if not isinstance(raw, bytes):
+        raise PackingError(f"the layout must be bytes, got {type(raw).__name__}")
+    if len(raw) > MAX_LAYOUT_BYTES:
+        raise PackingError(f"the layout is {len(raw)} bytes, over the {MAX_LAYOUT_BYTES} allowed")
     try:
-        doc = json.loads(raw.tobytes().decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PackingError(f"the layout is not valid UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict) or set(doc) != {"format", "tensors"} or doc["format"] != LAYOUT_FORMAT \
@@ -172,13 +188,3 @@ def _array(value: Any, key: str) -> np.ndarray:
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise PackingError(f"packed item {key!r} is not an array ({type(exc).__name__})") from None
-
-
-def _first_difference(got: Layout, want: Layout) -> str:
-    if len(got) != len(want):
-        return f"it holds {len(got)} tensors, {len(want)} expected"
-    for g, w in zip(got, want):
-        if g != w:
-            return (f"tensor {g.name!r} {g.dtype} {list(g.shape)} at {g.offset} where {w.name!r} {w.dtype} "
-                    f"{list(w.shape)} at {w.offset} was expected")
-    return "its layout differs"

@@ -8,11 +8,12 @@ A train or evaluate **instruction** (centre → site) holds
 
 - ``arrays`` (:data:`ARRAYS`): the global model's state dict;
 - ``config`` (:data:`CONFIG`): :data:`SERVER_ROUND`, :data:`TOTAL_ROUNDS`, :data:`FEDERATION_ID` (keys a site's
-  privacy ledger) and, on train messages, :data:`EVALUATE_RECEIVED` (score the received model before training).
+  privacy ledger), on train messages :data:`EVALUATE_RECEIVED` (score the received model before training) and, when
+  the model travels packed, :data:`PACKED_LAYOUT`.
 
 A **reply** (site → centre) holds
 
-- ``arrays``: the trained state dict (train replies only);
+- ``arrays``: the trained state dict (train replies only; packed in the instruction's layout when it came packed);
 - ``metrics`` (:data:`METRICS`): aggregate numbers only, every key one of :data:`REPLY_METRIC_KEYS`, with
   :data:`WEIGHT_KEY` = training slices (train) or test cases (evaluate), which FedAvg weights by;
 - ``site`` (:data:`SITE`): a ConfigRecord with the site's name under :data:`SITE_NAME` and nothing else.
@@ -33,11 +34,11 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SITE_NAME = "name"
-# Keys inside ``arrays`` when the model travels packed (braintumnet/packing.py: deployments, where Flower sends one
-# request per array): one flat array per dtype under PACKED_PREFIX + dtype name, and the layout. A site replies in
-# the form it received.
+# When the model travels packed (braintumnet/packing.py: deployments, where Flower sends one request per object):
+# ``arrays`` holds one flat array per dtype under PACKED_PREFIX + dtype name, and the instruction's ``config`` holds
+# the layout (bytes) under PACKED_LAYOUT. A site replies packed in that same layout, without the layout.
 PACKED_PREFIX = "packed."
-PACKED_LAYOUT = "packed.layout"
+PACKED_LAYOUT = "packed-layout"
 # A site's role: the key of a query reply's ``site`` record, and the node-config key the launcher writes.
 ROLE = "role"
 TRAINING = "training"  # trains and evaluates (every site without a role)

@@ -5,9 +5,9 @@ what they return; the names of the reply's metrics are those of :mod:`braintumne
 the run against the site's own policy (:mod:`braintumnet.site_policy`) and raises
 :class:`~braintumnet.site_policy.PolicyRefusal` before any training or evaluation when the run breaks a rule. What a
 site must never forget lives in its state directory: the privacy ledger (every federation's ε) and the count of
-evaluations; Adam's state (``train.keep-optimizer-state``) stays in the cache, keyed by the federation id. A model
-received packed (a deployment's centre sends it so: :mod:`braintumnet.packing`) is unpacked here, and the trained
-one goes back packed the same way.
+evaluations; Adam's state (``train.keep-optimizer-state``) stays in the cache, keyed by the federation id. The
+state dicts here are plain: a model that travelled packed (:mod:`braintumnet.packing`) is unpacked and packed again
+by the ClientApp.
 
 A train round's metrics: the losses (:data:`~braintumnet.protocol.TRAIN_KEYS`) and ``num-examples`` = training
 **slices**, which FedAvg weights by; with ``evaluate_received``, the received model's evaluation scored before
@@ -39,7 +39,6 @@ from braintumnet.data.folds import training_cases_without_fold
 from braintumnet.data.loading import SiteRuntime, open_site
 from braintumnet.engine import pick_device, train_model
 from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
-from braintumnet.packing import is_packed, pack, unpack
 from braintumnet.privacy import EpsilonLimit, PrivacyBudgetSpent, PrivacyLedger, PrivateTraining, group_privacy
 from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, RECEIVED_PREFIX, SECONDS, TRAIN_KEYS,
                                   WEIGHT_KEY)
@@ -111,8 +110,6 @@ def train_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *,
         dp_metrics = (_spend(dp, ledger, profile, policy, site, federation_id, run_id, server_round)
                       if dp is not None else {})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if is_packed(global_state):  # reply in the form received (braintumnet/packing.py)
-        state = {k: torch.from_numpy(v) for k, v in pack(state).items()}
     if memory is not None and server_round < total_rounds:
         memory.save(optimizer)
     elif memory is not None:
@@ -229,8 +226,6 @@ def _evaluation(model: nn.Module, prepared, profile: Profile, device: torch.devi
 
 
 def _global_model(state: StateDict, profile: Profile) -> nn.Module:
-    if is_packed(state):  # a deployment's centre sends the model packed; PackingError when it is malformed
-        state = {k: torch.from_numpy(v.copy()) for k, v in unpack(state).items()}
     return model_with_weights(profile, state, class_names(profile.data.task), source="the global model received")
 
 

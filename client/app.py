@@ -1,8 +1,10 @@
 """The hospital's ClientApp: Flower's side of a site's round; the round itself is :mod:`braintumnet.site_round`.
 
 Flower starts a fresh process for every message. Each handler unpacks the message (names of
-:mod:`braintumnet.protocol`), runs the core's round on the site's prepared cache (``python client/run.py`` prepares
-it beforehand) and packs the reply: ``arrays``, the trained state dict (train replies that trained); ``metrics``,
+:mod:`braintumnet.protocol`; a model that came packed, :mod:`braintumnet.packing`, is unpacked here), runs the
+core's round on the site's prepared cache (``python client/run.py`` prepares it beforehand) and packs the reply:
+``arrays``, the trained state dict (train replies that trained; packed in the layout received when the model came
+packed); ``metrics``,
 aggregate numbers only, with the same keys at every site; ``site``, the site's name only, so the centre can log
 per-site metrics when node names are not registered (no TLS / node authentication, simulation).
 
@@ -25,15 +27,17 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from braintumnet.config import resolve
 from braintumnet.data.loading import SiteRuntime
 from braintumnet.errors import BrainTumNetError
 from braintumnet.logs import setup_logging
-from braintumnet.protocol import (ARRAYS, CONFIG, EVALUATE_ONLY, EVALUATE_RECEIVED, FEDERATION_ID, METRICS, ROLE,
-                                  SERVER_ROUND, SITE, SITE_NAME, TOTAL_ROUNDS)
+from braintumnet.packing import decode_layout, pack, unpack
+from braintumnet.protocol import (ARRAYS, CONFIG, EVALUATE_ONLY, EVALUATE_RECEIVED, FEDERATION_ID, METRICS,
+                                  PACKED_LAYOUT, ROLE, SERVER_ROUND, SITE, SITE_NAME, TOTAL_ROUNDS)
 from braintumnet.site_policy import PolicyRefusal
 from braintumnet.site_round import evaluate_round, train_round
 from client.sites import site_from_context, site_policy_from_context, site_role
@@ -101,13 +105,27 @@ def _federation(config: ConfigRecord, context: Context) -> str:
 
 
 def _global_state(msg: Message) -> dict:
-    return msg.content[ARRAYS].to_torch_state_dict()
+    """The global model's state dict; unpacked when it came packed (a deployment's centre sends it so, its layout in
+    the config record: braintumnet/packing.py). PackingError, a clear message, when it does not fit its layout."""
+    layout = _layout(msg)
+    if layout is None:
+        return msg.content[ARRAYS].to_torch_state_dict()
+    vectors = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
+    return {k: torch.from_numpy(v.copy()) for k, v in unpack(vectors, layout).items()}
+
+
+def _layout(msg: Message):
+    raw = msg.content[CONFIG].get(PACKED_LAYOUT) if CONFIG in msg.content.config_records else None
+    return None if raw is None else decode_layout(raw)
 
 
 def _reply(msg: Message, site: SiteRuntime, metrics: dict, state: dict | None = None) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_NAME: site.name})})
     if state is not None:
-        content[ARRAYS] = ArrayRecord(state)
+        layout = _layout(msg)  # a packed instruction gets its reply packed in the same layout, without the layout
+        content[ARRAYS] = (ArrayRecord(state) if layout is None else
+                           ArrayRecord({k: Array(v) for k, v in pack({k: t.numpy() for k, t in state.items()},
+                                                                     layout).items()}))
     return Message(content, reply_to=msg)
 
 

@@ -6,11 +6,12 @@ one), how long it took and how many array bytes moved per node. With the message
 received is described (``server/audit.py``).
 
 Over a real network (Flower's ``HttpGrid``: a deployment) the model travels packed (:mod:`braintumnet.packing`: one
-flat array per dtype and a layout instead of one array per tensor; Flower sends one request per array, and a model
-message took about three times as long unpacked, bench/results/transfer.md). Each instruction's ``arrays`` are
-packed as they are sent and each reply's unpacked as it arrives, checked against the layout sent to that node, so the
-strategy and the screening see the state dict as before; a reply whose packed model does not match is replaced by an
-error reply naming the problem. The Simulation Engine passes messages in memory: there nothing is packed.
+flat array per dtype instead of one array per tensor, its layout in the instruction's config record; Flower sends one
+request per object, and a model message took about three times as long unpacked, bench/results/transfer.md). Each
+instruction's ``arrays`` are packed as they are sent and each reply's unpacked as it arrives, in the layout sent to
+that node, so the strategy and the screening see the state dict as before; a reply whose packed arrays do not fit
+that layout is replaced by an error reply naming the problem. The Simulation Engine passes messages in memory: there
+nothing is packed.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from braintumnet.packing import PackingError, decode_layout, is_packed, pack, unpack
-from braintumnet.protocol import ARRAYS, METRICS, PACKED_LAYOUT, SECONDS
+from braintumnet.packing import PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack
+from braintumnet.protocol import ARRAYS, CONFIG, METRICS, PACKED_LAYOUT, SECONDS
 from server.audit import describe_exchange
 from server.polling import ReplyForecast, next_poll_wait
 
@@ -182,32 +183,42 @@ def retry_busy(read: Callable[[], Any], what: str) -> Any:
 
 
 def packed(msg: Message) -> Message:
-    """The instruction with its model packed (a new message; the strategy's own is left as it is), or ``msg`` itself
-    when it carries no model."""
+    """The instruction with its model packed and the layout in its config record (a new message; the strategy's own
+    is left as it is), or ``msg`` itself when it carries no model."""
     if not msg.has_content() or ARRAYS not in msg.content.array_records:
         return msg
     content = RecordDict(dict(msg.content.items()))
     state = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
     content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in pack(state).items()})
+    config = msg.content.config_records.get(CONFIG)
+    content[CONFIG] = ConfigRecord({**(dict(config) if config is not None else {}),
+                                    PACKED_LAYOUT: encode_layout(layout_of(state))})
     meta = msg.metadata
     return Message(content, dst_node_id=meta.dst_node_id, message_type=meta.message_type,
                    group_id=meta.group_id or None, ttl=meta.ttl)
 
 
+def sent_layout(sent: Message | None):
+    """The layout a packed instruction carried (None when it was not sent packed)."""
+    if sent is None or not sent.has_content() or CONFIG not in sent.content.config_records:
+        return None
+    raw = sent.content.config_records[CONFIG].get(PACKED_LAYOUT)
+    return None if raw is None else decode_layout(raw)
+
+
 def unpacked(reply: Message, sent: Message | None) -> Message:
-    """A reply with a packed model (as its instruction was sent) turned back into one array per tensor, checked
-    against the layout sent; an error reply naming the problem when it does not match. Other replies as they are."""
+    """A reply with a packed model (as its instruction was sent) turned back into one array per tensor, in the layout
+    sent; an error reply naming the problem when it does not fit. Other replies as they are."""
     if reply.has_error() or not reply.has_content() or ARRAYS not in reply.content.array_records:
         return reply
     arrays = reply.content.array_records[ARRAYS]
     if not is_packed(arrays):
         return reply  # one array per tensor: the screening checks it as any reply
     try:
-        if sent is None or not sent.has_content() or ARRAYS not in sent.content.array_records \
-                or not is_packed(sent.content.array_records[ARRAYS]):
+        layout = sent_layout(sent)
+        if layout is None:
             raise PackingError("a packed model came back to an instruction that sent none")
-        expected = decode_layout(sent.content.array_records[ARRAYS][PACKED_LAYOUT].numpy())
-        state = unpack(_numpy(arrays), expected)
+        state = unpack(_numpy(arrays), layout)
     except PackingError as exc:  # the screening logs and records it under the site's name
         return Message(metadata=reply.metadata,
                        error=Error(code=ErrorCode.UNKNOWN, reason=f"packed model refused: {exc}"))

@@ -8,6 +8,7 @@ grid; these check the rules in a second.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 from braintumnet.engine import build_model
 from braintumnet.errors import BrainTumNetError
 from braintumnet.packing import PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack
-from braintumnet.protocol import ARRAYS, PACKED_LAYOUT, PACKED_PREFIX
+from braintumnet.protocol import ARRAYS, CONFIG, PACKED_LAYOUT, PACKED_PREFIX
 
 # Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -46,96 +47,108 @@ def same_bits(a: dict, b: dict) -> bool:
 def test_round_trip_is_bit_exact_and_keeps_every_dtype():
     state = mixed_state()
     packed = pack(state)
-    assert set(packed) == {PACKED_PREFIX + d for d in ("float32", "int64", "float64", "bool")} | {PACKED_LAYOUT}
-    assert all(v.ndim == 1 for v in packed.values())
+    assert set(packed) == {PACKED_PREFIX + d for d in ("float32", "int64", "float64", "bool")}  # no layout array
+    assert all(v.ndim == 1 for v in packed.values()) and is_packed(packed) and not is_packed(state)
     assert same_bits(unpack(packed, layout_of(state)), state)
     # as the site receives it: CPU torch tensors (Flower's to_torch_state_dict)
-    assert same_bits(unpack({k: torch.from_numpy(v) for k, v in packed.items()}), state)
+    assert same_bits(unpack({k: torch.from_numpy(v) for k, v in packed.items()}, layout_of(state)), state)
 
 
 def test_the_model_packs_into_one_array_and_back(tiny_profile):
     state = {k: v.numpy() for k, v in build_model(tiny_profile).state_dict().items()}
     packed = pack(state)
-    assert len(packed) == 2 and len(state) > 100  # one float32 vector and the layout instead of a few hundred
+    assert len(packed) == 1 and len(state) > 100  # one float32 vector instead of a few hundred arrays
     assert same_bits(unpack(packed, layout_of(state)), state)
 
 
-def tampered(edit) -> dict[str, np.ndarray]:
-    """The packed mixed state with its layout document edited by ``edit(doc)``."""
-    packed = pack(mixed_state())
-    doc = json.loads(packed[PACKED_LAYOUT].tobytes())
+def test_a_reply_is_packed_in_the_layout_received_whatever_its_own_order():
+    state = mixed_state()
+    layout = layout_of(state)
+    reordered = dict(reversed(list(state.items())))  # e.g. a model whose state dict lists its tensors otherwise
+    assert same_bits(pack(reordered, layout), pack(state))
+    with pytest.raises(PackingError, match="missing.*head.bias"):
+        pack({k: v for k, v in state.items() if k != "head.bias"}, layout)
+    with pytest.raises(PackingError, match="head.bias.*layout says float32 \\[2\\]"):
+        pack({**state, "head.bias": np.zeros(3, np.float32)}, layout)
+    with pytest.raises(PackingError, match="head.steps.*int32"):
+        pack({**state, "head.steps": np.arange(5, dtype=np.int32)}, layout)
+
+
+def edited(edit) -> bytes:
+    """The mixed state's layout document edited by ``edit(doc)``, encoded as it travels."""
+    doc = json.loads(encode_layout(layout_of(mixed_state())))
     edit(doc)
-    packed[PACKED_LAYOUT] = np.frombuffer(json.dumps(doc).encode(), np.uint8)
-    return packed
+    return json.dumps(doc).encode()
 
 
 def _set(doc, i, field, value):
     doc["tensors"][i][field] = value
 
 
-def _raw(data: bytes) -> dict:
-    packed = pack(mixed_state())
-    packed[PACKED_LAYOUT] = np.frombuffer(data, np.uint8)
-    return packed
+# Layouts a hostile or broken centre could send: refused when decoded, or when the arrays do not fit them.
+HOSTILE_LAYOUTS = {
+    "shape grown": edited(lambda d: _set(d, 0, 2, [4, 3, 3])),
+    "two tensors swapped": edited(lambda d: d["tensors"].reverse()),
+    "offset shifted": edited(lambda d: _set(d, 6, 3, 25)),
+    "dtype changed": edited(lambda d: _set(d, 6, 1, "int32")),
+    "object dtype": edited(lambda d: _set(d, 0, 1, "object")),
+    "negative dim": edited(lambda d: _set(d, 0, 2, [-4, 3, 2])),
+    "huge dims": edited(lambda d: _set(d, 0, 2, [2**62, 2**62])),
+    "float dim": edited(lambda d: _set(d, 0, 2, [4.0, 3, 2])),
+    "bool offset": edited(lambda d: _set(d, 0, 3, False)),
+    "name twice": edited(lambda d: _set(d, 1, 0, "enc.conv.weight")),
+    "short entry": edited(lambda d: d["tensors"].__setitem__(0, ["x", "float32"])),
+    "tensor dropped": edited(lambda d: d["tensors"].pop()),
+    "unknown format": edited(lambda d: d.__setitem__("format", 2)),
+    "extra field": edited(lambda d: d.__setitem__("note", "hi")),
+    "not JSON": b"\x80\xff not json",
+    "JSON but a list": b"[1, 2]",
+    "deeply nested": b"[" * 100000 + b"]" * 100000,
+    "not bytes": "{}",
+    "too long": b" " * (4 * 2**20 + 1),
+}
 
 
-HOSTILE = {
-    "shape changed": lambda: tampered(lambda d: _set(d, 0, 2, [4, 6])),
-    "tensor renamed": lambda: tampered(lambda d: _set(d, 0, 0, "enc.conv.other")),
-    "two tensors swapped": lambda: tampered(lambda d: d["tensors"].reverse()),
-    "offset shifted": lambda: tampered(lambda d: _set(d, 6, 3, 25)),
-    "dtype changed": lambda: tampered(lambda d: _set(d, 6, 1, "int32")),
-    "object dtype": lambda: tampered(lambda d: _set(d, 0, 1, "object")),
-    "negative dim": lambda: tampered(lambda d: _set(d, 0, 2, [-4, 3, 2])),
-    "huge dims": lambda: tampered(lambda d: _set(d, 0, 2, [2**62, 2**62])),
-    "float dim": lambda: tampered(lambda d: _set(d, 0, 2, [4.0, 3, 2])),
-    "bool offset": lambda: tampered(lambda d: _set(d, 0, 3, False)),
-    "name twice": lambda: tampered(lambda d: _set(d, 1, 0, "enc.conv.weight")),
-    "short entry": lambda: tampered(lambda d: d["tensors"].__setitem__(0, ["x", "float32"])),
-    "tensor dropped": lambda: tampered(lambda d: d["tensors"].pop()),
-    "unknown format": lambda: tampered(lambda d: d.__setitem__("format", 2)),
-    "extra field": lambda: tampered(lambda d: d.__setitem__("note", "hi")),
-    "not JSON": lambda: _raw(b"\x80\xff not json"),
-    "JSON but a list": lambda: _raw(b"[1, 2]"),
-    "deeply nested": lambda: _raw(b"[" * 100000 + b"]" * 100000),
-    "layout not uint8": lambda: {**pack(mixed_state()), PACKED_LAYOUT: np.zeros(3, np.float32)},
+@pytest.mark.parametrize("case", sorted(HOSTILE_LAYOUTS))
+def test_a_hostile_layout_is_refused_with_a_clear_message(case):
+    with pytest.raises(PackingError) as err:  # never another exception
+        unpack(pack(mixed_state()), decode_layout(HOSTILE_LAYOUTS[case]))
+    assert isinstance(err.value, BrainTumNetError) and len(str(err.value)) > 20
+
+
+# Arrays a hostile or broken site could send back for the layout the centre sent.
+HOSTILE_ARRAYS = {
     "extra array": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int8": np.zeros(2, np.int8)},
     "array missing": lambda: {k: v for k, v in pack(mixed_state()).items() if k != PACKED_PREFIX + "bool"},
     "array too short": lambda: {**pack(mixed_state()), PACKED_PREFIX + "float32": np.zeros(3, np.float32)},
     "array of another dtype": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int64": np.zeros(6, np.int32)},
     "array not flat": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int64": np.zeros((2, 3), np.int64)},
-    "no layout": lambda: {k: v for k, v in pack(mixed_state()).items() if k != PACKED_LAYOUT},
+    "a layout sent back": lambda: {**pack(mixed_state()), PACKED_PREFIX + "layout": np.zeros(4, np.uint8)},
+    "not an array": lambda: {**pack(mixed_state()), PACKED_PREFIX + "float32": object()},
 }
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-def test_a_tampered_packed_model_is_refused_with_a_clear_message(case):
-    received = HOSTILE[case]()
-    with pytest.raises(PackingError) as err:  # never another exception
-        unpack(received, layout_of(mixed_state()))
+@pytest.mark.parametrize("case", sorted(HOSTILE_ARRAYS))
+def test_arrays_that_do_not_fit_the_layout_are_refused_with_a_clear_message(case):
+    with pytest.raises(PackingError) as err:
+        unpack(HOSTILE_ARRAYS[case](), layout_of(mixed_state()))
     assert isinstance(err.value, BrainTumNetError) and len(str(err.value)) > 20
-
-
-def test_a_consistent_layout_of_another_model_is_refused_against_the_expected_one():
-    other = {**mixed_state(), "head.bias": np.zeros(3, np.float32)}  # one shape differs, laid out consistently
-    unpack(pack(other))  # consistent in itself
-    with pytest.raises(PackingError, match="not the one expected.*head.bias"):
-        unpack(pack(other), layout_of(mixed_state()))
 
 
 def test_the_layout_survives_encoding():
     layout = layout_of(mixed_state())
-    assert decode_layout(np.frombuffer(encode_layout(layout), np.uint8)) == layout
+    assert decode_layout(encode_layout(layout)) == layout
 
 
 # ---- the centre's transport -----------------------------------------------------------------------------------------
 
 
 class EchoGrid(Grid):
-    """Nodes answer at once with ``answer[node](received arrays as numpy) -> reply arrays``; records what they got."""
+    """Nodes answer at once with ``answer[node](received arrays as numpy, the config's layout) -> reply arrays``;
+    records what they got."""
 
     def __init__(self, answer: dict):
-        self.answer, self.pending, self.received = answer, {}, {}
+        self.answer, self.pending, self.received, self.layouts = answer, {}, {}, {}
 
     def set_run(self, run): pass
 
@@ -160,8 +173,9 @@ class EchoGrid(Grid):
             msg = self.pending.pop(mid)
             node = msg.metadata.dst_node_id
             got = {k: a.numpy() for k, a in msg.content[ARRAYS].items()}
-            self.received[node] = got
-            arrays = ArrayRecord({k: Array(np.array(v)) for k, v in self.answer[node](got).items()})
+            config = msg.content.config_records.get(CONFIG)
+            self.received[node], self.layouts[node] = got, None if config is None else config.get(PACKED_LAYOUT)
+            arrays = ArrayRecord({k: Array(np.array(v)) for k, v in self.answer[node](got, self.layouts[node]).items()})
             reply = Message(RecordDict({ARRAYS: arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             out.append(reply)
@@ -171,10 +185,13 @@ class EchoGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def trained(got: dict) -> dict:
-    """A well-behaved site: unpacks, changes the float weights, packs the reply as it received it."""
-    state = {k: (v + 1).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in unpack(got).items()}
-    return pack(state)
+def plus_one(state: dict) -> dict:
+    return {k: (v + 1).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in state.items()}
+
+
+def trained(got: dict, layout: bytes) -> dict:
+    """A well-behaved site: unpacks, changes the float weights, packs the reply in the layout it received."""
+    return pack(plus_one(unpack(got, decode_layout(layout))), decode_layout(layout))
 
 
 def test_the_centre_sends_packed_and_hands_the_strategy_each_tensor_again():
@@ -183,49 +200,93 @@ def test_the_centre_sends_packed_and_hands_the_strategy_each_tensor_again():
     state = mixed_state()
     hostile = {
         11: trained,
-        12: lambda got: HOSTILE["shape changed"](),
-        13: lambda got: pack({**unpack(got), "extra": np.zeros(2, np.float32)}),  # consistent, not the model sent
-        14: lambda got: {**trained(got), PACKED_LAYOUT: np.frombuffer(b"{" * 50, np.uint8)},
+        12: lambda got, layout: HOSTILE_ARRAYS["array too short"](),
+        13: lambda got, layout: pack({**plus_one(state), "extra": np.zeros(2, np.float32)}),  # not the model sent
+        14: lambda got, layout: {**trained(got, layout), PACKED_PREFIX + "layout": np.frombuffer(layout, np.uint8)},
     }
     grid = EchoGrid(hostile)
     recording = RecordingGrid(grid, pack=True)
     arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
-    messages = [Message(RecordDict({ARRAYS: arrays, "config": ConfigRecord({"server-round": 1})}), dst_node_id=n,
-                        message_type="train") for n in hostile]
+    config = ConfigRecord({"server-round": 1})
+    messages = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=n, message_type="train")
+                for n in hostile]
     replies = {recording.last.sent.get(r.metadata.reply_to_message_id): r
                for r in recording.send_and_receive(messages)}
-    assert all(is_packed(got) for got in grid.received.values())  # what travelled: the packed form
+    # what travelled: the packed arrays, one per dtype, and the layout in the config record beside the round
+    assert all(set(got) == set(pack(state)) for got in grid.received.values())
+    assert all(decode_layout(layout) == layout_of(state) for layout in grid.layouts.values())
     assert recording.last.bytes_in[11] >= sum(v.nbytes for v in state.values())
     good = replies[11]
     assert not good.has_error() and not is_packed(good.content[ARRAYS])
-    back = {k: a.numpy() for k, a in good.content[ARRAYS].items()}
-    assert same_bits(back, {k: (v + 1).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in state.items()})
+    assert same_bits({k: a.numpy() for k, a in good.content[ARRAYS].items()}, plus_one(state))
     for node in (12, 13, 14):
         assert replies[node].has_error(), node
         assert replies[node].error.reason.startswith("packed model refused:"), replies[node].error.reason
-    assert "not the one expected" in replies[13].error.reason
-    assert arrays is messages[0].content[ARRAYS] and not is_packed(messages[0].content[ARRAYS])  # sender untouched
+    # the strategy's own message is left as it was: one array per tensor, no layout in its config
+    assert arrays is messages[0].content[ARRAYS] and not is_packed(messages[0].content[ARRAYS])
+    assert PACKED_LAYOUT not in messages[0].content[CONFIG]
+
+
+def test_a_packed_reply_to_an_instruction_sent_unpacked_is_refused():
+    from server.transport import RecordingGrid
+
+    grid = EchoGrid({11: lambda got, layout: pack(got)})
+    msg = Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in mixed_state().items()})}),
+                  dst_node_id=11, message_type="train")
+    [reply] = RecordingGrid(grid, pack=False).send_and_receive([msg])
+    assert reply.has_error() and "sent none" in reply.error.reason
 
 
 def test_without_packing_the_messages_go_as_they_are():
     from server.transport import RecordingGrid
 
-    grid = EchoGrid({11: lambda got: got})
+    grid = EchoGrid({11: lambda got, layout: got})
     arrays = ArrayRecord({k: Array(v) for k, v in mixed_state().items()})
     msg = Message(RecordDict({ARRAYS: arrays}), dst_node_id=11, message_type="train")
     [reply] = RecordingGrid(grid).send_and_receive([msg])  # a grid that is not Flower's network grid
-    assert not is_packed(grid.received[11]) and same_bits({k: a.numpy() for k, a in reply.content[ARRAYS].items()},
-                                                          mixed_state())
+    assert not is_packed(grid.received[11]) and grid.layouts[11] is None
+    assert same_bits({k: a.numpy() for k, a in reply.content[ARRAYS].items()}, mixed_state())
 
 
-def test_the_site_unpacks_what_it_receives(tiny_profile):
+# ---- the site's ClientApp ------------------------------------------------------------------------------------------
+
+
+def packed_instruction(state: dict, layout: bytes | None = None) -> Message:
+    numpy_state = {k: v.numpy() for k, v in state.items()}
+    return Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in pack(numpy_state).items()}),
+                               CONFIG: ConfigRecord({"server-round": 1,
+                                                     PACKED_LAYOUT: layout or encode_layout(layout_of(numpy_state))})}),
+                   dst_node_id=11, message_type="train")
+
+
+def test_the_site_unpacks_what_it_receives_and_replies_in_the_same_layout(tiny_profile):
     from braintumnet.site_round import _global_model
+    from client.app import _global_state, _reply
 
     model = build_model(tiny_profile)
     state = {k: v + 0.5 for k, v in model.state_dict().items()}
-    received = {k: torch.from_numpy(v) for k, v in pack({k: v.numpy() for k, v in state.items()}).items()}
-    loaded = _global_model(received, tiny_profile).state_dict()
+    msg = packed_instruction(state)
+    loaded = _global_model(_global_state(msg), tiny_profile).state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    received[PACKED_LAYOUT] = torch.zeros(4, dtype=torch.uint8)
+    trained_state = {k: v + 1 for k, v in loaded.items()}
+    reply = _reply(msg, SimpleNamespace(name="yibin"), {"num-examples": 1}, trained_state)
+    sent = reply.content[ARRAYS]
+    assert is_packed(sent) and len(sent) == 1  # the arrays only: the centre knows the layout it sent
+    back = unpack({k: a.numpy() for k, a in sent.items()}, decode_layout(msg.content[CONFIG][PACKED_LAYOUT]))
+    assert all(np.array_equal(back[k], trained_state[k].numpy()) for k in state)
+
+
+def test_the_site_refuses_a_layout_that_does_not_fit_its_model(tiny_profile):
+    from braintumnet.site_round import _global_model
+    from client.app import _global_state
+
+    state = build_model(tiny_profile).state_dict()
     with pytest.raises(PackingError, match="layout"):
-        _global_model(received, tiny_profile)
+        _global_state(packed_instruction(state, b"{" * 50))
+    # consistent in itself and fitting the arrays, not this model: the model refuses it as it loads
+    for tensor, field, value in ((0, 0, "renamed.weight"), (0, 2, None)):
+        doc = json.loads(encode_layout(layout_of({k: v.numpy() for k, v in state.items()})))
+        entry = doc["tensors"][tensor]
+        entry[field] = value if value is not None else [int(np.prod(entry[2]))]  # the same elements, flattened
+        with pytest.raises(BrainTumNetError, match="do not fit the model"):
+            _global_model(_global_state(packed_instruction(state, json.dumps(doc).encode())), tiny_profile)

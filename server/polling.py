@@ -16,10 +16,10 @@ waits a flat 3 s, which costs up to 3 s per phase whatever the sites do. The rul
   ``DUE_WINDOW_S`` (or ``DUE_WINDOW_FRACTION`` of the due time); a reply not there by then is late, and the growing
   rule applies. A forecast only ever brings a poll forward: the growing rule's polls still happen, so a site faster
   than forecast is not waited for longer.
-- **A kind the site never answered, another it did**: due after the shortest rest of a round trip it had on a
-  kind whose work it reported (a query reply reports none), with no work (the reply cannot come sooner). This is the
-  run's final evaluation, the one evaluate message a training site gets when the train messages score the model they
-  carry (``evaluate-in-train``): without it that message's reply waited for the growing rule's polls, every 0.5 s.
+- **A kind the site never answered, another it did**: due after the shortest rest of a round trip it had, with no
+  work (the reply cannot come sooner). This is the run's final evaluation, the one evaluate message a training site
+  gets when the train messages score the model they carry (``evaluate-in-train``): without it that message's reply
+  waited for the growing rule's polls, every 0.5 s.
 
 In a round of three sites this adds a handful of polls around the due times, where the growing rule alone left the
 last reply unnoticed for up to 10 % of the phase (0.5-3 s).
@@ -53,14 +53,11 @@ class ReplyForecast:
 
     work: dict[tuple[int, str], float] = field(default_factory=dict)
     transfer: dict[tuple[int, str], float] = field(default_factory=dict)
-    reported: set[tuple[int, str]] = field(default_factory=set)  # whose last reply reported its work
 
     def observe(self, node: int, kind: str, earliest_s: float, seen_s: float, work_s: float | None) -> None:
-        known = work_s is not None and 0.0 <= work_s <= seen_s
-        work = work_s if known else earliest_s
+        work = earliest_s if work_s is None or not 0.0 <= work_s <= seen_s else work_s
         self.work[(node, kind)] = work
         self.transfer[(node, kind)] = max(0.0, earliest_s - work)
-        (self.reported.add if known else self.reported.discard)((node, kind))
 
     def due(self, node: int, kind: str) -> float | None:
         """Seconds after sending at which the reply is expected: from this kind's last reply; for a kind this node
@@ -69,8 +66,7 @@ class ReplyForecast:
         key = (node, kind)
         if key in self.work:
             return self.work[key] + self.transfer[key]
-        # Only kinds whose work was reported: without it the whole round trip counted as work, its rest as 0.
-        others = [rest for key, rest in self.transfer.items() if key[0] == node and key in self.reported]
+        others = [rest for (n, _), rest in self.transfer.items() if n == node]
         return min(others) if others else None
 
 

@@ -16,10 +16,6 @@ waits a flat 3 s, which costs up to 3 s per phase whatever the sites do. The rul
   ``DUE_WINDOW_S`` (or ``DUE_WINDOW_FRACTION`` of the due time); a reply not there by then is late, and the growing
   rule applies. A forecast only ever brings a poll forward: the growing rule's polls still happen, so a site faster
   than forecast is not waited for longer.
-- **A kind the site never answered, another it did**: due after the shortest rest of a round trip it had, with no
-  work (the reply cannot come sooner). This is the run's final evaluation, the one evaluate message a training site
-  gets when the train messages score the model they carry (``evaluate-in-train``): without it that message's reply
-  waited for the growing rule's polls, every 0.5 s.
 
 In a round of three sites this adds a handful of polls around the due times, where the growing rule alone left the
 last reply unnoticed for up to 10 % of the phase (0.5-3 s).
@@ -43,12 +39,12 @@ class ReplyForecast:
     """Per (node id, message type): the seconds of work the site last reported, and the rest of its last round trip.
 
     ``observe`` after each reply, with the window in which it arrived: after the poll before asked (``earliest_s``,
-    seconds after sending; 0 for the first poll) and before the poll that saw it asked (``seen_s``). The rest of the
-    round trip is taken at the window's start: the forecast is then early rather than late; an early poll costs one
-    write, and the polls that follow come every ``POLL_FAST_S`` while the reply is just due. As polls close in on the
-    due time the window narrows, so the forecast sharpens round by round. ``due`` is then ``max(work, earliest_s)``
-    of the last reply. ``work_s`` is what the site reported (None when the reply carries no figure, or one that
-    cannot be: then the whole round trip counts as work).
+    seconds after sending; 0 for the first poll) and before the poll that saw it asked (``seen_s``). The rest of the round trip is
+    taken at the window's start: the forecast is then early rather than late; an early poll costs one write, and
+    the polls that follow come every ``POLL_FAST_S`` while the reply is just due. As polls close in on the due time
+    the window narrows, so the forecast sharpens round by round. ``due`` is then ``max(work, earliest_s)`` of the
+    last reply. ``work_s`` is what the site reported (None when the reply carries no
+    figure, or one that cannot be: then the whole round trip counts as work).
     """
 
     work: dict[tuple[int, str], float] = field(default_factory=dict)
@@ -60,14 +56,11 @@ class ReplyForecast:
         self.transfer[(node, kind)] = max(0.0, earliest_s - work)
 
     def due(self, node: int, kind: str) -> float | None:
-        """Seconds after sending at which the reply is expected: from this kind's last reply; for a kind this node
-        never answered, the shortest rest of a round trip of its other kinds (no work: the earliest the reply can
-        come); None when the node never answered at all."""
+        """Seconds after sending at which the reply is expected; None when this node never answered this kind."""
         key = (node, kind)
-        if key in self.work:
-            return self.work[key] + self.transfer[key]
-        others = [rest for (n, _), rest in self.transfer.items() if n == node]
-        return min(others) if others else None
+        if key not in self.work:
+            return None
+        return self.work[key] + self.transfer[key]
 
 
 def next_poll_wait(elapsed: float, due: Iterable[float | None]) -> float:

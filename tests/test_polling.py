@@ -155,19 +155,6 @@ def test_the_forecast_is_the_last_work_plus_the_rest_of_the_round_trip_taken_ear
     assert forecast.due(2, "train") == forecast.due(3, "train") == pytest.approx(3.0)
 
 
-def test_a_kind_never_answered_is_due_after_the_shortest_rest_of_a_round_trip_of_the_others():
-    forecast = ReplyForecast()
-    forecast.observe(1, "query", earliest_s=0.9, seen_s=1.0, work_s=0.0)
-    forecast.observe(1, "train", earliest_s=11.0, seen_s=12.0, work_s=10.0)
-    forecast.observe(2, "train", earliest_s=5.0, seen_s=6.0, work_s=4.0)
-    assert forecast.due(1, "evaluate") == pytest.approx(0.9)  # the query's round trip, the shorter of node 1's two
-    assert forecast.due(2, "evaluate") == pytest.approx(1.0)  # its own train message's rest, no work
-    assert forecast.due(3, "evaluate") is None  # never answered anything
-    assert forecast.due(1, "train") == pytest.approx(11.0)  # a kind it answered keeps its own forecast
-    # the borrowed due time only brings polls forward: at 1 s the reply is just due, polled for every POLL_FAST_S
-    assert next_poll_wait(1.0, [forecast.due(2, "evaluate")]) == POLL_FAST_S
-
-
 def test_the_grid_retries_a_replys_missing_objects_sooner_on_the_flower_it_was_read_from(monkeypatch):
     """server/transport.py wraps the ``pull_objects`` Flower 1.42's HttpGrid calls for a reply's objects."""
     import inspect

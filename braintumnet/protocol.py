@@ -68,11 +68,15 @@ DP_KEYS = (DP_EPSILON, DP_BUDGET_SPENT)
 # instead of two (docs/federation.md, "evaluate-in-train").
 RECEIVED_PREFIX = "received_"
 RECEIVED_KEYS = tuple(RECEIVED_PREFIX + k for k in EVAL_KEYS + (WEIGHT_KEY,))
+# The seconds that scoring took inside a train reply's SECONDS (with EVALUATE_RECEIVED): the centre's forecast of
+# when the site's reply to an evaluate message is due (server/polling.py), the run's final evaluation included.
+EVALUATE_SECONDS = "evaluate_seconds"
 # Every key a reply's MetricRecord may hold; the message audit allows nothing else.
-REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + RECEIVED_KEYS + (WEIGHT_KEY, SECONDS))
+REPLY_METRIC_KEYS = frozenset(TRAIN_KEYS + DP_KEYS + EVAL_KEYS + RECEIVED_KEYS
+                              + (WEIGHT_KEY, SECONDS, EVALUATE_SECONDS))
 # Per-site timings and privacy figures: logged per site; a weighted mean of them means nothing (the federation's ε
 # is each site's own, summarised as the maximum in the round's ``privacy`` entry).
-NOT_AVERAGED = frozenset({SECONDS, DP_EPSILON, DP_BUDGET_SPENT})
+NOT_AVERAGED = frozenset({SECONDS, EVALUATE_SECONDS, DP_EPSILON, DP_BUDGET_SPENT})
 
 # The run config's ``sites`` list names the simulated sites, partition i being entry i; an entry ``NAME:ROLE`` gives
 # that simulated site a role (``external:evaluate-only``), as a deployed site's own node config does.

@@ -11,7 +11,8 @@ by the ClientApp.
 
 A train round's metrics: the losses (:data:`~braintumnet.protocol.TRAIN_KEYS`) and ``num-examples`` = training
 **slices**, which FedAvg weights by; with ``evaluate_received``, the received model's evaluation scored before
-training, under :data:`~braintumnet.protocol.RECEIVED_PREFIX`; with DP, ``dp_epsilon`` (this federation's ε so far)
+training, under :data:`~braintumnet.protocol.RECEIVED_PREFIX`, and the seconds that took
+(:data:`~braintumnet.protocol.EVALUATE_SECONDS`); with DP, ``dp_epsilon`` (this federation's ε so far)
 and ``dp_budget_spent`` (1 when the site refused to train: then no state dict and ``num-examples`` 0), and the losses
 are NaN: a training loss is not covered by DP-SGD's guarantee, so it stays in the site's log. An evaluate round's
 metrics: every key of :data:`~braintumnet.protocol.EVAL_KEYS` and ``num-examples`` = test **cases**.
@@ -40,8 +41,8 @@ from braintumnet.data.loading import SiteRuntime, open_site
 from braintumnet.engine import pick_device, train_model
 from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
 from braintumnet.privacy import EpsilonLimit, PrivacyBudgetSpent, PrivacyLedger, PrivateTraining, group_privacy
-from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, RECEIVED_PREFIX, SECONDS, TRAIN_KEYS,
-                                  WEIGHT_KEY)
+from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, EVALUATE_SECONDS, RECEIVED_PREFIX,
+                                  SECONDS, TRAIN_KEYS, WEIGHT_KEY)
 from braintumnet.scoring import evaluate_model
 from braintumnet.site_policy import EvaluationLog, SitePolicy, check_data, check_training, rounded
 
@@ -87,8 +88,10 @@ def train_round(global_state: StateDict, profile: Profile, site: SiteRuntime, *,
     received = {}
     if evaluate_received:  # the previous round's global model, before this round changes it
         _admit_evaluation(policy, state_dir, site, prepared, profile, federation_id, run_id, server_round - 1)
+        scoring = time.perf_counter()
         received = {RECEIVED_PREFIX + k: v for k, v in _evaluation(model, prepared, profile, device, site,
                                                                     server_round - 1, policy).items()}
+        received[EVALUATE_SECONDS] = time.perf_counter() - scoring
     # The ledger's lock is held from reading the ε spent so far to appending this round's: a second run at this
     # site waits, then counts this round too.
     with (PrivacyLedger(state_dir, site.name, site.cache).locked() if profile.privacy.enabled

@@ -16,6 +16,12 @@ waits a flat 3 s, which costs up to 3 s per phase whatever the sites do. The rul
   ``DUE_WINDOW_S`` (or ``DUE_WINDOW_FRACTION`` of the due time); a reply not there by then is late, and the growing
   rule applies. A forecast only ever brings a poll forward: the growing rule's polls still happen, so a site faster
   than forecast is not waited for longer.
+- **A kind the site never answered, another it did**: due after the shortest rest of a round trip it had on a
+  kind whose work it reported (a query reply reports none), plus the work expected of it: a train reply says how
+  long scoring the received model took (``evaluate_seconds``), which is what an evaluate message asks. This is the
+  run's final evaluation, the one evaluate message a training site gets when the train messages score the model they
+  carry (``evaluate-in-train``): without a forecast its reply waited for the growing rule's polls, every 0.5 s (in a
+  traced one-site round, 0.31 s after it had arrived).
 
 In a round of three sites this adds a handful of polls around the due times, where the growing rule alone left the
 last reply unnoticed for up to 10 % of the phase (0.5-3 s).
@@ -39,28 +45,42 @@ class ReplyForecast:
     """Per (node id, message type): the seconds of work the site last reported, and the rest of its last round trip.
 
     ``observe`` after each reply, with the window in which it arrived: after the poll before asked (``earliest_s``,
-    seconds after sending; 0 for the first poll) and before the poll that saw it asked (``seen_s``). The rest of the round trip is
-    taken at the window's start: the forecast is then early rather than late; an early poll costs one write, and
-    the polls that follow come every ``POLL_FAST_S`` while the reply is just due. As polls close in on the due time
-    the window narrows, so the forecast sharpens round by round. ``due`` is then ``max(work, earliest_s)`` of the
-    last reply. ``work_s`` is what the site reported (None when the reply carries no
-    figure, or one that cannot be: then the whole round trip counts as work).
+    seconds after sending; 0 for the first poll) and before the poll that saw it asked (``seen_s``). The rest of the
+    round trip is taken at the window's start: the forecast is then early rather than late; an early poll costs one
+    write, and the polls that follow come every ``POLL_FAST_S`` while the reply is just due. As polls close in on the
+    due time the window narrows, so the forecast sharpens round by round. ``due`` is then ``max(work, earliest_s)``
+    of the last reply. ``work_s`` is what the site reported (None when the reply carries no figure, or one that
+    cannot be: then the whole round trip counts as work).
     """
 
     work: dict[tuple[int, str], float] = field(default_factory=dict)
     transfer: dict[tuple[int, str], float] = field(default_factory=dict)
+    reported: set[tuple[int, str]] = field(default_factory=set)  # whose last reply reported its work
+    expected: dict[tuple[int, str], float] = field(default_factory=dict)  # work told for a kind not yet answered
 
     def observe(self, node: int, kind: str, earliest_s: float, seen_s: float, work_s: float | None) -> None:
-        work = earliest_s if work_s is None or not 0.0 <= work_s <= seen_s else work_s
+        known = work_s is not None and 0.0 <= work_s <= seen_s
+        work = work_s if known else earliest_s
         self.work[(node, kind)] = work
         self.transfer[(node, kind)] = max(0.0, earliest_s - work)
+        (self.reported.add if known else self.reported.discard)((node, kind))
+
+    def expect(self, node: int, kind: str, work_s: float) -> None:
+        """The work a reply of ``kind`` will take at ``node``, as another reply told (a train reply's
+        ``evaluate_seconds``): counts until the node answers that kind itself."""
+        if work_s >= 0.0:
+            self.expected[(node, kind)] = work_s
 
     def due(self, node: int, kind: str) -> float | None:
-        """Seconds after sending at which the reply is expected; None when this node never answered this kind."""
+        """Seconds after sending at which the reply is expected: from this kind's last reply; for a kind this node
+        never answered, the shortest rest of a round trip of its other kinds plus the work expected of this one (0
+        when none was told: the earliest the reply can come); None when the node never answered at all."""
         key = (node, kind)
-        if key not in self.work:
-            return None
-        return self.work[key] + self.transfer[key]
+        if key in self.work:
+            return self.work[key] + self.transfer[key]
+        # Only kinds whose work was reported: without it the whole round trip counted as work, its rest as 0.
+        others = [rest for other, rest in self.transfer.items() if other[0] == node and other in self.reported]
+        return min(others) + self.expected.get(key, 0.0) if others else None
 
 
 def next_poll_wait(elapsed: float, due: Iterable[float | None]) -> float:

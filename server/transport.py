@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from braintumnet.packing import PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack
-from braintumnet.protocol import ARRAYS, CONFIG, METRICS, PACKED_LAYOUT, SECONDS
+from braintumnet.protocol import ARRAYS, CONFIG, EVALUATE_SECONDS, METRICS, PACKED_LAYOUT, SECONDS
 from server.audit import describe_exchange
 from server.polling import ReplyForecast, next_poll_wait
 
@@ -123,6 +123,9 @@ class RecordingGrid(Grid):
                 if node is not None and not m.has_error():
                     exchange.bytes_in[node] = array_bytes(m.content)  # as it travelled, packed or not
                     self.forecast.observe(node, sent.metadata.message_type, earliest, seen, reported_seconds(m))
+                    scoring = reported_seconds(m, EVALUATE_SECONDS)  # a train reply that scored the model it got
+                    if scoring is not None:
+                        self.forecast.expect(node, MessageType.EVALUATE, scoring)
                 exchange.replies.append(unpacked(m, sent))
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
             if waiting:
@@ -159,10 +162,11 @@ def retry_objects_sooner() -> bool:
     return True
 
 
-def reported_seconds(reply: Message) -> float | None:
-    """The seconds of work a site reports in its reply's metrics (None when there are none, or not a number)."""
+def reported_seconds(reply: Message, key: str = SECONDS) -> float | None:
+    """The seconds of work a site reports in its reply's metrics under ``key`` (None when there are none, or not a
+    number)."""
     metrics = reply.content.metric_records.get(METRICS) if reply.has_content() else None
-    value = None if metrics is None else metrics.get(SECONDS)
+    value = None if metrics is None else metrics.get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 

@@ -28,8 +28,10 @@ class Clock:
 class TimedGrid(Grid):
     """Each node answers ``work[node]`` seconds of work plus ``transfer`` seconds after the push."""
 
-    def __init__(self, clock: Clock, work: dict[int, float], transfer: float = 0.3, download: float = 0.0):
+    def __init__(self, clock: Clock, work: dict[int, float], transfer: float = 0.3, download: float = 0.0,
+                 scoring: dict[int, float] | None = None):
         self.clock, self.work, self.transfer, self.download = clock, work, transfer, download
+        self.scoring = scoring  # a train reply's evaluate_seconds per node (None: not sent)
         self.pending: dict[str, tuple[float, Message]] = {}
 
     def set_run(self, run): pass
@@ -59,8 +61,10 @@ class TimedGrid(Grid):
             del self.pending[mid]
             self.clock.now += self.download  # fetching the reply's objects takes time once the reply is seen
             node = msg.metadata.dst_node_id
-            reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1,
-                                                                  "seconds": self.work[node]})}), reply_to=msg)
+            metrics = {"num-examples": 1, "seconds": self.work[node]}
+            if self.scoring is not None and msg.metadata.message_type == "train":
+                metrics["evaluate_seconds"] = self.scoring[node]
+            reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             out.append((ready, reply))
         return [r for _, r in out]
@@ -101,6 +105,30 @@ def test_the_second_round_notices_each_reply_when_it_is_due(clock):
     assert second_polls <= first_polls + 3 * len(grid.work)  # a few polls at each due time, no flat fast polling
     evaluate_late, _ = exchange(recording, grid, clock, kind="evaluate")  # another kind: no forecast yet
     assert evaluate_late > POLL_FAST_S
+
+
+def test_the_final_evaluation_is_polled_for_when_the_train_replies_said_scoring_takes(clock):
+    """A training site's one evaluate message (the run's last model) is due after its train round trip's rest plus
+    the seconds its train replies said scoring the received model took."""
+    from server.transport import RecordingGrid
+
+    scoring = {1: 0.35, 2: 0.6, 3: 2.2}
+    grid = TimedGrid(clock, {1: 2.1, 2: 3.4, 3: 9.0}, transfer=0.45, scoring=scoring)
+    recording = RecordingGrid(grid, pack=False)
+    for _ in range(2):
+        exchange(recording, grid, clock)
+    grid.work = dict(scoring)  # an evaluate message's work is the scoring
+    late, polls = exchange(recording, grid, clock, kind="evaluate")
+    assert late <= POLL_FAST_S + 1e-9, late
+    assert polls <= 3 * 7  # a handful around each due time
+    grid.scoring = None  # without the figure: due at the rest alone, then the growing rule (0.5 s steps)
+    recording = RecordingGrid(grid, pack=False)
+    grid.work = {1: 2.1, 2: 3.4, 3: 9.0}
+    for _ in range(2):
+        exchange(recording, grid, clock)
+    grid.work = dict(scoring)
+    late_without, _ = exchange(recording, grid, clock, kind="evaluate")
+    assert late_without > late
 
 
 def test_the_forecast_is_never_later_than_the_reply_when_fetching_replies_takes_time(clock):
@@ -153,6 +181,26 @@ def test_the_forecast_is_the_last_work_plus_the_rest_of_the_round_trip_taken_ear
     forecast.observe(2, "train", earliest_s=3.0, seen_s=4.0, work_s=None)  # no reported seconds
     forecast.observe(3, "train", earliest_s=3.0, seen_s=4.0, work_s=1e9)  # a figure that cannot be: ignored likewise
     assert forecast.due(2, "train") == forecast.due(3, "train") == pytest.approx(3.0)
+
+
+def test_a_kind_never_answered_is_due_after_the_shortest_rest_of_a_round_trip_of_the_others():
+    forecast = ReplyForecast()
+    forecast.observe(1, "query", earliest_s=0.9, seen_s=1.0, work_s=0.0)
+    forecast.observe(1, "train", earliest_s=11.0, seen_s=12.0, work_s=10.0)
+    forecast.observe(2, "query", earliest_s=0.4, seen_s=0.5, work_s=None)  # a query reply reports no seconds
+    forecast.observe(2, "train", earliest_s=5.0, seen_s=6.0, work_s=4.0)
+    forecast.observe(3, "query", earliest_s=0.4, seen_s=0.5, work_s=None)
+    assert forecast.due(1, "evaluate") == pytest.approx(0.9)  # the query's round trip, the shorter of node 1's two
+    assert forecast.due(2, "evaluate") == pytest.approx(1.0)  # its train message's rest: the query's is unknown
+    assert forecast.due(3, "evaluate") is None  # no kind with reported work
+    assert forecast.due(4, "evaluate") is None  # never answered anything
+    assert forecast.due(1, "train") == pytest.approx(11.0)  # a kind it answered keeps its own forecast
+    forecast.expect(2, "evaluate", 0.3)  # its train reply said scoring took 0.3 s
+    assert forecast.due(2, "evaluate") == pytest.approx(1.3)
+    forecast.observe(2, "evaluate", earliest_s=0.9, seen_s=1.0, work_s=0.4)  # once answered, its own figures
+    assert forecast.due(2, "evaluate") == pytest.approx(0.9)
+    # the borrowed due time only brings polls forward: at 1 s the reply is just due, polled for every POLL_FAST_S
+    assert next_poll_wait(0.9, [forecast.due(2, "evaluate")]) == POLL_FAST_S
 
 
 def test_the_grid_retries_a_replys_missing_objects_sooner_on_the_flower_it_was_read_from(monkeypatch):

@@ -10,7 +10,9 @@ dtype's array, UTF-8 JSON: :func:`encode_layout`) travels once, in the instructi
 (:data:`~braintumnet.protocol.PACKED_LAYOUT`), which the message carries anyway; the site packs its reply in that
 same layout (:func:`pack` with ``layout``) and sends no layout back, since the centre knows what it sent. An Array
 costs two objects (the array and its chunk), so a round trip moves four objects fewer than with the layout as an
-array both ways.
+array both ways. Each array's key also names the layout it is laid out in (``packed.float32@`` and the first 16 hex
+digits of the layout's SHA-256), so arrays laid out in another layout, say by a site whose model lists its tensors in
+another order, are refused by name even where their lengths match.
 
 :func:`unpack` trusts nothing it receives: the layout must parse (:func:`decode_layout`), describe distinct names with
 known numeric dtypes and shapes laid end to end, and the arrays must be exactly the ones it describes. Anything else
@@ -21,6 +23,7 @@ Framework-free: numpy only (torch CPU tensors are accepted as inputs; the result
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -77,8 +80,13 @@ def layout_of(state: Mapping[str, Any]) -> Layout:
     return tuple(entries)
 
 
+def vector_key(dtype: str, layout: Sequence[Entry]) -> str:
+    """The key of ``dtype``'s packed array in ``layout``: ``PACKED_PREFIX + dtype`` and the layout's digest."""
+    return f"{PACKED_PREFIX}{dtype}@{hashlib.sha256(encode_layout(layout)).hexdigest()[:16]}"
+
+
 def pack(state: Mapping[str, Any], layout: Sequence[Entry] | None = None) -> dict[str, np.ndarray]:
-    """``state`` as one 1-D array per dtype (``PACKED_PREFIX + dtype``), laid out as ``layout`` says.
+    """``state`` as one 1-D array per dtype (:func:`vector_key`), laid out as ``layout`` says.
 
     Args:
         state: the state dict (numpy arrays or CPU torch tensors).
@@ -102,7 +110,7 @@ def pack(state: Mapping[str, Any], layout: Sequence[Entry] | None = None) -> dic
                 raise PackingError(f"tensor {entry.name!r} is {array.dtype.name} {list(array.shape)}; the layout "
                                    f"says {entry.dtype} {list(entry.shape)}")
             parts.append(np.ravel(array))
-        arrays[PACKED_PREFIX + dtype] = np.concatenate(parts)
+        arrays[vector_key(dtype, layout)] = np.concatenate(parts)
     return arrays
 
 
@@ -115,7 +123,8 @@ def unpack(arrays: Mapping[str, Any], layout: Sequence[Entry]) -> dict[str, np.n
     """The state dict a packed model holds, tensors in the layout's order (views into the received arrays).
 
     Args:
-        arrays: what was received: ``PACKED_PREFIX + dtype`` arrays (numpy arrays or CPU torch tensors).
+        arrays: what was received: one array per dtype under :func:`vector_key` (numpy arrays or CPU torch
+            tensors).
         layout: the layout they are in (the centre: the one it sent; a site: the one its instruction carried, as
             :func:`decode_layout` checked it).
 
@@ -124,18 +133,19 @@ def unpack(arrays: Mapping[str, Any], layout: Sequence[Entry]) -> dict[str, np.n
     """
     layout = tuple(layout)
     vectors = {key: _array(value, key) for key, value in arrays.items()}
-    needed = {PACKED_PREFIX + e.dtype: 0 for e in layout}
+    lengths = {e.dtype: 0 for e in layout}
     for e in layout:
-        needed[PACKED_PREFIX + e.dtype] = max(needed[PACKED_PREFIX + e.dtype], e.offset + e.size)
-    if set(vectors) != set(needed):
-        raise PackingError(f"the packed arrays are {sorted(vectors)[:5]}, the layout describes {sorted(needed)}")
-    for key, length in needed.items():
-        vector = vectors[key]
-        dtype = key[len(PACKED_PREFIX):]
+        lengths[e.dtype] = max(lengths[e.dtype], e.offset + e.size)
+    keys = {dtype: vector_key(dtype, layout) for dtype in lengths}
+    if set(vectors) != set(keys.values()):
+        raise PackingError(f"the packed arrays are {sorted(vectors)[:5]}, the layout describes "
+                           f"{sorted(keys.values())} (the part after '@' names the layout they were packed in)")
+    for dtype, length in lengths.items():
+        vector = vectors[keys[dtype]]
         if vector.ndim != 1 or vector.dtype.name != dtype or vector.size != length:
-            raise PackingError(f"packed array {key!r} is {vector.dtype.name} of shape {tuple(vector.shape)}; its "
-                               f"layout says {dtype} of shape ({length},)")
-    return {e.name: vectors[PACKED_PREFIX + e.dtype][e.offset:e.offset + e.size].reshape(e.shape) for e in layout}
+            raise PackingError(f"packed array {keys[dtype]!r} is {vector.dtype.name} of shape {tuple(vector.shape)}; "
+                               f"its layout says {dtype} of shape ({length},)")
+    return {e.name: vectors[keys[e.dtype]][e.offset:e.offset + e.size].reshape(e.shape) for e in layout}
 
 
 def encode_layout(layout: Sequence[Entry]) -> bytes:

@@ -4,7 +4,8 @@ Every poll of the SuperLink for replies is a write at its state (it marks replie
 made an SQLite-backed SuperLink time out on locks on a busy machine, while Flower's own ``Grid.send_and_receive``
 waits a flat 3 s, which costs up to 3 s per phase whatever the sites do. The rule here:
 
-- **Without a forecast** (a site's first message of a kind): the wait grows with the phase, a tenth of the time waited
+- **Without a forecast** (a site's first message, or a kind it never answered before any reply that reported its
+  work): the wait grows with the phase, a tenth of the time waited
   so far (the delay in noticing the last reply stays within ~10 % of the phase), never under ``POLL_MIN_S`` nor over
   ``POLL_S``.
 - **With a forecast** (:class:`ReplyForecast`): a site's reply to a kind of message (train, evaluate) is expected

@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 
 from braintumnet.engine import build_model
 from braintumnet.errors import BrainTumNetError
-from braintumnet.packing import PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack
+from braintumnet.packing import (PackingError, decode_layout, encode_layout, is_packed, layout_of, pack, unpack,
+                                 vector_key)
 from braintumnet.protocol import ARRAYS, CONFIG, PACKED_LAYOUT, PACKED_PREFIX
 
 # Flower's Message constructor reads the process's task identity: the shared fixture in tests/conftest.py sets one.
@@ -47,7 +48,9 @@ def same_bits(a: dict, b: dict) -> bool:
 def test_round_trip_is_bit_exact_and_keeps_every_dtype():
     state = mixed_state()
     packed = pack(state)
-    assert set(packed) == {PACKED_PREFIX + d for d in ("float32", "int64", "float64", "bool")}  # no layout array
+    layout = layout_of(state)
+    assert set(packed) == {vector_key(d, layout) for d in ("float32", "int64", "float64", "bool")}  # no layout array
+    assert all(k.startswith(PACKED_PREFIX) for k in packed)
     assert all(v.ndim == 1 for v in packed.values()) and is_packed(packed) and not is_packed(state)
     assert same_bits(unpack(packed, layout_of(state)), state)
     # as the site receives it: CPU torch tensors (Flower's to_torch_state_dict)
@@ -66,6 +69,8 @@ def test_a_reply_is_packed_in_the_layout_received_whatever_its_own_order():
     layout = layout_of(state)
     reordered = dict(reversed(list(state.items())))  # e.g. a model whose state dict lists its tensors otherwise
     assert same_bits(pack(reordered, layout), pack(state))
+    with pytest.raises(PackingError, match="the layout describes"):  # packed in its own order, not the one sent
+        unpack(pack(reordered), layout)
     with pytest.raises(PackingError, match="missing.*head.bias"):
         pack({k: v for k, v in state.items() if k != "head.bias"}, layout)
     with pytest.raises(PackingError, match="head.bias.*layout says float32 \\[2\\]"):
@@ -116,15 +121,21 @@ def test_a_hostile_layout_is_refused_with_a_clear_message(case):
     assert isinstance(err.value, BrainTumNetError) and len(str(err.value)) > 20
 
 
+def key(dtype: str) -> str:
+    return vector_key(dtype, layout_of(mixed_state()))
+
+
 # Arrays a hostile or broken site could send back for the layout the centre sent.
 HOSTILE_ARRAYS = {
-    "extra array": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int8": np.zeros(2, np.int8)},
-    "array missing": lambda: {k: v for k, v in pack(mixed_state()).items() if k != PACKED_PREFIX + "bool"},
-    "array too short": lambda: {**pack(mixed_state()), PACKED_PREFIX + "float32": np.zeros(3, np.float32)},
-    "array of another dtype": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int64": np.zeros(6, np.int32)},
-    "array not flat": lambda: {**pack(mixed_state()), PACKED_PREFIX + "int64": np.zeros((2, 3), np.int64)},
+    "extra array": lambda: {**pack(mixed_state()), key("int8"): np.zeros(2, np.int8)},
+    "array missing": lambda: {k: v for k, v in pack(mixed_state()).items() if k != key("bool")},
+    "array too short": lambda: {**pack(mixed_state()), key("float32"): np.zeros(3, np.float32)},
+    "array of another dtype": lambda: {**pack(mixed_state()), key("int64"): np.zeros(6, np.int32)},
+    "array not flat": lambda: {**pack(mixed_state()), key("int64"): np.zeros((2, 3), np.int64)},
     "a layout sent back": lambda: {**pack(mixed_state()), PACKED_PREFIX + "layout": np.zeros(4, np.uint8)},
-    "not an array": lambda: {**pack(mixed_state()), PACKED_PREFIX + "float32": object()},
+    "not an array": lambda: {**pack(mixed_state()), key("float32"): object()},
+    "keys without the layout's name": lambda: {k.split("@")[0]: v for k, v in pack(mixed_state()).items()},
+    "another layout's name": lambda: pack(dict(reversed(list(mixed_state().items())))),
 }
 
 
@@ -252,8 +263,17 @@ def test_without_packing_the_messages_go_as_they_are():
 
 
 def packed_instruction(state: dict, layout: bytes | None = None) -> Message:
+    """``state`` packed as the centre sends it; with ``layout``, that layout in the config and, where it decodes,
+    the arrays keyed by it (as a centre that sent it would have)."""
     numpy_state = {k: v.numpy() for k, v in state.items()}
-    return Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in pack(numpy_state).items()}),
+    vectors = pack(numpy_state)
+    try:
+        claimed = decode_layout(layout) if layout is not None else None
+    except PackingError:
+        claimed = None
+    if claimed is not None:
+        vectors = {vector_key(k.split("@")[0][len(PACKED_PREFIX):], claimed): v for k, v in vectors.items()}
+    return Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in vectors.items()}),
                                CONFIG: ConfigRecord({"server-round": 1,
                                                      PACKED_LAYOUT: layout or encode_layout(layout_of(numpy_state))})}),
                    dst_node_id=11, message_type="train")

@@ -15,8 +15,8 @@ from braintumnet.config import DataConfig, resolve
 from braintumnet.data.loading import SiteRuntime
 from braintumnet.engine import build_model
 from braintumnet.privacy import PrivacyLedger, epsilon
-from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, RECEIVED_KEYS, RECEIVED_PREFIX,
-                                  REPLY_METRIC_KEYS, SECONDS, TRAIN_KEYS, WEIGHT_KEY)
+from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, EVALUATE_SECONDS, RECEIVED_KEYS,
+                                  RECEIVED_PREFIX, REPLY_METRIC_KEYS, SECONDS, TRAIN_KEYS, WEIGHT_KEY)
 from braintumnet.site_policy import SIMULATION_POLICY, PolicyRefusal, SitePolicy
 from braintumnet.site_round import evaluate_round, train_round
 
@@ -55,6 +55,7 @@ def test_a_round_scores_the_received_model_first_and_sends_only_protocol_keys(si
     state, metrics = train_round(received, profile, runtime, server_round=1, total_rounds=1,
                                  federation_id="federation-1", evaluate_received=True, **kw)
     assert set(metrics) <= REPLY_METRIC_KEYS and set(RECEIVED_KEYS) <= set(metrics)
+    assert 0 < metrics[EVALUATE_SECONDS] < metrics[SECONDS]  # the scoring's share of the round, for the centre's polls
     assert metrics[WEIGHT_KEY] == (prepared_sites["plagh"].slices["split"] == "train").sum()
     assert all(math.isfinite(metrics[k]) for k in TRAIN_KEYS)
     assert list(state) == list(received) and any(not torch.equal(state[k], received[k]) for k in state)

@@ -45,7 +45,7 @@ def test_no_site_module_spells_a_message_key_itself():
     import client
 
     names = ("ARRAYS", "METRICS", "SITE", "SERVER_ROUND", "TOTAL_ROUNDS", "EVALUATE_RECEIVED", "FEDERATION_ID",
-             "WEIGHT_KEY", "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT")
+             "WEIGHT_KEY", "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT", "PACKED_LAYOUT", "EVALUATE_SECONDS")
     keys = {getattr(protocol, name): name for name in names}
     # client/sites.py and client/run.py read sites.toml, whose "site" tables are no message key.
     files = [Path(client.__file__).parent / "app.py", Path(braintumnet.site_round.__file__)]

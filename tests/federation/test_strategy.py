@@ -600,7 +600,8 @@ def test_evaluate_in_train_can_be_switched_off(make_strategy):
 # Protocol names that are message keys only. FEDERATION_ID's spelling is also the run folder's meta key and an MLflow
 # tag, SECONDS's a metrics.json block, SITE_NAME's and CONFIG's ordinary words: those formats keep their own names.
 MESSAGE_ONLY = ("ARRAYS", "METRICS", "SITE", "SERVER_ROUND", "TOTAL_ROUNDS", "EVALUATE_RECEIVED", "WEIGHT_KEY",
-                "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT")
+                "RECEIVED_PREFIX", "DP_EPSILON", "DP_BUDGET_SPENT", "PACKED_LAYOUT", "PACKED_PREFIX",
+                "EVALUATE_SECONDS")
 
 
 def test_no_server_module_spells_a_message_key_itself():

@@ -39,6 +39,7 @@ from braintumnet.data.contract import class_names
 from braintumnet.data.folds import training_cases_without_fold
 from braintumnet.data.loading import SiteRuntime, open_site
 from braintumnet.engine import pick_device, train_model
+from braintumnet.errors import BrainTumNetError
 from braintumnet.optimizer_state import OptimizerMemory, make_optimizer
 from braintumnet.privacy import EpsilonLimit, PrivacyBudgetSpent, PrivacyLedger, PrivateTraining, group_privacy
 from braintumnet.protocol import (DP_BUDGET_SPENT, DP_EPSILON, EVAL_KEYS, EVALUATE_SECONDS, RECEIVED_PREFIX,
@@ -229,7 +230,15 @@ def _evaluation(model: nn.Module, prepared, profile: Profile, device: torch.devi
 
 
 def _global_model(state: StateDict, profile: Profile) -> nn.Module:
-    return model_with_weights(profile, state, class_names(profile.data.task), source="the global model received")
+    """The received global model, refused before any work when a tensor's dtype is not the model's: loading would
+    convert it silently, and the reply (packed in the received layout) could then not be sent, after a round's
+    training (and, with DP, its ε) had been spent."""
+    model = model_with_weights(profile, state, class_names(profile.data.task), source="the global model received")
+    for name, mine in model.state_dict().items():
+        if name in state and state[name].dtype != mine.dtype:
+            raise BrainTumNetError(f"the global model received: tensor {name!r} is {state[name].dtype}, this site's "
+                                   f"model holds {mine.dtype}; the centre runs another version of BrainTumNet")
+    return model
 
 
 def _finite(value: float) -> float:

@@ -4,9 +4,8 @@ Flower starts a fresh process for every message. Each handler unpacks the messag
 :mod:`braintumnet.protocol`; a model that came packed, :mod:`braintumnet.packing`, is unpacked here), runs the
 core's round on the site's prepared cache (``python client/run.py`` prepares it beforehand) and packs the reply:
 ``arrays``, the trained state dict (train replies that trained; packed in the layout received when the model came
-packed); ``metrics``,
-aggregate numbers only, with the same keys at every site; ``site``, the site's name only, so the centre can log
-per-site metrics when node names are not registered (no TLS / node authentication, simulation).
+packed); ``metrics``, aggregate numbers only, with the same keys at every site; ``site``, the site's name only, so
+the centre can log per-site metrics when node names are not registered (no TLS / node authentication, simulation).
 
 A **query** asks what the node is: the reply's ``site`` record holds the site's name and its role (``training`` or
 ``evaluate-only``, from the site's own node config), metadata only: no data are opened, nothing is computed. The
@@ -115,6 +114,7 @@ def _global_state(msg: Message) -> dict:
 
 
 def _layout(msg: Message):
+    """The layout a packed instruction carries in its config record (checked), or None when it came unpacked."""
     raw = msg.content[CONFIG].get(PACKED_LAYOUT) if CONFIG in msg.content.config_records else None
     return None if raw is None else decode_layout(raw)
 

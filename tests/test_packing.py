@@ -303,6 +303,14 @@ def test_the_site_refuses_a_layout_that_does_not_fit_its_model(tiny_profile):
     state = build_model(tiny_profile).state_dict()
     with pytest.raises(PackingError, match="layout"):
         _global_state(packed_instruction(state, b"{" * 50))
+    # a layout that fits the model but gives a weight another dtype: refused before any training, since the reply
+    # could not be packed in it afterwards
+    doc = json.loads(encode_layout(layout_of({k: v.numpy() for k, v in state.items()})))
+    weights = [i for i, entry in enumerate(doc["tensors"]) if entry[1] == "float32"]
+    name = doc["tensors"][weights[-1]][0]
+    as_float64 = {**{k: v for k, v in state.items()}, name: state[name].double()}
+    with pytest.raises(BrainTumNetError, match=f"{name}.*float64.*float32"):
+        _global_model(_global_state(packed_instruction(as_float64)), tiny_profile)
     # consistent in itself and fitting the arrays, not this model: the model refuses it as it loads
     for tensor, field, value in ((0, 0, "renamed.weight"), (0, 2, None)):
         doc = json.loads(encode_layout(layout_of({k: v.numpy() for k, v in state.items()})))

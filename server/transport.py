@@ -101,7 +101,8 @@ class RecordingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         start = time.monotonic()
-        wire = [packed(m) for m in messages] if self.pack else messages
+        shared: dict = {}  # the strategy sends one global model to every site: packed once an exchange
+        wire = [packed(m, shared) for m in messages] if self.pack else messages
         exchange = Exchange(bytes_out={m.metadata.dst_node_id: array_bytes(m.content) for m in wire},
                             timeout=timeout)
         ids = list(self._grid.push_messages(wire)) if wire else []
@@ -186,17 +187,24 @@ def retry_busy(read: Callable[[], Any], what: str) -> Any:
     raise AssertionError("unreachable")
 
 
-def packed(msg: Message) -> Message:
+def packed(msg: Message, shared: dict | None = None) -> Message:
     """The instruction with its model packed and the layout in its config record (a new message; the strategy's own
-    is left as it is), or ``msg`` itself when it carries no model."""
+    is left as it is), or ``msg`` itself when it carries no model. ``shared``: packed models by the id of the
+    strategy's ArrayRecord, so that instructions carrying the same one share one packed copy (packed, and hashed by
+    Flower, once)."""
     if not msg.has_content() or ARRAYS not in msg.content.array_records:
         return msg
+    record = msg.content.array_records[ARRAYS]
+    shared = {} if shared is None else shared
+    if id(record) not in shared:
+        state = {k: a.numpy() for k, a in record.items()}
+        shared[id(record)] = (ArrayRecord({k: Array(v) for k, v in pack(state).items()}),
+                              encode_layout(layout_of(state)))
+    arrays, layout = shared[id(record)]
     content = RecordDict(dict(msg.content.items()))
-    state = {k: a.numpy() for k, a in msg.content.array_records[ARRAYS].items()}
-    content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in pack(state).items()})
+    content[ARRAYS] = arrays
     config = msg.content.config_records.get(CONFIG)
-    content[CONFIG] = ConfigRecord({**(dict(config) if config is not None else {}),
-                                    PACKED_LAYOUT: encode_layout(layout_of(state))})
+    content[CONFIG] = ConfigRecord({**(dict(config) if config is not None else {}), PACKED_LAYOUT: layout})
     meta = msg.metadata
     return Message(content, dst_node_id=meta.dst_node_id, message_type=meta.message_type,
                    group_id=meta.group_id or None, ttl=meta.ttl)

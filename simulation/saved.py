@@ -186,14 +186,14 @@ def load_arm(out: Path, settings: dict, seed: int, fold: int | None, arm: str, *
     return record
 
 
-def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str, default_model: Path) -> bool:
+def rescorable(out: Path, settings: dict, seed: int, fold: int | None, arm: str) -> bool:
     """Whether the study can take ``arm`` without training it: kept with the study's settings, or with another
     post-processing rule and its model still in ``out`` (scored again then; :func:`kept_model`)."""
     record = load_arm(out, settings, seed, fold, arm, first=False, any_rule=True)
     if record is None:
         return False
     rule = _for_arm(arm_settings(settings), arm)["config"][POSTPROCESS_KEY]
-    return record["scored_with"] == rule or kept_model(out, record, default_model).is_file()
+    return record["scored_with"] == rule or kept_model(out, record, arm, seed, fold).is_file()
 
 
 def scored_again(out: Path, seed: int, fold: int | None) -> dict[str, str]:
@@ -218,10 +218,11 @@ def model_file(out: Path, arm: str, seed: int, fold: int | None) -> Path:
                                    + ".pt")
 
 
-def kept_model(out: Path, record: dict, default: Path) -> Path:
-    """The checkpoint of a kept arm: the one its record names (relative to ``out``), or ``default`` for a record
-    that names none (an arm split out of a repetition kept whole names only the overlay figure's model)."""
-    return Path(out) / record["model"] if record.get("model") else Path(default)
+def kept_model(out: Path, record: dict, arm: str, seed: int, fold: int | None) -> Path:
+    """The checkpoint of a kept arm: the one its record names (relative to ``out``), or the study's own
+    :func:`model_file` for a record that names none (an arm split out of a repetition kept whole names only the
+    overlay figure's model)."""
+    return Path(out) / record["model"] if record.get("model") else model_file(out, arm, seed, fold)
 
 
 def _any_rule(settings):

@@ -312,8 +312,7 @@ class Study:
                 if name in arms:
                     # A worker leaves to the study what it takes without training (start_workers gave it none of
                     # those, but a worker's --arms covers every seed): a kept arm, or one scored again from its model.
-                    if self.worker and (saved.rescorable(self.out, self.settings, rep.seed, rep.fold, name,
-                                                         self.model_path(name, rep))
+                    if self.worker and (saved.rescorable(self.out, self.settings, rep.seed, rep.fold, name)
                                         or not claim(self.out, rep.seed, rep.fold, name)):
                         say(f"{name} ({rep.tag}): taken by the study")
                         continue
@@ -406,7 +405,7 @@ class Study:
             record = saved.load_arm(self.out, self.settings, rep.seed, rep.fold, name, first=False, any_rule=True)
             if record is None or draws_rounds and "fed_rounds" not in record:
                 return False
-            checkpoint = saved.kept_model(self.out, record, self.model_path(name, rep))
+            checkpoint = saved.kept_model(self.out, record, name, rep.seed, rep.fold)
             if not checkpoint.is_file():
                 return False
         elif draws_rounds and ("fed_rounds" not in record or not record.get("model")):
@@ -567,8 +566,7 @@ class Study:
         costs = {}
         for name, _, train, args in self.arm_plan(rep):
             todo = [(seed, fold) for seed, fold in plan
-                    if not saved.rescorable(self.out, self.settings, seed, fold, name,
-                                            saved.model_file(self.out, name, seed, fold))]
+                    if not saved.rescorable(self.out, self.settings, seed, fold, name)]
             if train == self.train_arm and todo:
                 slices = len(select_slices(args[0], "train", self.classes))
                 costs[name] = arm_cost(slices, self.arm_profile(rep, name, *args[1:2]).train.batch_size)

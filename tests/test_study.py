@@ -626,10 +626,10 @@ def test_an_arm_kept_before_the_postprocessing_counts_as_scored_without_it(tmp_p
     # arm split out of a repetition kept whole), so the study's own model file counts.
     default = saved.model_file(tmp_path, "local:yibin", 0, None)
     assert default == tmp_path / "models" / "local-yibin-s0.pt"
-    assert not saved.rescorable(tmp_path, now, 0, None, "local:yibin", default)
+    assert not saved.rescorable(tmp_path, now, 0, None, "local:yibin")
     default.parent.mkdir()
     default.write_bytes(b"a checkpoint")
-    assert saved.rescorable(tmp_path, now, 0, None, "local:yibin", default)
+    assert saved.rescorable(tmp_path, now, 0, None, "local:yibin")
 
 
 def test_an_arms_mlflow_run_counts_in_a_moved_folder_and_on_a_shared_server_only_for_its_study(tmp_path, monkeypatch):

@@ -97,6 +97,45 @@ def test_plan_is_deterministic_and_seeded():
     assert not a[["tumor_type", "split"]].equals(c[["tumor_type", "split"]])
 
 
+def test_a_larger_test_scale_adds_test_only_cases_and_changes_nothing_else():
+    """quick holds out standard's test sets: its training cases must be the very cases of its own scale."""
+    own, held = cohort_plan(0.1, seed=0), cohort_plan(0.1, seed=0, test_scale=0.3)
+    standard = cohort_plan(0.3, seed=0)
+    kept = held[held["case_id"].isin(own["case_id"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, own)  # every case of the plain plan, row for row, in the same order
+    added = held[~held["case_id"].isin(own["case_id"])]
+    assert set(added["split"]) == {"test"} and held["case_id"].is_unique
+    for site in ALL_SITES:
+        tests = held[(held["site"] == site) & (held["split"] == "test")]
+        assert len(tests) == (standard[(standard["site"] == site)]["split"] == "test").sum()
+        mine = held[held["site"] == site]["case_id"]
+        # Added after the site's own cases, numbered on from them.
+        assert list(mine) == [f"{site}_{i:04d}" for i in range(1, len(mine) + 1)]
+        assert list(mine.isin(own["case_id"])) == sorted(mine.isin(own["case_id"]), reverse=True)
+    internal = held[(held["site"] != EXTERNAL_SITE) & (held["split"] == "test")]
+    assert len(internal) == 33 and (held["site"] == EXTERNAL_SITE).sum() == 15
+    assert set(internal["tumor_type"]) == set(TUMOR_TYPES)
+    # Not above the scale, or none: the plain plan.
+    pd.testing.assert_frame_equal(cohort_plan(0.3, seed=0, test_scale=0.3), standard)
+    pd.testing.assert_frame_equal(cohort_plan(0.3, seed=0, test_scale=0.1), standard)
+    with pytest.raises(ValueError, match="scale"):
+        cohort_plan(0.1, test_scale=2)
+
+
+def test_added_test_cases_are_written_and_marked(tmp_path):
+    out = tmp_path / "held"
+    summary = generate_cohort(out, scale=0.02, seed=0, test_scale=0.04, progress=False, workers=1)
+    assert json.loads((out / MARKER).read_text())["test_scale"] == 0.04
+    assert "held out at scale 0.04" in summary.summary()
+    plain = cohort_plan(0.02, seed=0)
+    for site in ALL_SITES:
+        cases = pd.read_csv(out / site / "cases.csv", dtype=str)
+        planned = summary.plan[summary.plan["site"] == site]
+        assert list(cases["case_id"]) == list(planned["case_id"])
+        assert len(cases) >= (plain["site"] == site).sum()
+    assert len(summary.plan) > len(plain)
+
+
 @pytest.mark.parametrize("scale", [0, -0.5, 1.5, float("nan"), "half"])
 def test_ill_scale(scale, tmp_path):
     with pytest.raises(ValueError, match="scale"):

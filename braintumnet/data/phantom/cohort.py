@@ -46,7 +46,7 @@ class CohortSummary:
     Args:
         out: the output folder.
         plan: the cohort plan (``cohort_plan``), one row per case written.
-        fmt, scale, seed, workers: as given.
+        fmt, scale, seed, workers, test_scale: as given.
         seconds: wall-clock time of the whole run.
         case_cpu_seconds: CPU time spent drawing and writing the cases, summed over workers.
         disk_bytes: size of everything written.
@@ -63,6 +63,7 @@ class CohortSummary:
     case_cpu_seconds: float
     disk_bytes: int
     preview: Path | None = None
+    test_scale: float | None = None
 
     def counts(self) -> pd.DataFrame:
         """Cases per site: one column per tumour type, then train and test."""
@@ -82,6 +83,10 @@ class CohortSummary:
             f"{self.workers} worker(s) ({self.case_cpu_seconds / max(n, 1):.2f} CPU s per case), "
             f"{self.disk_bytes / 1e9:.3f} GB on disk",
         ]
+        if self.test_scale is not None and self.test_scale > self.scale:
+            lines.append(f"  test and external sets held out at scale {self.test_scale:g} (test-only cases added "
+                         "after each site's own; the training cases are those of scale "
+                         f"{self.scale:g})")
         table = self.counts()
         table["scanner"] = [_scanner_text(SITE_PROFILES[s]) for s in table.index]
         lines += ["  " + line for line in table.to_string().splitlines()]
@@ -99,7 +104,8 @@ def _scanner_text(profile: str) -> str:
 
 
 def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = "nifti", preview: bool = False,
-                    workers: int | None = None, progress: bool = True) -> CohortSummary:
+                    workers: int | None = None, progress: bool = True,
+                    test_scale: float | None = None) -> CohortSummary:
     """Write the phantom cohort (§2.1.1's 485 internal cases over three hospitals, plus 51 external) into ``out``.
 
     Args:
@@ -112,9 +118,11 @@ def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = 
         preview: also write ``preview.png``, a contact sheet of each tumour type at each site.
         workers: processes drawing cases in parallel (default: the CPU count, at most 8).
         progress: show a progress bar.
+        test_scale: hold out the test and external sets of this larger scale (see ``cohort_plan``): more cases to
+            score a small cohort's models on, the same cases to train them on.
 
     Raises:
-        ValueError: a bad ``scale``, ``seed``, ``fmt`` or ``workers``.
+        ValueError: a bad ``scale``, ``test_scale``, ``seed``, ``fmt`` or ``workers``.
         BrainTumNetError: ``out`` is a file, or a non-empty folder that is not a phantom output.
 
     Examples::
@@ -131,9 +139,10 @@ def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = 
     start = time.perf_counter()
     out = Path(out)
     _claim(out)
-    plan = cohort_plan(scale, seed)
+    plan = cohort_plan(scale, seed, test_scale)
     workers = min(workers or min(os.cpu_count() or 1, 8), len(plan))
-    _write_marker(out, dict(scale=scale, seed=seed, format=fmt, cases=len(plan), complete=False))
+    _write_marker(out, dict(scale=scale, test_scale=test_scale, seed=seed, format=fmt, cases=len(plan),
+                            complete=False))
     plan.to_csv(out / PLAN_CSV, index=False, lineterminator="\n")
     for site, rows in plan.groupby("site", sort=False):
         write_site_files(out / site, site, rows, fmt)
@@ -154,9 +163,11 @@ def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = 
         contact_sheet([panels[c] for c in plan["case_id"] if c in panels], preview_path)
     seconds = time.perf_counter() - start
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    _write_marker(out, dict(scale=scale, seed=seed, format=fmt, cases=len(plan), complete=True))
+    _write_marker(out, dict(scale=scale, test_scale=test_scale, seed=seed, format=fmt, cases=len(plan),
+                            complete=True))
     summary = CohortSummary(out=out, plan=plan, fmt=fmt, scale=scale, seed=seed, workers=workers,
-                            seconds=seconds, case_cpu_seconds=cpu, disk_bytes=disk, preview=preview_path)
+                            seconds=seconds, case_cpu_seconds=cpu, disk_bytes=disk, preview=preview_path,
+                            test_scale=test_scale)
     log.info("phantom: %d cases in %.1f s, %.2f GB", len(plan), seconds, disk / 1e9)
     return summary
 
@@ -181,8 +192,9 @@ def _claim(out: Path) -> None:
 
 
 def complete_cohort(root: Path) -> dict | None:
-    """What ``root``'s ``phantom.json`` says (``scale``, ``seed``, ``format``, ``cases``) if ``root`` holds a phantom
-    cohort whose generation finished, else None: the one test of "the phantom cohort is there"."""
+    """What ``root``'s ``phantom.json`` says (``scale``, ``test_scale``, ``seed``, ``format``, ``cases``) if
+    ``root`` holds a phantom cohort whose generation finished, else None: the one test of "the phantom cohort is
+    there"."""
     info = _read_marker(Path(root))
     return info if info is not None and info.get("complete") is True else None
 

@@ -7,6 +7,11 @@ test" cases, plus a 51-case external set (17 per type, §3). 378 + 109 = 487, no
 The three hospitals get different class mixes (non-IID, as real referral patterns are): Yibin is glioma-heavy, PLAGH
 (a large oncology centre) metastasis-heavy, Jinling meningioma-heavy. Each site keeps its own test cases, stratified
 by type (largest-remainder apportionment of the 109 over the nine site×type cells).
+
+A small cohort can hold out more test cases than its scale gives (``test_scale``): at scale 0.1 the test set is 11
+cases and the external set 5, on which an accuracy moves in steps of 0.09 and 0.2, too coarse to tell two models
+apart by a few points. The extra cases are test-only and drawn from a generator of their own, after the cohort's
+own cases, so the training cases and the first test cases are the very cases of the cohort without them.
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ def cell_counts(scale: float = 1.0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def extra_test_counts(scale: float, test_scale: float | None) -> dict[tuple[str, str], int]:
+    """Test-only cases per (site, tumor_type) that bring a cohort at ``scale`` up to the test and external sets of
+    ``test_scale`` (each cell: the cases it has at ``test_scale`` minus those at ``scale``, never below 0). Empty
+    when ``test_scale`` is None or not above ``scale``."""
+    if test_scale is None:
+        return {}
+    check_scale(test_scale)
+    if test_scale <= scale:
+        return {}
+    have = cell_counts(scale).set_index(["site", "tumor_type"])["test"]
+    want = cell_counts(test_scale).set_index(["site", "tumor_type"])["test"]
+    return {cell: int(max(0, want[cell] - have[cell])) for cell in have.index if want[cell] > have[cell]}
+
+
 def check_scale(scale: float) -> None:
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= 1):
         raise ValueError(f"scale={scale!r}: use a number in (0, 1]; 1 is the paper's cohort, 0.05 a quick one")
@@ -90,13 +109,16 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"seed={seed!r}: use a non-negative integer")
 
 
-def cohort_plan(scale: float = 1.0, seed: int = 0) -> pd.DataFrame:
+def cohort_plan(scale: float = 1.0, seed: int = 0, test_scale: float | None = None) -> pd.DataFrame:
     """One row per case of the phantom cohort, without writing anything.
 
     Args:
         scale: shrinks every count in proportion (largest-remainder rounding; at least one case per site×type and
             one test case per site). 1.0 gives the paper's 485 + 51 cases.
         seed: which cohort; the same seed gives the same plan and the same files.
+        test_scale: hold out the test and external sets of this scale instead (above ``scale``; None: ``scale``'s
+            own). The extra cases come after each site's own cases (``extra_test_counts``); every other row is the
+            row of the plan without them.
 
     Returns:
         ``PLAN_COLUMNS``: site, case_id (``yibin_0001``), tumor_type, split, atypical ("" or a tag from
@@ -109,27 +131,36 @@ def cohort_plan(scale: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """
     check_seed(seed)
     counts = cell_counts(scale)
+    extra = extra_test_counts(scale, test_scale)
     plan_rng = np.random.default_rng([int(seed), 0x504C414E])
+    extra_rng = np.random.default_rng([int(seed), 0x54455354])  # its own stream: plan_rng draws as without extras
     rows = []
     for site in (*SITES, EXTERNAL_SITE):
         cases = []
         for cell in counts[counts["site"] == site].itertuples():
-            n = cell.train + cell.test
             kinds = ["test"] * cell.test + ["train"] * cell.train
-            splits = plan_rng.permutation(kinds)
-            atypical = np.zeros(n, bool)
-            atypical[plan_rng.permutation(n)[: int(ATYPICAL_SHARE * n + 0.5)]] = True
-            cases += [(cell.tumor_type, str(sp), ATYPICAL[cell.tumor_type] if a else "")
-                      for sp, a in zip(splits, atypical)]
+            cases += _drawn(cell.tumor_type, plan_rng.permutation(kinds), plan_rng)
+        cases = [cases[k] for k in plan_rng.permutation(len(cases))]  # shuffled: a case id says nothing of its type
+        added = []
+        for cell in counts[counts["site"] == site].itertuples():
+            added += _drawn(cell.tumor_type, ["test"] * extra.get((site, cell.tumor_type), 0), extra_rng)
+        cases += [added[k] for k in extra_rng.permutation(len(added))]
         profile = PROFILES[SITE_PROFILES[site]]
-        for i, k in enumerate(plan_rng.permutation(len(cases))):  # shuffled: a case id says nothing of its type
-            tumor_type, split, atypical = cases[k]
+        for i, (tumor_type, split, atypical) in enumerate(cases):
             case_id = f"{site}_{i + 1:04d}"
             location, n_lesions = _layout(tumor_type, atypical, case_rng(seed, case_id, "plan"))
             rows.append(dict(site=site, case_id=case_id, tumor_type=tumor_type, split=split, atypical=atypical,
                              location=location, n_lesions=n_lesions, scanner=profile.name,
                              **profile.scanner_columns()))
     return pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+
+
+def _drawn(tumor_type: str, splits, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(type, split, atypical tag) for one site×type cell's cases, ``ATYPICAL_SHARE`` of them atypical."""
+    n = len(splits)
+    atypical = np.zeros(n, bool)
+    atypical[rng.permutation(n)[: int(ATYPICAL_SHARE * n + 0.5)]] = True
+    return [(tumor_type, str(sp), ATYPICAL[tumor_type] if a else "") for sp, a in zip(splits, atypical)]
 
 
 def _layout(tumor_type: str, atypical: str, rng: np.random.Generator) -> tuple[str, int]:

@@ -12,9 +12,17 @@ from simulation.pooled import StudySites, phantom_sites, split_pooled
 PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
 # The test and external sets a profile holds out, where its own scale gives too few cases to compare models on: at
 # 0.1 they are 11 and 5 cases, on which an accuracy moves in steps of 0.09 and 0.2 while the study's aims compare
-# models within 0.02. quick scores on standard's 33 and 15 (test-only cases added; the training cases unchanged),
-# at about 25 s more of the phantom's writing and a second of scoring an arm.
+# models within 0.02. quick scores on sets of standard's size and type mix, 33 and 15 cases (test-only cases added;
+# the training cases unchanged): 32 more cases for the phantom to write, and seconds of scoring an arm.
 PHANTOM_TEST_SCALE = {"quick": 0.3}
+
+
+def cohort_scales(profile_name: str, scale: float | None) -> tuple[float, float | None]:
+    """The phantom's (scale, test_scale) for a profile: a ``scale`` given on the command line is the whole cohort's
+    (training and test cases alike); otherwise the profile's scale and, where it has one, its larger test scale."""
+    if scale:
+        return scale, None
+    return PHANTOM_SCALE.get(profile_name, 0.1), PHANTOM_TEST_SCALE.get(profile_name)
 # The phantom is the study's data, not part of a repetition: the same cohort whatever seeds repeat the training, so
 # that arms trained for other seeds (on another machine, or in a later run) were trained and scored on the same cases.
 PHANTOM_SEED = 0
@@ -30,10 +38,9 @@ def study_cohort(out: Path, profile_name: str, phantom, data, site_column, exter
         say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
         return layout
     phantom = Path(phantom).absolute() if phantom else out / "phantom"
-    if complete_cohort(phantom) is None:
-        # A scale given on the command line is the whole cohort's: the profile's larger test set only with its scale.
-        test_scale = None if scale else PHANTOM_TEST_SCALE.get(profile_name)
-        scale = scale or PHANTOM_SCALE.get(profile_name, 0.1)
+    found = complete_cohort(phantom)
+    if found is None:
+        scale, test_scale = cohort_scales(profile_name, scale)
         say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}"
             + (f", test and external sets at {test_scale}" if test_scale else "") + f") to {phantom}")
         summary = generate_cohort(phantom, scale=scale, seed=PHANTOM_SEED, progress=False,
@@ -41,4 +48,10 @@ def study_cohort(out: Path, profile_name: str, phantom, data, site_column, exter
         say("  " + summary.replace("\n", "\n  "))
     else:
         say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
+        want = cohort_scales(profile_name, scale)
+        have = (found.get("scale"), found.get("test_scale"))
+        if scale is None and have != want:  # e.g. a folder written before quick held out larger test sets
+            say(f"  note: it was written at scale {have[0]}, test scale {have[1]}; the {profile_name} profile "
+                f"writes scale {want[0]}, test scale {want[1]}: its figures are not the profile's (a new --out or "
+                "--phantom folder writes a fresh cohort)")
     return phantom_sites(phantom)

@@ -115,17 +115,40 @@ def test_a_larger_test_scale_adds_test_only_cases_and_changes_nothing_else():
     internal = held[(held["site"] != EXTERNAL_SITE) & (held["split"] == "test")]
     assert len(internal) == 33 and (held["site"] == EXTERNAL_SITE).sum() == 15
     assert set(internal["tumor_type"]) == set(TUMOR_TYPES)
+    # The added cases carry atypical ones too (a cell adds a handful, too few for its 12 % to round above none).
+    many = cohort_plan(0.05, seed=0, test_scale=1.0)
+    extra = many[~many["case_id"].isin(cohort_plan(0.05, seed=0)["case_id"])]
+    assert len(extra) > 100 and 0.08 <= (extra["atypical"] != "").mean() <= 0.16
+    assert set(extra["atypical"]) == {"", *ATYPICAL.values()}
+    assert (added["atypical"] != "").sum() >= 1
     # Not above the scale, or none: the plain plan.
     pd.testing.assert_frame_equal(cohort_plan(0.3, seed=0, test_scale=0.3), standard)
     pd.testing.assert_frame_equal(cohort_plan(0.3, seed=0, test_scale=0.1), standard)
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match="test_scale=2"):
         cohort_plan(0.1, test_scale=2)
+
+
+def test_a_bad_test_scale_leaves_the_previous_cohort_alone(tmp_path):
+    (tmp_path / MARKER).write_text(json.dumps({"generator": "braintumnet.data.phantom", "complete": True}))
+    (tmp_path / "yibin").mkdir()
+    with pytest.raises(ValueError, match="test_scale=3"):
+        generate_cohort(tmp_path, scale=0.02, test_scale=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "yibin"]
+
+
+def test_the_study_holds_out_larger_test_sets_only_at_the_profile_scale():
+    from simulation.cohort import cohort_scales
+
+    assert cohort_scales("quick", None) == (0.1, 0.3)
+    assert cohort_scales("standard", None) == (0.3, None)
+    assert cohort_scales("quick", 0.05) == (0.05, None)  # --scale is the whole cohort's
 
 
 def test_added_test_cases_are_written_and_marked(tmp_path):
     out = tmp_path / "held"
     summary = generate_cohort(out, scale=0.02, seed=0, test_scale=0.04, progress=False, workers=1)
     assert json.loads((out / MARKER).read_text())["test_scale"] == 0.04
+    assert generate_cohort(tmp_path / "plain", scale=0.02, test_scale=0.01, progress=False).test_scale is None
     assert "held out at scale 0.04" in summary.summary()
     plain = cohort_plan(0.02, seed=0)
     for site in ALL_SITES:

@@ -3,8 +3,9 @@
 No public dataset has glioma, metastasis and meningioma with hospital ids, and nothing can be downloaded at run time,
 so the project draws its own cohort in the site data contract (docs/data.md; how it is drawn: docs/phantom.md):
 
-- ``cohort_plan(scale, seed)``: one row per case (site, type, split, atypical tag, scanner), no images;
-- ``generate_cohort(out, scale=..., seed=..., fmt="nifti" | "dicom", preview=...)``: the site folders on disk;
+- ``cohort_plan(scale, seed, test_scale=None)``: one row per case (site, type, split, atypical tag, scanner), no images;
+- ``generate_cohort(out, scale=..., seed=..., fmt="nifti" | "dicom", preview=..., test_scale=...)``: the site folders
+  on disk;
 - ``complete_cohort(root)``: whether (and with what settings) a finished cohort is in ``root``.
 """
 

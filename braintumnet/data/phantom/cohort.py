@@ -1,7 +1,7 @@
 """``generate_cohort``: the whole phantom cohort on disk, one site folder per hospital plus the external site.
 
 OUT/
-    phantom.json        what was generated (seed, scale, format) and whether it finished; marks OUT as ours
+    phantom.json        what was generated (seed, scale, test_scale, format) and whether it finished; marks OUT as ours
     plan.csv            the cohort plan, one row per case (type, split, atypical tag, location, scanner)
     preview.png         with ``preview=True``: a contact sheet of each type at each site
     yibin/ plagh/ jinling/ external/    site folders in the site data contract (docs/data.md)
@@ -133,6 +133,9 @@ def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = 
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r}: use one of {', '.join(FORMATS)}")
     check_scale(scale)
+    if test_scale is not None:
+        check_scale(test_scale, "test_scale")  # before _claim: a typo must not cost the previous cohort
+        test_scale = test_scale if test_scale > scale else None  # not above the scale: nothing added, none recorded
     check_seed(seed)
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers={workers!r}: use a positive integer, or None for one per CPU core")

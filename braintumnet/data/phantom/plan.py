@@ -87,11 +87,12 @@ def cell_counts(scale: float = 1.0) -> pd.DataFrame:
 
 def extra_test_counts(scale: float, test_scale: float | None) -> dict[tuple[str, str], int]:
     """Test-only cases per (site, tumor_type) that bring a cohort at ``scale`` up to the test and external sets of
-    ``test_scale`` (each cell: the cases it has at ``test_scale`` minus those at ``scale``, never below 0). Empty
-    when ``test_scale`` is None or not above ``scale``."""
+    ``test_scale`` (each cell: the cases it has at ``test_scale`` minus those at ``scale``, never below 0; where
+    rounding gives a cell fewer test cases at the larger scale, it keeps its own, so the set is at least
+    ``test_scale``'s). Empty when ``test_scale`` is None or not above ``scale``."""
     if test_scale is None:
         return {}
-    check_scale(test_scale)
+    check_scale(test_scale, "test_scale")
     if test_scale <= scale:
         return {}
     have = cell_counts(scale).set_index(["site", "tumor_type"])["test"]
@@ -99,9 +100,9 @@ def extra_test_counts(scale: float, test_scale: float | None) -> dict[tuple[str,
     return {cell: int(max(0, want[cell] - have[cell])) for cell in have.index if want[cell] > have[cell]}
 
 
-def check_scale(scale: float) -> None:
+def check_scale(scale: float, name: str = "scale") -> None:
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= 1):
-        raise ValueError(f"scale={scale!r}: use a number in (0, 1]; 1 is the paper's cohort, 0.05 a quick one")
+        raise ValueError(f"{name}={scale!r}: use a number in (0, 1]; 1 is the paper's cohort, 0.05 a quick one")
 
 
 def check_seed(seed: int) -> None:
@@ -116,9 +117,9 @@ def cohort_plan(scale: float = 1.0, seed: int = 0, test_scale: float | None = No
         scale: shrinks every count in proportion (largest-remainder rounding; at least one case per site×type and
             one test case per site). 1.0 gives the paper's 485 + 51 cases.
         seed: which cohort; the same seed gives the same plan and the same files.
-        test_scale: hold out the test and external sets of this scale instead (above ``scale``; None: ``scale``'s
-            own). The extra cases come after each site's own cases (``extra_test_counts``); every other row is the
-            row of the plan without them.
+        test_scale: hold out test and external sets of this scale's size and type mix instead (above ``scale``;
+            None: ``scale``'s own). The extra cases come after each site's own cases (``extra_test_counts``), each
+            atypical with probability ``ATYPICAL_SHARE``; every other row is the row of the plan without them.
 
     Returns:
         ``PLAN_COLUMNS``: site, case_id (``yibin_0001``), tumor_type, split, atypical ("" or a tag from
@@ -143,7 +144,7 @@ def cohort_plan(scale: float = 1.0, seed: int = 0, test_scale: float | None = No
         cases = [cases[k] for k in plan_rng.permutation(len(cases))]  # shuffled: a case id says nothing of its type
         added = []
         for cell in counts[counts["site"] == site].itertuples():
-            added += _drawn(cell.tumor_type, ["test"] * extra.get((site, cell.tumor_type), 0), extra_rng)
+            added += _added(cell.tumor_type, extra.get((site, cell.tumor_type), 0), extra_rng)
         cases += [added[k] for k in extra_rng.permutation(len(added))]
         profile = PROFILES[SITE_PROFILES[site]]
         for i, (tumor_type, split, atypical) in enumerate(cases):
@@ -161,6 +162,13 @@ def _drawn(tumor_type: str, splits, rng: np.random.Generator) -> list[tuple[str,
     atypical = np.zeros(n, bool)
     atypical[rng.permutation(n)[: int(ATYPICAL_SHARE * n + 0.5)]] = True
     return [(tumor_type, str(sp), ATYPICAL[tumor_type] if a else "") for sp, a in zip(splits, atypical)]
+
+
+def _added(tumor_type: str, n: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """``n`` added test cases of one site×type cell, each atypical with probability ``ATYPICAL_SHARE``: a cell adds
+    a handful, and the 12 % of so few rounds to none, which would leave the added test set without the cases built to
+    defeat a one-hallmark classifier."""
+    return [(tumor_type, "test", ATYPICAL[tumor_type] if rng.random() < ATYPICAL_SHARE else "") for _ in range(n)]
 
 
 def _layout(tumor_type: str, atypical: str, rng: np.random.Generator) -> tuple[str, int]:

@@ -569,15 +569,16 @@ def test_the_phantom_is_the_same_whatever_seeds_repeat_the_study(tmp_path, monke
 
     seen = []
 
-    def generate(out, *, scale, seed, progress):
-        seen.append(seed)
+    def generate(out, *, scale, seed, progress, test_scale):
+        seen.append((seed, scale, test_scale))
         raise Written
 
     monkeypatch.setattr(cohort, "generate_cohort", generate)
     for seeds in ((2,), (1, 0)):
         with pytest.raises(Written):
             study.run_study(tmp_path / str(seeds[0]), "quick", seeds=seeds, device="cpu", skip_federated=True)
-    assert seen == [cohort.PHANTOM_SEED, cohort.PHANTOM_SEED]
+    # The profile's cohort: training cases at quick's scale, test sets of standard's size.
+    assert seen == [(cohort.PHANTOM_SEED, 0.1, 0.3)] * 2
 
 
 def test_a_pooled_arm_kept_with_another_site_batch_is_reused_and_a_site_arm_is_not(tmp_path):

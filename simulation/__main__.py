@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                         "validation only (never trained on)")
     parser.add_argument("--scale", type=float,
                         help="phantom scale, training and test cases alike (default: the profile's; quick trains at "
-                             "0.1 and tests on standard's 33 internal and 15 external cases, docs/phantom.md)")
+                             "0.1 and tests on 33 internal and 15 external cases, test sets of standard's size, "
+                             "docs/phantom.md)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each one repeats the study (mean ± sd)")
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the training cases "
                         "(each site holds out its own fold; every fold trains every arm)")

@@ -38,9 +38,10 @@ def study_cohort(out: Path, profile_name: str, phantom, data, site_column, exter
         say(f"  training hospitals: {', '.join(layout.internal)}; external: {layout.external or 'none'}")
         return layout
     phantom = Path(phantom).absolute() if phantom else out / "phantom"
+    wanted = cohort_scales(profile_name, scale)
     found = complete_cohort(phantom)
     if found is None:
-        scale, test_scale = cohort_scales(profile_name, scale)
+        scale, test_scale = wanted
         say(f"phase 1/5 cohort: writing the SYNTHETIC phantom cohort (scale {scale}"
             + (f", test and external sets at {test_scale}" if test_scale else "") + f") to {phantom}")
         summary = generate_cohort(phantom, scale=scale, seed=PHANTOM_SEED, progress=False,
@@ -48,10 +49,9 @@ def study_cohort(out: Path, profile_name: str, phantom, data, site_column, exter
         say("  " + summary.replace("\n", "\n  "))
     else:
         say(f"phase 1/5 cohort: reusing the SYNTHETIC phantom cohort {phantom}")
-        want = cohort_scales(profile_name, scale)
         have = (found.get("scale"), found.get("test_scale"))
-        if scale is None and have != want:  # e.g. a folder written before quick held out larger test sets
+        if scale is None and have != wanted:  # e.g. a folder written before quick held out larger test sets
             say(f"  note: it was written at scale {have[0]}, test scale {have[1]}; the {profile_name} profile "
-                f"writes scale {want[0]}, test scale {want[1]}: its figures are not the profile's (a new --out or "
+                f"writes scale {wanted[0]}, test scale {wanted[1]}: its figures are not the profile's (a new --out or "
                 "--phantom folder writes a fresh cohort)")
     return phantom_sites(phantom)

@@ -83,7 +83,7 @@ class CohortSummary:
             f"{self.workers} worker(s) ({self.case_cpu_seconds / max(n, 1):.2f} CPU s per case), "
             f"{self.disk_bytes / 1e9:.3f} GB on disk",
         ]
-        if self.test_scale is not None and self.test_scale > self.scale:
+        if self.test_scale:  # generate_cohort keeps it only where it is above the scale
             lines.append(f"  test and external sets held out at scale {self.test_scale:g} (test-only cases added "
                          "after each site's own; the training cases are those of scale "
                          f"{self.scale:g})")

@@ -97,7 +97,7 @@ def extra_test_counts(scale: float, test_scale: float | None) -> dict[tuple[str,
         return {}
     have = cell_counts(scale).set_index(["site", "tumor_type"])["test"]
     want = cell_counts(test_scale).set_index(["site", "tumor_type"])["test"]
-    return {cell: int(max(0, want[cell] - have[cell])) for cell in have.index if want[cell] > have[cell]}
+    return {cell: int(want[cell] - have[cell]) for cell in have.index if want[cell] > have[cell]}
 
 
 def check_scale(scale: float, name: str = "scale") -> None:

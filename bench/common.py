@@ -60,23 +60,27 @@ class Context:
     def say(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    def register_phantom(self, summary, scale: float, fmt: str = "nifti", seed: int = 0) -> None:
+    def register_phantom(self, summary, scale: float, fmt: str = "nifti", seed: int = 0,
+                         test_scale: float | None = None) -> None:
         """Use an existing cohort (anything with ``.out``, e.g. a ``CohortSummary``) for this scale and format."""
-        self._phantoms[(scale, fmt, seed)] = summary
+        self._phantoms[(scale, fmt, seed, test_scale)] = summary
 
-    def phantom(self, scale: float, fmt: str = "nifti", seed: int = 0, workers: int | None = None):
-        """A phantom cohort of this scale and format, generated once per run (SYNTHETIC). Returns its summary."""
-        key = (scale, fmt, seed)
+    def phantom(self, scale: float, fmt: str = "nifti", seed: int = 0, workers: int | None = None,
+                test_scale: float | None = None):
+        """A phantom cohort of this scale and format, generated once per run (SYNTHETIC); ``test_scale``: test and
+        external sets of that larger scale (``generate_cohort``). Returns its summary."""
+        key = (scale, fmt, seed, test_scale)
         if key not in self._phantoms:
             from braintumnet.data.phantom import complete_cohort, generate_cohort
 
-            root = self.workdir / f"phantom-{fmt}-s{scale:g}-seed{seed}"
+            tests = f"-t{test_scale:g}" if test_scale else ""
+            root = self.workdir / f"phantom-{fmt}-s{scale:g}{tests}-seed{seed}"
             info = complete_cohort(root) or {}
-            if (info.get("scale"), info.get("format"), info.get("seed")) == key:
+            if (info.get("scale"), info.get("format"), info.get("seed"), info.get("test_scale")) == key:
                 self._phantoms[key] = SimpleNamespace(out=root, seconds=None)  # a kept --workdir: reuse it
             else:
                 self._phantoms[key] = generate_cohort(root, scale=scale, seed=seed, fmt=fmt, workers=workers,
-                                                      progress=False)
+                                                      progress=False, test_scale=test_scale)
         return self._phantoms[key]
 
 

@@ -64,11 +64,15 @@ def _settings(ctx: Context) -> dict:
     if ctx.tiny or ctx.quick:
         return {"run_config": {"profile": "quick", "data.img-size": 32, "data.slices-per-case": 3,
                                "model.feature-size": 8}, "phantom": 0.03, "epochs": 1}
-    from simulation.cohort import PHANTOM_SCALE
+    from simulation.cohort import cohort_scales
 
     profile = resolve({"profile": ctx.profile})
-    return {"run_config": {"profile": ctx.profile}, "phantom": PHANTOM_SCALE[ctx.profile],
-            "epochs": profile.federation.num_rounds * profile.federation.local_epochs}
+    scale, test_scale = cohort_scales(ctx.profile, None)
+    settings = {"run_config": {"profile": ctx.profile}, "phantom": scale,
+                "epochs": profile.federation.num_rounds * profile.federation.local_epochs}
+    # The study's test sets: quick scores on test and external sets of a larger scale than it trains on. The key is
+    # there only where a profile has one, so that the kept arm-seeds of the others still match their settings.
+    return {**settings, "test_scale": test_scale} if test_scale else settings
 
 
 def size_name(ctx: Context) -> str:
@@ -112,7 +116,7 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     s = _settings(ctx)
     profile = resolve(s["run_config"])
     if sites is None:
-        phantom = ctx.phantom(s["phantom"]).out
+        phantom = ctx.phantom(s["phantom"], test_scale=s.get("test_scale")).out
         sites = {p.site: p for p in load_sites([phantom / n for n in (*SITES, EXTERNAL_SITE)], ctx.cache,
                                                profile.data, progress=False)}
     internal = [sites[n] for n in SITES]
@@ -254,7 +258,9 @@ def _notes(doc: dict) -> list[str]:
     s = doc["settings"]
     d = doc["model_defaults"]
     notes = [f"**{SYNTHETIC}**",
-             f"Run config {s['run_config']}, {s['epochs']} epochs, phantom scale {s['phantom']}, seeds "
+             f"Run config {s['run_config']}, {s['epochs']} epochs, phantom scale {s['phantom']}"
+             + (f" (its test and external sets of scale {s['test_scale']}, as in the study)" if s.get("test_scale")
+                else "") + ", seeds "
              f"{doc['seeds']}. Default model: gate_gradient={d['gate_gradient']}, shared_features="
              f"{d['shared_features']}, shared_gradient={d['shared_gradient']}, gate_floor={d['gate_floor']}. "
              "Metrics per case, then averaged (docs/metrics.md).",

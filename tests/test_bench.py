@@ -50,6 +50,12 @@ def test_a_kept_workdir_reuses_its_phantom(tmp_path):
                                                    "format": "nifti", "complete": True}))
     found = ctx.phantom(0.3)
     assert found.out == root and found.seconds is None
+    larger_tests = tmp_path / "phantom-nifti-s0.1-t0.3-seed0"  # the quick study's: test sets of scale 0.3
+    larger_tests.mkdir()
+    (larger_tests / "phantom.json").write_text(json.dumps({"generator": "braintumnet.data.phantom", "scale": 0.1,
+                                                           "test_scale": 0.3, "seed": 0, "format": "nifti",
+                                                           "complete": True}))
+    assert ctx.phantom(0.1, test_scale=0.3).out == larger_tests and ctx.phantom(0.3).out == root
 
 
 def test_compute_pipeline(ctx):
@@ -314,6 +320,9 @@ def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_
     assert joint._settings(standard) == {"run_config": {"profile": "standard"}, "phantom": 0.3, "epochs": 40}
     assert joint.size_name(standard) == "standard"
     assert joint.size_name(Context(out=tmp_path, workdir=tmp_path, quick=False)) == "full"  # the kept quick results
+    # quick scores on the study's test sets, of scale 0.3 (33 internal and 15 external cases), training at 0.1
+    assert joint._settings(Context(out=tmp_path, workdir=tmp_path, quick=False)) == {
+        "run_config": {"profile": "quick"}, "phantom": 0.1, "epochs": 30, "test_scale": 0.3}
     detached = {"gate_gradient": False, "shared_features": False}
     assert joint.same_as_default("detached", detached)
     assert not joint.same_as_default("detached", {**detached, "shared_features": True})

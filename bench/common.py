@@ -69,6 +69,8 @@ class Context:
                 test_scale: float | None = None):
         """A phantom cohort of this scale and format, generated once per run (SYNTHETIC); ``test_scale``: test and
         external sets of that larger scale (``generate_cohort``). Returns its summary."""
+        if test_scale is not None and test_scale <= scale:
+            test_scale = None  # no larger test sets: the cohort generate_cohort writes (and records) for it
         key = (scale, fmt, seed, test_scale)
         if key not in self._phantoms:
             from braintumnet.data.phantom import complete_cohort, generate_cohort

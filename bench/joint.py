@@ -17,7 +17,8 @@ The paper claims multi-task over two-stage +2.1 points of DSC and +2.7 of accura
 per seed (paired: the same seed draws the same initial weights and batches in both arms) with its mean and sd.
 
 Sizes: full mode trains at a simulation profile's size on that profile's phantom cohort: ``--profile quick`` (the
-default; phantom scale 0.1, 30 epochs, a few minutes per arm-seed on a CPU core; results ``joint.md``) or
+default; phantom scale 0.1 with the study's test and external sets of scale 0.3, 30 epochs, a few minutes per
+arm-seed on a CPU core; results ``joint.md``) or
 ``--profile standard`` (scale 0.3, 40 epochs, about 15-25 min per arm-seed on a CPU core; results
 ``joint-standard.md``, the size the study's quoted figures use). ``--quick`` is the test suite's tiny size (pipeline
 only). Finished arm-seeds are kept in ``<out>/joint-arms-<size>/`` (like the accuracy benchmark) and reused while their

@@ -41,7 +41,7 @@ def test_interleaved_takes_turns_and_ratio_handles_missing():
     assert ratio(2.0, 4.0) == 0.5 and ratio(1.0, None) is None and ratio(1.0, 0) is None
 
 
-def test_a_kept_workdir_reuses_its_phantom(tmp_path):
+def test_a_kept_workdir_reuses_its_phantom(tmp_path, monkeypatch):
     """``--workdir`` keeps the cohort: a complete one of the same scale, format and seed is not generated again."""
     ctx = Context(out=tmp_path / "out", workdir=tmp_path, quick=True)
     root = tmp_path / "phantom-nifti-s0.3-seed0"
@@ -56,6 +56,17 @@ def test_a_kept_workdir_reuses_its_phantom(tmp_path):
                                                            "test_scale": 0.3, "seed": 0, "format": "nifti",
                                                            "complete": True}))
     assert ctx.phantom(0.1, test_scale=0.3).out == larger_tests and ctx.phantom(0.3).out == root
+    assert ctx.phantom(0.3, test_scale=0.3).out == root  # a test scale not above the scale adds nothing
+    written = []
+    monkeypatch.setattr("braintumnet.data.phantom.generate_cohort",
+                        lambda out, **kw: written.append((out.name, kw["test_scale"])) or SimpleNamespace(out=out))
+    other = tmp_path / "phantom-nifti-s0.1-t0.2-seed0"  # its marker says: no larger test sets
+    other.mkdir()
+    (other / "phantom.json").write_text(json.dumps({"generator": "braintumnet.data.phantom", "scale": 0.1,
+                                                    "test_scale": None, "seed": 0, "format": "nifti",
+                                                    "complete": True}))
+    ctx.phantom(0.1, test_scale=0.2)  # a kept cohort of other test sets is generated again, not reused
+    assert written == [("phantom-nifti-s0.1-t0.2-seed0", 0.2)]
 
 
 def test_compute_pipeline(ctx):

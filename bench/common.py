@@ -69,11 +69,11 @@ class Context:
                 test_scale: float | None = None):
         """A phantom cohort of this scale and format, generated once per run (SYNTHETIC); ``test_scale``: test and
         external sets of that larger scale (``generate_cohort``). Returns its summary."""
-        if test_scale is not None and test_scale <= scale:
-            test_scale = None  # no larger test sets: the cohort generate_cohort writes (and records) for it
+        from braintumnet.data.phantom import complete_cohort, generate_cohort, held_out_scale
+
+        test_scale = held_out_scale(scale, test_scale)  # the test scale generate_cohort writes and records
         key = (scale, fmt, seed, test_scale)
         if key not in self._phantoms:
-            from braintumnet.data.phantom import complete_cohort, generate_cohort
 
             tests = f"-t{test_scale:g}" if test_scale else ""
             root = self.workdir / f"phantom-{fmt}-s{scale:g}{tests}-seed{seed}"

@@ -16,6 +16,10 @@ PHANTOM_SCALE = {"quick": 0.1, "standard": 0.3, "paper": 1.0}
 # the training cases unchanged): 32 more cases for the phantom to write, and seconds of scoring an arm.
 PHANTOM_TEST_SCALE = {"quick": 0.3}
 
+# The phantom is the study's data, not part of a repetition: the same cohort whatever seeds repeat the training, so
+# that arms trained for other seeds (on another machine, or in a later run) were trained and scored on the same cases.
+PHANTOM_SEED = 0
+
 
 def cohort_scales(profile_name: str, scale: float | None) -> tuple[float, float | None]:
     """The phantom's (scale, test_scale) for a profile: a ``scale`` given on the command line is the whole cohort's
@@ -23,9 +27,6 @@ def cohort_scales(profile_name: str, scale: float | None) -> tuple[float, float 
     if scale:
         return scale, None
     return PHANTOM_SCALE.get(profile_name, 0.1), PHANTOM_TEST_SCALE.get(profile_name)
-# The phantom is the study's data, not part of a repetition: the same cohort whatever seeds repeat the training, so
-# that arms trained for other seeds (on another machine, or in a later run) were trained and scored on the same cases.
-PHANTOM_SEED = 0
 
 
 def study_cohort(out: Path, profile_name: str, phantom, data, site_column, external, scale, say) -> StudySites:

@@ -10,6 +10,6 @@ so the project draws its own cohort in the site data contract (docs/data.md; how
 """
 
 from braintumnet.data.phantom.cohort import CohortSummary, complete_cohort, generate_cohort
-from braintumnet.data.phantom.plan import cohort_plan
+from braintumnet.data.phantom.plan import cohort_plan, held_out_scale
 
-__all__ = ["CohortSummary", "cohort_plan", "complete_cohort", "generate_cohort"]
+__all__ = ["CohortSummary", "cohort_plan", "complete_cohort", "generate_cohort", "held_out_scale"]

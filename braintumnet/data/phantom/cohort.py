@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from braintumnet.data.contract import EXTERNAL_SITE, SITES, TUMOR_TYPES, TUMOUR_LABEL
-from braintumnet.data.phantom.plan import check_scale, check_seed, cohort_plan
+from braintumnet.data.phantom.plan import check_scale, check_seed, cohort_plan, held_out_scale
 from braintumnet.data.phantom.scanner import PROFILES, SITE_PROFILES
 from braintumnet.data.phantom.writer import FORMATS, write_case, write_site_files
 from braintumnet.errors import BrainTumNetError
@@ -135,7 +135,7 @@ def generate_cohort(out: Path, *, scale: float = 1.0, seed: int = 0, fmt: str = 
     check_scale(scale)
     if test_scale is not None:
         check_scale(test_scale, "test_scale")  # before _claim: a typo must not cost the previous cohort
-        test_scale = test_scale if test_scale > scale else None  # not above the scale: nothing added, none recorded
+    test_scale = held_out_scale(scale, test_scale)  # not above the scale: nothing added, none recorded
     check_seed(seed)
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers={workers!r}: use a positive integer, or None for one per CPU core")

@@ -90,14 +90,19 @@ def extra_test_counts(scale: float, test_scale: float | None) -> dict[tuple[str,
     ``test_scale`` (each cell: the cases it has at ``test_scale`` minus those at ``scale``, never below 0; where
     rounding gives a cell fewer test cases at the larger scale, it keeps its own, so the set is at least
     ``test_scale``'s). Empty when ``test_scale`` is None or not above ``scale``."""
-    if test_scale is None:
-        return {}
-    check_scale(test_scale, "test_scale")
-    if test_scale <= scale:
+    if test_scale is not None:
+        check_scale(test_scale, "test_scale")
+    if held_out_scale(scale, test_scale) is None:
         return {}
     have = cell_counts(scale).set_index(["site", "tumor_type"])["test"]
     want = cell_counts(test_scale).set_index(["site", "tumor_type"])["test"]
     return {cell: int(want[cell] - have[cell]) for cell in have.index if want[cell] > have[cell]}
+
+
+def held_out_scale(scale: float, test_scale: float | None) -> float | None:
+    """The test scale a cohort at ``scale`` actually holds out: ``test_scale`` where it is above ``scale``, else None
+    (a test scale at or below the cohort's own adds no case)."""
+    return test_scale if test_scale is not None and test_scale > scale else None
 
 
 def check_scale(scale: float, name: str = "scale") -> None:

@@ -155,6 +155,8 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
            "paper_claim_points": PAPER_CLAIM, "same_as_default": duplicates,
            "processors": _processors(kept_docs),
            "missing": [k for k in ARMS if k not in runs and k not in duplicates]}
+    doc["kept_otherwise"] = {k: why for k in doc["missing"] if (why := _kept_otherwise(store, k, seeds, s,
+                                                                                        model_defaults))}
     name = "joint" if size_name(ctx) in ("tiny", "quick", "full") else f"joint-{ctx.profile}"
     return write_result(ctx, name, "Which joint model: multi-task, two-stage, detached, ablations (SYNTHETIC)", doc,
                         _sections(doc), _notes(doc))
@@ -181,6 +183,25 @@ def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
         kept_defaults = {"postprocess": RULE_BEFORE_IT_EXISTED, **kept_defaults}
     same = kept.get("settings") == json.loads(json.dumps(settings)) and kept_defaults == model_defaults
     return kept if same else None
+
+
+def _kept_otherwise(store: Path, key: str, seeds, settings: dict, model_defaults: dict) -> list[str]:
+    """The settings (``settings.*``, ``model.*``) in which this arm's kept records differ from this run's: a record
+    of an earlier run (say, scored before the post-processing existed) is not shown beside today's figures, and the
+    report says why rather than calling the arm never trained. Empty where no record is kept."""
+    now = {**{f"settings.{k}": v for k, v in json.loads(json.dumps(settings)).items()},
+           **{f"model.{k}": v for k, v in model_defaults.items()}}
+    differ: set[str] = set()
+    for seed in seeds:
+        try:
+            kept = json.loads((store / f"{key}-s{seed}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        then = {**{f"settings.{k}": v for k, v in (kept.get("settings") or {}).items()},
+                **{f"model.{k}": v for k, v in {"postprocess": RULE_BEFORE_IT_EXISTED,
+                                                 **(kept.get("model_defaults") or {})}.items()}}
+        differ |= {k for k in now.keys() | then.keys() if now.get(k) != then.get(k)}
+    return sorted(differ)
 
 
 def _summary(per_seed: dict) -> dict:
@@ -292,6 +313,13 @@ def _notes(doc: dict) -> list[str]:
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")
     if doc["missing"]:
         size = "" if s["run_config"]["profile"] == "quick" else f" --profile {s['run_config']['profile']}"
-        notes.append(f"Not trained yet: {', '.join(doc['missing'])} "
-                     f"(`python -m bench --only joint{size} --arms ...`).")
+        otherwise = doc.get("kept_otherwise", {})
+        never = [k for k in doc["missing"] if k not in otherwise]
+        if otherwise:
+            notes.append("Kept from an earlier run under other settings, so not shown beside these: " + "; ".join(
+                f"{k} ({', '.join(why)} differ{'s' if len(why) == 1 else ''})" for k, why in otherwise.items())
+                + f" (train them again: `python -m bench --only joint{size} --arms {','.join(otherwise)}`).")
+        if never:
+            notes.append(f"Not trained yet: {', '.join(never)} "
+                         f"(`python -m bench --only joint{size} --arms ...`).")
     return notes

@@ -319,6 +319,14 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
     defaults = {**doc["model_defaults"], "postprocess": "largest-lesion"}
     assert joint._load(record, doc["settings"], defaults) is None
     assert joint._load(record, doc["settings"], {**defaults, "postprocess": "none"}) is not None
+    # Such a record is not shown, and the report says why instead of calling the arm never trained.
+    store = ctx.out / "joint-arms-tiny"
+    assert joint._kept_otherwise(store, "two-stage", (0, 1), doc["settings"], defaults) == ["model.postprocess"]
+    assert joint._kept_otherwise(store, "no-cbam", (0, 1), doc["settings"], defaults) == []
+    report = {**first, "missing": ["two-stage", "no-cbam"], "kept_otherwise": {"two-stage": ["model.postprocess"]}}
+    notes = " ".join(joint._notes(report))
+    assert "two-stage (model.postprocess differs)" in notes and "--arms two-stage`" in notes
+    assert "Not trained yet: no-cbam " in notes
 
 
 def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_the_default(tmp_path):

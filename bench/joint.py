@@ -155,8 +155,10 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
            "paper_claim_points": PAPER_CLAIM, "same_as_default": duplicates,
            "processors": _processors(kept_docs),
            "missing": [k for k in ARMS if k not in runs and k not in duplicates]}
-    doc["kept_otherwise"] = {k: why for k in doc["missing"] if (why := _kept_otherwise(store, k, seeds, s,
-                                                                                        model_defaults))}
+    # Seeds of an arm not shown (the whole arm, or some of its seeds) whose kept records were made otherwise.
+    otherwise = {k: (absent, _kept_otherwise(store, k, absent, s, model_defaults)) for k in ARMS
+                 if k not in duplicates and (absent := [seed for seed in seeds if seed not in runs.get(k, {})])}
+    doc["kept_otherwise"] = {k: {"seeds": absent, "differ": why} for k, (absent, why) in otherwise.items() if why}
     name = "joint" if size_name(ctx) in ("tiny", "quick", "full") else f"joint-{ctx.profile}"
     return write_result(ctx, name, "Which joint model: multi-task, two-stage, detached, ablations (SYNTHETIC)", doc,
                         _sections(doc), _notes(doc))
@@ -173,34 +175,41 @@ def _processors(kept_docs: dict) -> dict:
             for k, v in kept_docs.items() if v}
 
 
-def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
+def _record(settings: dict, model_defaults: dict | None) -> dict:
+    """A kept arm-seed's settings as one flat mapping (``settings.*``, ``model.*``), the form in which records are
+    compared. A record kept before the post-processing existed was scored without it."""
+    flat = {f"settings.{k}": v for k, v in json.loads(json.dumps(settings)).items()}
+    if not isinstance(model_defaults, dict):
+        return {**flat, "model": "not recorded"}
+    return {**flat, **{f"model.{k}": v for k, v in {"postprocess": RULE_BEFORE_IT_EXISTED, **model_defaults}.items()}}
+
+
+def _read(path: Path) -> dict | None:
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    kept_defaults = kept.get("model_defaults")
-    if isinstance(kept_defaults, dict):
-        kept_defaults = {"postprocess": RULE_BEFORE_IT_EXISTED, **kept_defaults}
-    same = kept.get("settings") == json.loads(json.dumps(settings)) and kept_defaults == model_defaults
-    return kept if same else None
+    return kept if isinstance(kept, dict) and isinstance(kept.get("settings"), dict) else None
+
+
+def _load(path: Path, settings: dict, model_defaults: dict) -> dict | None:
+    """The kept arm-seed at ``path`` if it was made with these settings and model defaults, else None."""
+    kept = _read(path)
+    if kept is None:
+        return None
+    return kept if _record(kept["settings"], kept.get("model_defaults")) == _record(settings, model_defaults) else None
 
 
 def _kept_otherwise(store: Path, key: str, seeds, settings: dict, model_defaults: dict) -> list[str]:
-    """The settings (``settings.*``, ``model.*``) in which this arm's kept records differ from this run's: a record
-    of an earlier run (say, scored before the post-processing existed) is not shown beside today's figures, and the
-    report says why rather than calling the arm never trained. Empty where no record is kept."""
-    now = {**{f"settings.{k}": v for k, v in json.loads(json.dumps(settings)).items()},
-           **{f"model.{k}": v for k, v in model_defaults.items()}}
+    """The settings (``settings.*``, ``model.*``) in which this arm's kept records of these seeds differ from this
+    run's: a record of an earlier run (say, scored before the post-processing existed) is not shown beside today's
+    figures, and the report says why rather than calling the arm never trained. Empty where no record is kept."""
+    now = _record(settings, model_defaults)
     differ: set[str] = set()
     for seed in seeds:
-        try:
-            kept = json.loads((store / f"{key}-s{seed}.json").read_text())
-        except (OSError, ValueError):
-            continue
-        then = {**{f"settings.{k}": v for k, v in (kept.get("settings") or {}).items()},
-                **{f"model.{k}": v for k, v in {"postprocess": RULE_BEFORE_IT_EXISTED,
-                                                 **(kept.get("model_defaults") or {})}.items()}}
-        differ |= {k for k in now.keys() | then.keys() if now.get(k) != then.get(k)}
+        if (kept := _read(store / f"{key}-s{seed}.json")) is not None:
+            then = _record(kept["settings"], kept.get("model_defaults"))
+            differ |= {k for k in now.keys() | then.keys() if now.get(k) != then.get(k)}
     return sorted(differ)
 
 
@@ -311,15 +320,16 @@ def _notes(doc: dict) -> list[str]:
     if doc.get("same_as_default"):
         notes.append(f"Not trained separately, being the default model itself: "
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")
-    if doc["missing"]:
-        size = "" if s["run_config"]["profile"] == "quick" else f" --profile {s['run_config']['profile']}"
-        otherwise = doc.get("kept_otherwise", {})
-        never = [k for k in doc["missing"] if k not in otherwise]
-        if otherwise:
-            notes.append("Kept from an earlier run under other settings, so not shown beside these: " + "; ".join(
-                f"{k} ({', '.join(why)} differ{'s' if len(why) == 1 else ''})" for k, why in otherwise.items())
-                + f" (train them again: `python -m bench --only joint{size} --arms {','.join(otherwise)}`).")
-        if never:
-            notes.append(f"Not trained yet: {', '.join(never)} "
-                         f"(`python -m bench --only joint{size} --arms ...`).")
+    size = "" if s["run_config"]["profile"] == "quick" else f" --profile {s['run_config']['profile']}"
+    otherwise = doc.get("kept_otherwise", {})
+    never = [k for k in doc["missing"] if k not in otherwise]
+    if never:
+        notes.append(f"Not trained yet: {', '.join(never)} (`python -m bench --only joint{size} --arms ...`).")
+    if otherwise:
+        seeds = sorted({seed for o in otherwise.values() for seed in o["seeds"]})
+        notes.append("Kept from an earlier run under other settings, so not shown beside these: " + "; ".join(
+            f"{k} [seed{'s' if len(o['seeds']) > 1 else ''} {', '.join(map(str, o['seeds']))}] "
+            f"({', '.join(o['differ'])} differ{'s' if len(o['differ']) == 1 else ''})" for k, o in otherwise.items())
+            + f" (to train {'them' if len(otherwise) > 1 else 'it'} again: `python -m bench --only joint{size} "
+            f"--arms {','.join(otherwise)} --seeds {','.join(map(str, seeds))}`).")
     return notes

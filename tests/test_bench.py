@@ -319,14 +319,28 @@ def test_joint_model_benchmark_pairs_seeds_and_keeps_finished_arm_seeds(ctx, pre
     defaults = {**doc["model_defaults"], "postprocess": "largest-lesion"}
     assert joint._load(record, doc["settings"], defaults) is None
     assert joint._load(record, doc["settings"], {**defaults, "postprocess": "none"}) is not None
-    # Such a record is not shown, and the report says why instead of calling the arm never trained.
+    # Such a record is not shown, and the report says why instead of calling the arm never trained: first one seed
+    # of the arm (seed 0 still shown), then the whole arm.
     store = ctx.out / "joint-arms-tiny"
-    assert joint._kept_otherwise(store, "two-stage", (0, 1), doc["settings"], defaults) == ["model.postprocess"]
-    assert joint._kept_otherwise(store, "no-cbam", (0, 1), doc["settings"], defaults) == []
-    report = {**first, "missing": ["two-stage", "no-cbam"], "kept_otherwise": {"two-stage": ["model.postprocess"]}}
-    notes = " ".join(joint._notes(report))
-    assert "two-stage (model.postprocess differs)" in notes and "--arms two-stage`" in notes
-    assert "Not trained yet: no-cbam " in notes
+    assert joint._kept_otherwise(store, "two-stage", (1,), doc["settings"], defaults) == ["model.postprocess"]
+    assert joint._kept_otherwise(store, "two-stage", (0,), doc["settings"], defaults) == []
+    assert joint._kept_otherwise(store, "two-stage", (1,), doc["settings"], {**defaults, "postprocess": "none"}) == []
+    ctx.arms = ("multitask",)  # train nothing else: the run only reads the kept records
+    partly = joint.run(ctx, sites=prepared_sites)
+    assert partly["arms"]["two-stage"]["seeds"] == [0]
+    assert partly["kept_otherwise"] == {"two-stage": {"seeds": [1], "differ": ["model.postprocess"]}}
+    assert "two-stage [seed 1] (model.postprocess differs)" in (ctx.out / "joint.md").read_text()
+    stale = store / "two-stage-s0.json"
+    old = json.loads(stale.read_text())
+    del old["model_defaults"]["postprocess"]
+    stale.write_text(json.dumps(old))
+    whole = joint.run(ctx, sites=prepared_sites)
+    assert "two-stage" in whole["missing"] and "two-stage" not in whole["arms"]
+    assert whole["kept_otherwise"] == {"two-stage": {"seeds": [0, 1], "differ": ["model.postprocess"]}}
+    report = (ctx.out / "joint.md").read_text()
+    assert "two-stage [seeds 0, 1] (model.postprocess differs)" in report and "--arms two-stage --seeds 0,1`" in report
+    never = report.split("Not trained yet: ")[1].split(" (")[0].split(", ")
+    assert "no-cbam" in never and "two-stage" not in never
 
 
 def test_joint_benchmark_trains_at_the_chosen_profile_and_skips_an_arm_equal_to_the_default(tmp_path):

@@ -145,7 +145,8 @@ def run(ctx: Context, sites: dict | None = None) -> dict:
     kept_docs = {k: {seed: kept for seed in seeds
                      if (kept := _load(store / f"{k}-s{seed}.json", s, model_defaults)) is not None} for k in ARMS}
     runs = {k: {seed: kept["result"] for seed, kept in v.items()} for k, v in kept_docs.items() if v}
-    doc = {"synthetic": True, "note": SYNTHETIC, "settings": s, "seeds": list(seeds), "model_defaults": model_defaults,
+    doc = {"synthetic": True, "note": SYNTHETIC, "size": size_name(ctx), "settings": s, "seeds": list(seeds),
+           "model_defaults": model_defaults,
            "arms": {k: _summary(v) for k, v in runs.items()}, "per_seed": runs,
            "multitask_minus_two_stage": _paired(runs.get("multitask"), runs.get("two-stage")),
            # Each other arm against the default on the seeds both ran: arms trained on different seed sets are
@@ -320,7 +321,9 @@ def _notes(doc: dict) -> list[str]:
     if doc.get("same_as_default"):
         notes.append(f"Not trained separately, being the default model itself: "
                      f"{', '.join(ARMS[k][0] for k in doc['same_as_default'])}.")
-    size = "" if s["run_config"]["profile"] == "quick" else f" --profile {s['run_config']['profile']}"
+    # The options that train at this run's size again: --quick for the CPU-sized mode, --profile for a profile's.
+    size = {"tiny": " --quick", "quick": " --quick", "full": ""}.get(doc.get("size", "full"),
+                                                                      f" --profile {s['run_config']['profile']}")
     otherwise = doc.get("kept_otherwise", {})
     never = [k for k in doc["missing"] if k not in otherwise]
     if never:
